@@ -1,0 +1,1 @@
+"""Small shared helpers: console output, distributed setup, config, metrics."""

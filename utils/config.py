@@ -1,0 +1,85 @@
+"""Typed configs: a dataclass with a default and a one-line reason per field becomes argparse
+flags, is printed at start, and is saved with every run and checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _base_type(tp: Any) -> Any:
+    """Optional[int] -> int; int | None -> int."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        tp = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})"}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """Names of the flags a user typed (`--lr 1e-3` and `--lr=1e-3` -> {'lr'}).
+    Presets fill in only what the user did not set."""
+    out = set()
+    for a in argv:
+        if a.startswith("--"):
+            name = a[2:].split("=", 1)[0]
+            out.add(name[3:] if name.startswith("no_") else name)
+    return out
+
+
+def print_config(obj: Any, title: str = "config") -> None:
+    from utils import console
+
+    console.header(title)
+    for k, v in to_dict(obj).items():
+        console.kv(k, v)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write via a temp file and rename, so a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def dump_json(obj: Any, path: str) -> None:
+    if dataclasses.is_dataclass(obj):
+        obj = to_dict(obj)
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
