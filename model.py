@@ -1,0 +1,457 @@
+"""LLaVA stage-1 model: frozen vision tower -> trainable projector -> frozen LLM.
+
+Shape legend (used in every comment below):
+    B    batch size (samples)           N     image tokens per image
+    T    text tokens incl. image slots  M     supervised tokens in the batch
+    D_v  vision width                   D_lm  LLM width            V  vocabulary size
+
+    image [B,3,H,W] -> VisionTower -> [B,N,D_v] -> Projector -> [B,N,D_lm] --+
+    ids [B,T] (N slots per image) -> embed_tokens -> [B,T,D_lm] <- scatter -+-> LLM -> loss
+
+Only the projector has trainable parameters. CPU check:
+    python model.py --summary --vision_tower models/toy/vision --llm models/toy/llm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CHECKPOINT_FILE = "projector.safetensors"
+METADATA_KEY = "llava_stage1"
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- vision tower
+
+# model_type in config.json -> (family, transformers class, attribute of the final norm).
+# Features are always `hidden_states[feature_layer]`, optionally passed through the final
+# norm: that one rule expresses LLaVA-1.5 (layer -2, no norm), the course (layer -1 +
+# ln_post on all tokens), SigLIP and DINOv3 (layer -1 + norm == their last_hidden_state).
+VISION_TYPES: dict[str, tuple[str, str, str]] = {
+    "clip_vision_model": ("clip", "CLIPVisionModel", "post_layernorm"),
+    "clip": ("clip", "CLIPVisionModel", "post_layernorm"),
+    "chinese_clip_vision_model": ("chinese_clip", "ChineseCLIPVisionModel", "post_layernorm"),
+    "chinese_clip": ("chinese_clip", "ChineseCLIPVisionModel", "post_layernorm"),
+    "siglip_vision_model": ("siglip", "SiglipVisionModel", "post_layernorm"),
+    "siglip": ("siglip", "SiglipVisionModel", "post_layernorm"),
+    "dinov3_vit": ("dinov3", "DINOv3ViTModel", "norm"),
+}
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def detect_vision_type(path: str) -> str:
+    """The model_type of a vision tower directory, or a clear error."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json; not a transformers vision model directory")
+    model_type = read_json(cfg_path).get("model_type", "")
+    if model_type not in VISION_TYPES:
+        raise ValueError(f"{path}: unsupported vision model_type {model_type!r}; supported: {sorted(VISION_TYPES)}")
+    return model_type
+
+
+class VisionTower(nn.Module):
+    """A frozen transformers vision model that returns [B, N, D_v] token features.
+
+    feature_layer: index into hidden_states (-1 last layer, -2 LLaVA-1.5's choice).
+    select: "all" keeps every token (CLS/registers too), "patch" drops the prefix tokens.
+    post_norm: apply the tower's final norm to every selected token.
+    """
+
+    def __init__(self, model: nn.Module, model_type: str, feature_layer: int = -1,
+                 select: str = "all", post_norm: bool = False):
+        super().__init__()
+        if select not in ("all", "patch"):
+            raise ValueError(f"feature select must be 'all' or 'patch', got {select!r}")
+        self.model = model
+        self.family, _, self.norm_attr = VISION_TYPES[model_type]
+        self.feature_layer, self.select, self.post_norm = feature_layer, select, post_norm
+        cfg = model.config
+        self.hidden_size = cfg.hidden_size
+        self.image_size = cfg.image_size
+        grid = cfg.image_size // cfg.patch_size
+        self.num_prefix_tokens = {"clip": 1, "chinese_clip": 1, "siglip": 0}.get(
+            self.family, 1 + getattr(cfg, "num_register_tokens", 0))
+        self.num_tokens = grid * grid + (self.num_prefix_tokens if select == "all" else 0)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "VisionTower":
+        # Frozen means eval, always: DINOv3 randomises RoPE and dropout would fire in train mode.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        x = out.hidden_states[self.feature_layer]                   # [B, prefix + grid², D_v]
+        if self.post_norm:
+            x = getattr(self.model, self.norm_attr)(x)
+        if self.select == "patch":
+            x = x[:, self.num_prefix_tokens:]
+        return x                                                     # [B, N, D_v]
+
+
+def from_pretrained_strict(cls, path: str, what: str, **kwargs) -> nn.Module:
+    """`cls.from_pretrained` that refuses missing or mis-shaped weights (they would be random
+    and frozen: a silent 'loss stuck' run). Unexpected keys are normal when the folder holds a
+    whole dual-tower CLIP (its text tower); they are counted in one line, not a table."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # we report below, once, in our own words
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    bad = list(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
+    if bad:
+        raise RuntimeError(f"{what} {path}: {len(bad)} weights missing or mis-shaped, e.g. {bad[:3]}")
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if unexpected:
+        from utils import console
+
+        prefixes = sorted({k.split(".")[0] for k in unexpected})
+        console.info(f"{what}: ignored {len(unexpected)} weights not part of {cls.__name__} ({', '.join(prefixes)})")
+    return model
+
+
+def load_vision_tower(path: str, feature_layer: int = -1, select: str = "all",
+                      post_norm: bool = False, dtype: torch.dtype = torch.float32) -> VisionTower:
+    import transformers
+
+    model_type = detect_vision_type(path)
+    cls = getattr(transformers, VISION_TYPES[model_type][1])
+    model = from_pretrained_strict(cls, path, "vision tower", dtype=dtype)
+    return VisionTower(model, model_type, feature_layer, select, post_norm)
+
+
+# --------------------------------------------------------------------------- projector
+
+class Projector(nn.Module):
+    """D_v -> D_lm. Named like transformers' LlavaMultiModalProjector (linear_1, act, linear_2)
+    so that export is a rename, not a rewrite.
+
+    linear: one Linear (the course: 768 -> 1024, 0.79M parameters).
+    mlp2x_gelu: Linear -> GELU -> Linear (LLaVA-1.5).
+    """
+
+    TYPES = ("linear", "mlp2x_gelu")
+
+    def __init__(self, kind: str, d_v: int, d_lm: int):
+        super().__init__()
+        if kind not in self.TYPES:
+            raise ValueError(f"projector must be one of {self.TYPES}, got {kind!r}")
+        self.kind = kind
+        self.linear_1 = nn.Linear(d_v, d_lm)
+        self.act = nn.GELU() if kind == "mlp2x_gelu" else nn.Identity()
+        self.linear_2 = nn.Linear(d_lm, d_lm) if kind == "mlp2x_gelu" else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:             # [B, N, D_v]
+        return self.linear_2(self.act(self.linear_1(x)))             # [B, N, D_lm]
+
+
+# --------------------------------------------------------------------------- LLM
+
+def load_llm(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> nn.Module:
+    """A causal LM from a local directory, frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    llm = from_pretrained_strict(AutoModelForCausalLM, path, "LLM", dtype=dtype, attn_implementation=attn_implementation)
+    llm.requires_grad_(False)
+    llm.eval()
+    return llm
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+# --------------------------------------------------------------------------- the spec
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the model; stored as JSON in every checkpoint."""
+
+    vision_tower: str                      # id or local path of the tower
+    llm: str                               # id or local path of the LLM
+    projector: str = "linear"
+    feature_layer: int = -1
+    feature_select: str = "all"            # all | patch
+    feature_post_norm: bool = False
+    image_wrap: bool = False               # wrap slots in <|vision_start|> ... <|vision_end|>
+    image_token: str = "<|image_pad|>"     # the token whose positions receive image features
+    # Filled in by build_model from the loaded parts:
+    vision_type: str = ""
+    vision_hidden_size: int = 0
+    llm_hidden_size: int = 0
+    num_image_tokens: int = 0
+    image_transform: dict = field(default_factory=dict)
+    chat_template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"checkpoint metadata has unknown fields {sorted(unknown)}; newer format?")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- combined model
+
+class LlavaStage1(nn.Module):
+    def __init__(self, vision: VisionTower | None, projector: Projector, llm: nn.Module,
+                 spec: ModelSpec, image_token_id: int):
+        super().__init__()
+        self.vision = vision            # None when training from cached features
+        self.projector = projector
+        self.llm = llm
+        self.spec = spec
+        self.image_token_id = image_token_id
+
+    def train(self, mode: bool = True) -> "LlavaStage1":
+        super().train(mode)
+        self.llm.eval()                 # frozen parts never leave eval mode
+        if self.vision is not None:
+            self.vision.eval()
+        return self
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def assert_only_projector_trainable(self) -> None:
+        bad = [n for n, _ in self.trainable_parameters() if not n.startswith("projector.")]
+        if bad:
+            raise RuntimeError(f"stage 1 trains the projector only; also trainable: {bad[:5]}")
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.vision is None:
+            raise RuntimeError("this model was built without a vision tower; pass image_features")
+        return self.vision(pixel_values)                             # [B, N, D_v]
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with projected image features written into the image slots."""
+        slots = input_ids == self.image_token_id                     # [B, T]
+        feats = self.projector(image_features.to(self.projector.linear_1.weight.dtype))  # [B_img, N, D_lm]
+        n_slots, n_feats = int(slots.sum()), feats.shape[0] * feats.shape[1]
+        if n_slots != n_feats:
+            # transformers' LLaVA raises here too: a silent mismatch trains garbage.
+            raise ValueError(f"image slots ({n_slots}) != image features ({feats.shape[0]} images x "
+                             f"{feats.shape[1]} tokens = {n_feats}); prompt and tower disagree")
+        # The slot id may lie outside the embedding table (a token we added); look up 0 instead.
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(slots, 0))  # [B, T, D_lm]
+        return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def _features(self, pixel_values, image_features):
+        if image_features is None:
+            image_features = self.encode_images(pixel_values)
+        return image_features
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                pixel_values: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (sum of token losses, number of supervised tokens).
+
+        The caller divides by the supervised-token count of the whole global batch, so that
+        gradient accumulation and several processes give the mean over all tokens.
+        Logits exist only at supervised positions: [M, V], never [B, T, V].
+        """
+        embeds = self.embed(input_ids, self._features(pixel_values, image_features))
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state  # [B, T, D_lm]
+        targets = labels[:, 1:]                                      # position t predicts token t+1
+        keep = targets != IGNORE_INDEX                               # [B, T-1]
+        logits = self.logits(hidden[:, :-1][keep])                   # [M, V]
+        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss_sum, keep.sum()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.llm.get_output_embeddings()(hidden)
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        if cap:  # Gemma-style models; Qwen has none
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop_ids: list[int],
+                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 streamer: Any = None) -> list[list[int]]:
+        """Reply token ids per sample, stop tokens removed. Greedy when temperature == 0.
+
+        input_ids are LEFT-padded for batches; transformers' generate derives positions
+        from the attention mask and uses the KV cache.
+        """
+        from transformers import GenerationConfig
+
+        embeds = self.embed(input_ids, self._features(pixel_values, image_features))
+        sample = temperature > 0
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=sample,
+            temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+            eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                generation_config=gen_cfg, streamer=streamer)  # [B, new]
+        replies = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+            replies.append(row[:cut])
+        return replies
+
+    def summary(self) -> dict[str, Any]:
+        def count(m):
+            return sum(p.numel() for p in m.parameters()) if m is not None else 0
+
+        parts = {"vision": count(self.vision), "projector": count(self.projector), "llm": count(self.llm)}
+        return {
+            "params": parts,
+            "trainable": sum(p.numel() for _, p in self.trainable_parameters()),
+            "frozen": sum(parts.values()) - sum(p.numel() for _, p in self.trainable_parameters()),
+            "image_tokens": self.spec.num_image_tokens,
+            "widths": f"D_v={self.spec.vision_hidden_size} -> D_lm={self.spec.llm_hidden_size}",
+            "bf16_weights_gib": round(sum(parts.values()) * 2 / 2**30, 3),
+        }
+
+
+# --------------------------------------------------------------------------- build / save / load
+
+def ensure_image_token(tokenizer, token: str) -> int:
+    """Id of the image-slot token; added to the tokenizer when the LLM does not know it.
+
+    An added id may be past the embedding table; `embed` never looks it up.
+    """
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        tokenizer.add_tokens([token], special_tokens=True)
+        tid = tokenizer.convert_tokens_to_ids(token)
+    return int(tid)
+
+
+def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtype: torch.dtype | None = None,
+                attn_implementation: str = "sdpa") -> tuple[LlavaStage1, Any]:
+    """Load the frozen parts from local directories and create the projector.
+
+    Frozen weights are stored in bf16 on CUDA (half the memory, full tensor-core speed) and
+    fp32 on CPU; the projector stays fp32 (autocast handles its matmuls).
+    Returns (model, tokenizer); `spec` is completed in place.
+    """
+    from dataset import ImageTransform
+
+    device = torch.device(device)
+    if frozen_dtype is None:
+        frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vision = load_vision_tower(spec.vision_tower, spec.feature_layer, spec.feature_select,
+                               spec.feature_post_norm, frozen_dtype)
+    spec.vision_type = detect_vision_type(spec.vision_tower)
+    spec.vision_hidden_size, spec.num_image_tokens = vision.hidden_size, vision.num_tokens
+    spec.image_transform = ImageTransform.from_pretrained(spec.vision_tower, vision.image_size).to_dict()
+    llm = load_llm(spec.llm, frozen_dtype, attn_implementation)
+    tokenizer = load_tokenizer(spec.llm)
+    spec.llm_hidden_size = llm.config.hidden_size
+    image_token_id = ensure_image_token(tokenizer, spec.image_token)
+    projector = Projector(spec.projector, spec.vision_hidden_size, spec.llm_hidden_size)
+    model = LlavaStage1(vision, projector, llm, spec, image_token_id).to(device)
+    model.assert_only_projector_trainable()
+    return model, tokenizer
+
+
+def save_checkpoint(model: LlavaStage1, directory: str, extra: dict | None = None) -> str:
+    """Write `projector.safetensors` (weights + JSON metadata) and a readable `model_spec.json`.
+
+    Written to a temp name and renamed, so a crash leaves either the old file or the new one.
+    """
+    from utils.config import atomic_write_text
+
+    os.makedirs(directory, exist_ok=True)
+    meta = {"spec": asdict(model.spec), **(extra or {})}
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+    path = os.path.join(directory, CHECKPOINT_FILE)
+    tmp = path + f".tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
+    os.replace(tmp, path)
+    atomic_write_text(os.path.join(directory, "model_spec.json"), json.dumps(meta, indent=2, ensure_ascii=False))
+    return path
+
+
+def checkpoint_file(path: str) -> str:
+    """Accept a checkpoint directory or its safetensors file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    with safe_open(checkpoint_file(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{path}: not a stage-1 checkpoint (no '{METADATA_KEY}' metadata)")
+    return json.loads(meta[METADATA_KEY])
+
+
+def load_projector_weights(model: LlavaStage1, path: str) -> None:
+    """Strict load: every key present, no extras, same shapes (a silent partial load is how
+    'loss stuck at 7.5' reports start)."""
+    from safetensors.torch import load_file
+
+    state = load_file(checkpoint_file(path), device="cpu")
+    missing, unexpected = model.projector.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: projector keys do not match; missing={missing} unexpected={unexpected}")
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu", vision_tower: str | None = None,
+                    llm: str | None = None, **build_kwargs) -> tuple[LlavaStage1, Any, dict]:
+    """Rebuild the model from a checkpoint alone; `vision_tower`/`llm` override stored paths."""
+    meta = read_checkpoint_meta(path)
+    spec = ModelSpec.from_dict(meta["spec"])
+    stored = asdict(spec)
+    if vision_tower:
+        spec.vision_tower = vision_tower
+    if llm:
+        spec.llm = llm
+    model, tokenizer = build_model(spec, device, **build_kwargs)
+    for key in ("num_image_tokens", "vision_hidden_size", "llm_hidden_size"):
+        if stored[key] != getattr(spec, key):
+            raise ValueError(f"{path}: checkpoint has {key}={stored[key]} but the loaded models give "
+                             f"{getattr(spec, key)}; wrong --vision_tower/--llm?")
+    load_projector_weights(model, path)
+    return model, tokenizer, meta
+
+
+def main() -> None:
+    from utils import console
+
+    p = argparse.ArgumentParser(description="Print a model summary (parameter counts, image tokens, memory).")
+    p.add_argument("--summary", action="store_true", help="print the summary and exit")
+    p.add_argument("--vision_tower", required=True, help="local vision tower directory")
+    p.add_argument("--llm", required=True, help="local LLM directory")
+    p.add_argument("--projector", default="linear", choices=Projector.TYPES, help="projector type")
+    args = p.parse_args()
+    model, _ = build_model(ModelSpec(vision_tower=args.vision_tower, llm=args.llm, projector=args.projector))
+    for k, v in model.summary().items():
+        console.kv(k, v)
+
+
+if __name__ == "__main__":
+    main()
