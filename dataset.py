@@ -1,0 +1,625 @@
+"""Data: readers for each on-disk format, image loading and preprocessing, prompt building
+with label masking, and collate.
+
+Every sample is in LLaVA form: one image and `conversations` of human/gpt turns with an
+`<image>` placeholder in a human turn. A sample that cannot be used is skipped and counted by
+reason (`skipped` in each batch), never silently dropped and never fatal.
+
+CPU check (reads the demo's data after `python train_stage1.py --demo` has built it):
+    python dataset.py --data_format sa1b --data_root data/toy/train --llm models/toy/llm --vision_tower models/toy/vision
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import io
+import json
+import math
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+
+# Instruction pools for caption data. The course trains with one instruction only.
+INSTRUCTION_POOLS: dict[str, list[str]] = {
+    "course": ["描述这张图片"],
+    "zh": ["描述这张图片", "请描述这张图片。", "这张图片里有什么？", "用一句话描述这张图片。", "简要说明图中的内容。"],
+    "en": ["Describe the image briefly.", "What is in this picture?", "Give a short caption for the image.",
+           "Summarize the visual content of the image.", "Write a terse but informative summary of the picture."],
+}
+
+# Pillow refuses images above this many pixels (decompression bombs); a 100-MP photo is fine.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+class SampleError(Exception):
+    """A sample that must be skipped; `reason` is the counter key reported by the run."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- images
+
+_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+             "lanczos": Image.LANCZOS, 0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC}
+_RESAMPLE_NAME = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageTransform:
+    """The tower's preprocessing, with PIL and numpy (no torchvision).
+
+    mode "shortest_edge": resize the short side to `size` keeping aspect, then centre-crop
+    `size`x`size` (CLIP's processor). mode "square": resize straight to `size`x`size`, no crop
+    (SigLIP, DINOv3, and the course's Chinese CLIP).
+    """
+
+    size: int = 224
+    mode: str = "shortest_edge"
+    resample: str = "bicubic"
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        w, h = img.size
+        if self.mode == "square":
+            img = img.resize((self.size, self.size), _RESAMPLE[self.resample])
+        else:
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(self.size * long / short)
+            new_w, new_h = (self.size, new_long) if w <= h else (new_long, self.size)
+            if (new_w, new_h) != (w, h):
+                img = img.resize((new_w, new_h), _RESAMPLE[self.resample])
+            left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)       # [H, W, 3]
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))            # [3, H, W]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageTransform":
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    @classmethod
+    def from_pretrained(cls, path: str, image_size: int) -> "ImageTransform":
+        """Read transformers' preprocessor_config.json when the tower has one."""
+        cfg_path = os.path.join(path, "preprocessor_config.json")
+        if not os.path.isfile(cfg_path):
+            return cls(size=image_size)
+        with open(cfg_path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+        size = cfg.get("size", image_size)
+        crop = cfg.get("do_center_crop", False)
+        if isinstance(size, dict) and "shortest_edge" in size:
+            target, mode = size["shortest_edge"], "shortest_edge" if crop else "square"
+        elif isinstance(size, dict):
+            target, mode = size.get("height", image_size), "square"
+        else:
+            target, mode = int(size), "shortest_edge" if crop else "square"
+        if crop:
+            crop_size = cfg.get("crop_size", target)
+            crop_size = crop_size.get("height", target) if isinstance(crop_size, dict) else crop_size
+            if crop_size != target:
+                raise ValueError(f"{cfg_path}: resize {target} with crop {crop_size} is not supported")
+        resample = cfg.get("resample", 3)
+        return cls(size=int(target), mode=mode, resample=_RESAMPLE_NAME.get(resample, str(resample)),
+                   mean=tuple(cfg.get("image_mean", CLIP_MEAN)), std=tuple(cfg.get("image_std", CLIP_STD)))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> upright RGB: EXIF rotation applied, transparency composited on white,
+    16-bit scaled (not clipped), CMYK/palette/grayscale converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes | str) -> Image.Image:
+    """Bytes or a file path -> RGB image, or SampleError (corrupt, not an image, too large)."""
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+            img.load()
+            return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError("image_too_large", str(e)) from None
+    except FileNotFoundError:
+        raise SampleError("missing_image", str(data)) from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for truncated/non-images
+        raise SampleError("corrupt_image", f"{data if isinstance(data, str) else 'bytes'}: {e}") from None
+
+
+@dataclass
+class ImageLoader:
+    """Loads an image from a local path (relative to `root`), a file:// URL or an http(s) URL.
+
+    URLs get a timeout, a byte cap and retries with backoff; an optional `cache_dir` keeps
+    downloaded bytes so that later epochs never hit the network.
+    """
+
+    root: str = ""
+    timeout: float = 10.0
+    retries: int = 3
+    max_bytes: int = 50 * 2**20
+    cache_dir: str | None = None
+
+    def __call__(self, src: str) -> Image.Image:
+        if src.startswith(("http://", "https://")):
+            return decode_image(self.fetch(src))
+        if src.startswith("file://"):
+            src = src[len("file://"):]
+        path = src if os.path.isabs(src) else os.path.join(self.root, src)
+        if not os.path.isfile(path):
+            raise SampleError("missing_image", path)
+        return decode_image(path)
+
+    def fetch(self, url: str) -> bytes:
+        cached = self._cache_path(url)
+        if cached and os.path.isfile(cached):
+            with open(cached, "rb") as fh:
+                return fh.read()
+        last = ""
+        for attempt in range(self.retries):
+            try:
+                req = urllib.request.Request(url, headers={"User-Agent": "llava-stage1/1.0"})
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    data = resp.read(self.max_bytes + 1)
+                if len(data) > self.max_bytes:
+                    raise SampleError("url_too_large", f"{url}: over {self.max_bytes} bytes")
+                if cached:
+                    os.makedirs(os.path.dirname(cached), exist_ok=True)
+                    tmp = f"{cached}.tmp{os.getpid()}"
+                    with open(tmp, "wb") as fh:
+                        fh.write(data)
+                    os.replace(tmp, cached)
+                return data
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+                if 400 <= e.code < 500 and e.code != 429:
+                    break  # a 404 will not heal with retries
+            except SampleError:
+                raise
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
+                last = str(getattr(e, "reason", e))
+            if attempt + 1 < self.retries:
+                time.sleep(0.5 * 2**attempt)
+        raise SampleError("url_error", f"{url}: {last}")
+
+    def _cache_path(self, url: str) -> str | None:
+        if not self.cache_dir:
+            return None
+        import hashlib
+
+        digest = hashlib.sha1(url.encode()).hexdigest()
+        return os.path.join(self.cache_dir, digest[:2], digest)
+
+
+# --------------------------------------------------------------------------- prompts and labels
+
+@dataclass
+class PromptFormat:
+    """How a conversation becomes token ids for one LLM + tower pair.
+
+    The `<image>` placeholder becomes `num_image_tokens` slots of `image_token_id` (wrapped
+    in `wrap_ids` when set). `end_of_turn_id` ends every supervised answer; generation stops
+    at any of `stop_ids`.
+    """
+
+    image_token_id: int
+    num_image_tokens: int
+    end_of_turn_id: int
+    stop_ids: list[int]
+    wrap_ids: tuple[int, int] | None = None
+    chat_template_kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, tokenizer, image_token: str, num_image_tokens: int, wrap: bool = False,
+              chat_template_kwargs: dict | None = None) -> "PromptFormat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the LLM's tokenizer has no chat template; stage 1 renders prompts with it")
+        kwargs = dict(chat_template_kwargs or {})
+        image_id = tokenizer.convert_tokens_to_ids(image_token)
+        wrap_ids = None
+        if wrap:
+            start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+            if None in (start, end) or tokenizer.unk_token_id in (start, end):
+                raise ValueError("image wrapping needs <|vision_start|>/<|vision_end|> in the tokenizer")
+            wrap_ids = (start, end)
+        eot = find_end_of_turn(tokenizer, kwargs)
+        stops = [eot] + [t for t in [tokenizer.eos_token_id] if t is not None and t != eot]
+        return cls(image_id, num_image_tokens, eot, stops, wrap_ids, kwargs)
+
+    def image_ids(self) -> list[int]:
+        slots = [self.image_token_id] * self.num_image_tokens
+        return [self.wrap_ids[0], *slots, self.wrap_ids[1]] if self.wrap_ids else slots
+
+
+def _is_special(tokenizer, tid: int) -> bool:
+    tok = tokenizer.added_tokens_decoder.get(tid)
+    return (tok is not None and tok.special) or tid in tokenizer.all_special_ids
+
+
+def find_end_of_turn(tokenizer, chat_template_kwargs: dict) -> int:
+    """The token the chat template puts right after an assistant answer (`<|im_end|>` for
+    ChatML, `</s>` for Llama-2 style), found by rendering a probe; eos when there is none."""
+    probe = "PROBEANSWER"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, **chat_template_kwargs)
+    tail = text[text.rindex(probe) + len(probe):]
+    for tid in tokenizer.encode(tail, add_special_tokens=False):
+        if _is_special(tokenizer, tid):
+            return tid
+    if tokenizer.eos_token_id is None:
+        raise ValueError("cannot find the end-of-turn token: the template adds none and there is no eos")
+    return tokenizer.eos_token_id
+
+
+def _encode_text(tokenizer, fmt: PromptFormat, text: str) -> list[int]:
+    """Tokenise rendered template text; each `<image>` becomes the image slots.
+
+    add_special_tokens=False: the template already holds every special token it wants
+    (a BOS for Llama-style templates, none for Qwen); adding more would double them.
+    """
+    ids: list[int] = []
+    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            ids += fmt.image_ids()
+        if piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids
+
+
+def to_messages(conversations: list[dict]) -> list[dict]:
+    """LLaVA turns ({"from": "human"|"gpt", "value"}) -> chat messages ({"role", "content"})."""
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    out = []
+    for turn in conversations:
+        role = roles.get(turn.get("from", turn.get("role")))
+        content = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(content, str):
+            raise SampleError("bad_conversation", f"turn {turn!r}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def encode_prompt(tokenizer, fmt: PromptFormat, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids that the model sees before it answers the last user message.
+
+    This one function serves training and `eval_llava.py`, so the two can never disagree.
+    Earlier assistant answers (multi-turn) stay in the prompt as the template renders them
+    as history; the returned mask marks them (and their end-of-turn token) for supervision.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **fmt.chat_template_kwargs)
+    # Character spans of earlier answers, found in order so a repeated phrase in a question
+    # is never mistaken for the answer.
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    for msg in messages:
+        at = text.find(msg["content"], cursor) if msg["content"] else -1
+        if at < 0:
+            continue
+        if msg["role"] == "assistant":
+            pieces += [(text[cursor:at], False), (msg["content"], True)]
+            cursor = at + len(msg["content"])
+        else:
+            pieces.append((text[cursor:at + len(msg["content"])], False))
+            cursor = at + len(msg["content"])
+    pieces.append((text[cursor:], False))
+    ids: list[int] = []
+    mask: list[int] = []
+    after_answer = False
+    for piece, supervised in pieces:
+        toks = _encode_text(tokenizer, fmt, piece) if piece else []
+        flags = [int(supervised)] * len(toks)
+        if after_answer and toks and toks[0] == fmt.end_of_turn_id:
+            flags[0] = 1  # the end-of-turn token that closes an earlier answer
+        ids += toks
+        mask += flags
+        if piece:
+            after_answer = supervised
+    return ids, mask
+
+
+def encode_conversation(tokenizer, fmt: PromptFormat, messages: list[dict],
+                        max_text_len: int) -> tuple[list[int], list[int]]:
+    """Training ids and labels for a conversation that ends with an assistant answer.
+
+    Prompt = exactly what inference feeds for the same history; target = answer tokens plus
+    the end-of-turn token, nothing else (-100 elsewhere). `max_text_len` counts tokens other
+    than image slots; an over-long answer loses its tail, never an image slot.
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        raise SampleError("bad_conversation", "last turn is not an answer")
+    if not messages[-1]["content"].strip():
+        raise SampleError("empty_answer")
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
+    if placeholders != 1:
+        raise SampleError("no_image_placeholder" if placeholders == 0 else "too_many_images")
+    prompt, mask = encode_prompt(tokenizer, fmt, messages[:-1])
+    n_image = len(fmt.image_ids())
+    budget = max_text_len - (len(prompt) - n_image)
+    if budget <= 0:
+        raise SampleError("prompt_too_long", f"{len(prompt) - n_image} text tokens > {max_text_len}")
+    target = tokenizer.encode(messages[-1]["content"], add_special_tokens=False) + [fmt.end_of_turn_id]
+    target = target[:budget]
+    ids = prompt + target
+    labels = [t if m else IGNORE_INDEX for t, m in zip(prompt, mask)] + target
+    return ids, labels
+
+
+def caption_messages(caption: str, instruction: str) -> list[dict]:
+    return [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{instruction}"},
+            {"role": "assistant", "content": caption}]
+
+
+# --------------------------------------------------------------------------- readers
+
+@dataclass
+class Record:
+    """One raw sample before its image is loaded. Exactly one of `caption`/`conversations`."""
+
+    image: str
+    caption: str | None = None
+    conversations: list | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def parse_cap_seg(value: Any) -> str:
+    """SA1B-Dense-Caption's `cap_seg` (a dict, or its JSON/Python-literal string) -> global_caption."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+                raise SampleError("bad_cap_seg", str(e)[:80]) from None
+    if not isinstance(value, dict) or not isinstance(value.get("global_caption"), str):
+        raise SampleError("bad_cap_seg", "no global_caption")
+    caption = value["global_caption"].strip()
+    if not caption:
+        raise SampleError("empty_caption")
+    return caption
+
+
+def sa1b_shards(data_root: str) -> list[str]:
+    """The course layout `{root}/data/*.parquet`, or parquet files directly under root."""
+    shards = sorted(glob.glob(os.path.join(data_root, "data", "*.parquet")))
+    shards = shards or sorted(glob.glob(os.path.join(data_root, "*.parquet")))
+    if not shards:
+        raise FileNotFoundError(f"no parquet shards in {data_root}/data/ or {data_root}/")
+    return shards
+
+
+def read_sa1b(data_root: str, max_samples: int = 0) -> tuple[list[Record], Counter]:
+    """SA1B-Dense-Caption parquet shards (`url`, `cap_seg`) -> records, skip counts.
+
+    Reads shards in name order and stops at `max_samples` (the course's first-100k subset).
+    `url` may be http(s), file:// or a path relative to `data_root`.
+    """
+    import pyarrow.parquet as pq
+
+    records: list[Record] = []
+    skipped: Counter = Counter()
+    for shard in sa1b_shards(data_root):
+        try:
+            table = pq.read_table(shard, columns=None)
+        except Exception as e:  # pyarrow raises several types for truncated files
+            raise ValueError(f"{shard}: unreadable parquet shard ({e})") from None
+        missing = {"url", "cap_seg"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"{shard}: missing column(s) {sorted(missing)}; have {table.column_names}")
+        for url, cap in zip(table.column("url").to_pylist(), table.column("cap_seg").to_pylist()):
+            if max_samples and len(records) >= max_samples:
+                return records, skipped
+            try:
+                if not isinstance(url, str) or not url.strip():
+                    raise SampleError("bad_record", "empty url")
+                records.append(Record(image=url.strip(), caption=parse_cap_seg(cap)))
+            except SampleError as e:
+                skipped[e.reason] += 1
+    return records, skipped
+
+
+def read_chat_json(chat_json: str, max_samples: int = 0) -> tuple[list[Record], Counter]:
+    """A LLaVA chat.json (list of {"image", "conversations"}) -> records, skip counts."""
+    if not os.path.isfile(chat_json):
+        raise FileNotFoundError(f"no chat.json at {chat_json}")
+    with open(chat_json, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except ValueError as e:
+            raise ValueError(f"{chat_json}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{chat_json}: expected a JSON list of records, got {type(data).__name__}")
+    records: list[Record] = []
+    skipped: Counter = Counter()
+    for item in data:
+        if max_samples and len(records) >= max_samples:
+            break
+        try:
+            if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"]:
+                raise SampleError("bad_record", "no image")
+            conv = item.get("conversations")
+            if not isinstance(conv, list) or len(conv) < 2:
+                raise SampleError("bad_conversation", "fewer than 2 turns")
+            messages = to_messages(conv)
+            if [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2) or len(messages) % 2:
+                raise SampleError("bad_roles", str([m["role"] for m in messages]))
+            meta = {k: v for k, v in item.items() if k not in ("image", "conversations")}
+            records.append(Record(image=item["image"], conversations=messages, meta=meta))
+        except SampleError as e:
+            skipped[e.reason] += 1
+    return records, skipped
+
+
+def read_records(data_format: str, data_root: str = "", chat_json: str = "",
+                 max_samples: int = 0) -> tuple[list[Record], Counter, str]:
+    """Dispatch on --data_format. Returns (records, skip counts, image root)."""
+    if data_format == "sa1b":
+        records, skipped = read_sa1b(data_root, max_samples)
+        return records, skipped, data_root
+    if data_format == "chat":
+        path = chat_json or os.path.join(data_root, "chat.json")
+        records, skipped = read_chat_json(path, max_samples)
+        return records, skipped, data_root or os.path.dirname(os.path.abspath(path))
+    raise ValueError(f"unknown data format {data_format!r} (sa1b | chat)")
+
+
+# --------------------------------------------------------------------------- dataset and collate
+
+class Stage1Dataset(torch.utils.data.Dataset):
+    """Records -> {input_ids, labels, pixel_values} or {"skip": reason}.
+
+    Instruction choice for caption records depends only on (seed, epoch, index), so a
+    resumed run sees the same prompts as an uninterrupted one.
+    """
+
+    def __init__(self, records: list[Record], tokenizer, fmt: PromptFormat, transform: ImageTransform,
+                 loader: ImageLoader, max_text_len: int = 128, instructions: str = "course", seed: int = 0):
+        self.records, self.tokenizer, self.fmt = records, tokenizer, fmt
+        self.transform, self.loader = transform, loader
+        self.max_text_len, self.instructions, self.seed = max_text_len, INSTRUCTION_POOLS[instructions], seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def messages(self, idx: int) -> list[dict]:
+        rec = self.records[idx]
+        if rec.conversations is not None:
+            return rec.conversations
+        rng = random.Random(self.seed * 1_000_003 + self.epoch * 10_007 + idx)
+        return caption_messages(rec.caption or "", rng.choice(self.instructions))
+
+    def __getitem__(self, idx: int) -> dict:
+        try:
+            ids, labels = encode_conversation(self.tokenizer, self.fmt, self.messages(idx), self.max_text_len)
+            pixels = self.transform(self.loader(self.records[idx].image))
+        except SampleError as e:
+            return {"skip": e.reason, "index": idx}
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "index": idx}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled indices for one epoch and one rank, starting at `start`.
+
+    The order depends only on (seed, epoch), so a resumed run continues exactly where it
+    stopped. With several ranks, each takes every world_size-th index of the same
+    permutation (padded by wrap-around, like DistributedSampler) so all ranks see the same
+    number of batches.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                 start: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, epoch, rank, world_size
+        self.start, self.shuffle = start, shuffle
+        self.per_rank = math.ceil(n / world_size)
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        order += order[: self.per_rank * self.world - self.n]
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-padded training batch; skipped samples leave only their reason behind."""
+    good = [b for b in batch if "skip" not in b]
+    out: dict[str, Any] = {"skipped": Counter(b["skip"] for b in batch if "skip" in b), "size": len(good)}
+    if not good:
+        return out
+    ids = pad([b["input_ids"] for b in good], pad_id)
+    out["input_ids"] = ids                                           # [B, T]
+    out["labels"] = pad([b["labels"] for b in good], IGNORE_INDEX)   # [B, T]
+    out["attention_mask"] = pad([[1] * len(b["input_ids"]) for b in good], 0)
+    out["pixel_values"] = torch.from_numpy(np.stack([b["pixel_values"] for b in good]))  # [B, 3, H, W]
+    out["index"] = [b["index"] for b in good]
+    return out
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LEFT-padded prompts for batched generation: every row's last token is its real last token."""
+    ids = pad(prompts, pad_id, left=True)
+    mask = pad([[1] * len(p) for p in prompts], 0, left=True)
+    return ids, mask
+
+
+def main() -> None:
+    import argparse
+
+    from model import ModelSpec, build_model
+
+    p = argparse.ArgumentParser(description="Read a dataset and print its first sample as the model sees it.")
+    p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format")
+    p.add_argument("--data_root", default="", help="dataset directory")
+    p.add_argument("--chat_json", default="", help="chat.json path (chat format)")
+    p.add_argument("--llm", required=True, help="local LLM directory (tokenizer and chat template)")
+    p.add_argument("--vision_tower", required=True, help="local vision tower directory")
+    p.add_argument("--max_samples", type=int, default=0, help="read at most this many records (0 = all)")
+    args = p.parse_args()
+    records, skipped, root = read_records(args.data_format, args.data_root, args.chat_json, args.max_samples)
+    model, tok = build_model(ModelSpec(vision_tower=args.vision_tower, llm=args.llm))
+    spec = model.spec
+    fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
+    ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(spec.image_transform), ImageLoader(root))
+    print(f"{len(records)} records, skipped while reading: {dict(skipped)}")
+    item = ds[0]
+    print(item if "skip" in item else tok.decode(item["input_ids"]))
+
+
+if __name__ == "__main__":
+    main()
