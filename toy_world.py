@@ -1,0 +1,386 @@
+"""The offline toy world behind `python train_stage1.py --demo` and the tests.
+
+No weights can be downloaded on a fresh machine, so this builds everything stage 1 needs,
+in the same on-disk formats as the real thing:
+
+- a Qwen-style tokenizer (byte-level BPE, Qwen's pre-tokenizer, ChatML with Qwen3's real
+  chat template, no BOS, eos <|im_end|>, pad <|endoftext|>, <|image_pad|>) -> models/toy/llm
+- a tiny Qwen3ForCausalLM -> models/toy/llm (config.json + model.safetensors)
+- a tiny CLIPVisionModel + CLIPImageProcessor config -> models/toy/vision
+- a shapes world (6 colours x 4 shapes x 3 positions = 72 captions), written as
+  SA1B-Dense-Caption parquet (`url`, `cap_seg`) and as a LLaVA chat.json -> data/toy/{train,eval}
+
+The frozen LM must read its context, as a real LLM does: a tiny LM trained on captions alone
+ignores the image slots, and then no projector can lower the stage-1 loss. So its prior is
+trained on the stage-1 prompt with the attribute words ("红色", "圆形", "左边") written into
+random image slots; stage 1 then teaches the projector to put image features where those
+words were. The tower gets a brief pretraining on the same attributes (the toy analogue of
+CLIP's pretraining), so its features carry them.
+
+Built once and cached; rebuilt when missing or when the recipe changes (a stamp holds its hash).
+    python toy_world.py --size demo      # build (or reuse) and print the paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+RECIPE_VERSION = 1
+
+COLORS = {"红色": (220, 45, 45), "绿色": (45, 175, 60), "蓝色": (45, 85, 230),
+          "黄色": (235, 205, 40), "紫色": (150, 60, 200), "青色": (40, 200, 205)}
+SHAPES = ["圆形", "正方形", "三角形", "十字形"]
+POSITIONS = ["左边", "中间", "右边"]
+CAPTION = "{position}有一个{color}的{shape}。"
+COMBOS = list(itertools.product(COLORS, SHAPES, POSITIONS))        # 72
+
+# Qwen3's published chat template (Qwen3-0.6B/1.7B/4B...), stored verbatim so the toy LM
+# renders prompts exactly as the real one does (including the empty think block).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
+    "        {{- messages[0].content + '\\n\\n' }}\n    {%- endif %}\n"
+    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    "{%- else %}\n    {%- if messages[0].role == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
+    "{%- for message in messages[::-1] %}\n    {%- set index = (messages|length - 1) - loop.index0 %}\n"
+    "    {%- if ns.multi_step_tool and message.role == \"user\" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}\n"
+    "        {%- set ns.multi_step_tool = false %}\n        {%- set ns.last_query_index = index %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- for message in messages %}\n    {%- if message.content is string %}\n        {%- set content = message.content %}\n"
+    "    {%- else %}\n        {%- set content = '' %}\n    {%- endif %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {%- set reasoning_content = '' %}\n"
+    "        {%- if message.reasoning_content is string %}\n            {%- set reasoning_content = message.reasoning_content %}\n"
+    "        {%- else %}\n            {%- if '</think>' in content %}\n"
+    "                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}\n"
+    "                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}\n            {%- endif %}\n        {%- endif %}\n"
+    "        {%- if loop.index0 > ns.last_query_index %}\n            {%- if loop.last or (not loop.last and reasoning_content) %}\n"
+    "                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}\n"
+    "            {%- else %}\n                {{- '<|im_start|>' + message.role + '\\n' + content }}\n            {%- endif %}\n"
+    "        {%- else %}\n            {{- '<|im_start|>' + message.role + '\\n' + content }}\n        {%- endif %}\n"
+    "        {%- if message.tool_calls %}\n            {%- for tool_call in message.tool_calls %}\n"
+    "                {%- if (loop.first and content) or (not loop.first) %}\n                    {{- '\\n' }}\n                {%- endif %}\n"
+    "                {%- if tool_call.function %}\n                    {%- set tool_call = tool_call.function %}\n                {%- endif %}\n"
+    "                {{- '<tool_call>\\n{\"name\": \"' }}\n                {{- tool_call.name }}\n                {{- '\", \"arguments\": ' }}\n"
+    "                {%- if tool_call.arguments is string %}\n                    {{- tool_call.arguments }}\n"
+    "                {%- else %}\n                    {{- tool_call.arguments | tojson }}\n                {%- endif %}\n"
+    "                {{- '}\\n</tool_call>' }}\n            {%- endfor %}\n        {%- endif %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n        {{- content }}\n"
+    "        {{- '\\n</tool_response>' }}\n        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- endif %}\n{%- endif %}"
+)
+# The special tokens of Qwen3's tokenizer that stage 1 touches, in Qwen's order.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+THINK_TOKENS = ["<think>", "</think>"]  # added, not special, as in Qwen3
+
+
+@dataclass
+class ToySize:
+    """A named size (minGPT-style): `demo` for the CLI, `test` for fast tests."""
+
+    name: str
+    image_px: int = 64          # size of the image files on disk
+    tower_px: int = 32          # tower input (the processor resizes)
+    patch: int = 8              # 32/8 -> 16 patches + CLS = 17 image tokens
+    vision_width: int = 64
+    vision_layers: int = 3
+    lm_width: int = 96
+    lm_layers: int = 2
+    n_train: int = 4000
+    n_eval: int = 200
+    lm_steps: int = 400         # the prior's loss is ~0 by step 200
+    tower_steps: int = 1000     # shape is the slow attribute: ~0.99 held-out by 1000-1200 steps
+    tower_pool: int = 3000
+    seed: int = 0
+
+
+SIZES = {
+    "demo": ToySize("demo"),
+    "test": ToySize("test", vision_width=32, vision_layers=2, lm_width=64, lm_layers=2, n_train=400,
+                    n_eval=48, lm_steps=300, tower_steps=300, tower_pool=1000),
+}
+
+
+def caption_of(color: str, shape: str, position: str) -> str:
+    return CAPTION.format(position=position, color=color, shape=shape)
+
+
+# --------------------------------------------------------------------------- images
+
+def render(color: str, shape: str, position: str, px: int, rng: random.Random) -> Image.Image:
+    """One shape on a noisy dark background; size, offset and hue jitter so no two images match."""
+    bg = rng.randint(10, 60)
+    arr = np.clip(np.random.default_rng(rng.getrandbits(32)).normal(bg, 6, (px, px, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    draw = ImageDraw.Draw(img)
+    third = px / 3
+    r = rng.uniform(0.52, 0.72) * third
+    cx = (POSITIONS.index(position) + 0.5) * third + rng.uniform(-0.12, 0.12) * third
+    cy = px / 2 + rng.uniform(-0.25, 0.25) * px
+    fill = tuple(int(np.clip(c + rng.randint(-20, 20), 0, 255)) for c in COLORS[color])
+    if shape == "圆形":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "正方形":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "三角形":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:  # 十字形
+        w = r * 0.38
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    return img
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def build_tokenizer(out_dir: str):
+    """A Qwen2Tokenizer whose merges were learnt on a word-segmented corpus, so Chinese words
+    come out as single tokens under Qwen's own pre-tokenizer (as in Qwen's real vocabulary)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from dataset import INSTRUCTION_POOLS
+
+    words = [f"{p} 有 一个 {c} 的 {s} 。" for c, s, p in COMBOS]
+    words += ["描述 这张 图片", "请 描述 这张 图片 。", "这张 图片 里 有 什么 ？", "用 一句话 描述 这张 图片 。",
+              "简要 说明 图 中 的 内容 。", "什么 颜色 ？", "什么 形状 ？", "在 哪里 ？", "是 的 不是",
+              "You are a helpful assistant .", "user assistant system", "\n"]
+    words += INSTRUCTION_POOLS["en"]
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=1,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(words * 3, trainer)
+    vocab = bpe.get_vocab()
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    vocab = {"<|endoftext|>": 0, **{k: v + 1 for k, v in sorted(vocab.items(), key=lambda kv: kv[1])}}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", errors="replace", model_max_length=32768)
+    assert tok._tokenizer.pre_tokenizer is not None and Regex(PRETOKENIZE_REGEX) is not None
+    tok.add_tokens(SPECIAL_TOKENS[1:], special_tokens=True)
+    tok.add_tokens(THINK_TOKENS, special_tokens=False)
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    for word in [*COLORS, *SHAPES, *POSITIONS]:
+        ids = tok.encode(word, add_special_tokens=False)
+        assert len(ids) == 1, f"toy tokenizer split {word!r} into {ids}"
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+# --------------------------------------------------------------------------- the LM and its prior
+
+def _cosine(peak: float, step: int, total: int, warmup: int) -> float:
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def _prior_batch(tok, fmt, rng: random.Random, batch: int, max_text_len: int = 64):
+    """Stage-1 prompts whose image slots hold the attribute words in random slots."""
+    from dataset import INSTRUCTION_POOLS, caption_messages, encode_conversation
+
+    pool = INSTRUCTION_POOLS["zh"]
+    rows, labels = [], []
+    for _ in range(batch):
+        color, shape, position = rng.choice(COMBOS)
+        ids, lab = encode_conversation(tok, fmt, caption_messages(caption_of(color, shape, position),
+                                                                  rng.choice(pool)), max_text_len)
+        slots = [i for i, t in enumerate(ids) if t == fmt.image_token_id]
+        words = [tok.encode(w, add_special_tokens=False)[0] for w in (color, shape, position)]
+        for pos, word in zip(rng.sample(slots, len(words)), words):
+            ids[pos] = word
+        rows.append(ids)
+        labels.append(lab)
+    from dataset import IGNORE_INDEX, pad
+
+    return pad(rows, tok.pad_token_id), pad(labels, IGNORE_INDEX), pad([[1] * len(r) for r in rows], 0)
+
+
+def build_llm(out_dir: str, tok, size: ToySize, num_image_tokens: int, log=print):
+    """A tiny Qwen3 LM trained on the stage-1 prompt format with words in the image slots."""
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from dataset import PromptFormat
+
+    torch.manual_seed(size.seed)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=size.lm_width, intermediate_size=size.lm_width * 3,
+                      num_hidden_layers=size.lm_layers, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=size.lm_width // 4, max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                      pad_token_id=tok.pad_token_id, rope_theta=10000.0)
+    lm = Qwen3ForCausalLM(cfg)
+    fmt = PromptFormat.build(tok, "<|image_pad|>", num_image_tokens, chat_template_kwargs={"enable_thinking": False})
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.0, betas=(0.9, 0.98))
+    rng = random.Random(size.seed)
+    lm.train()
+    for step in range(size.lm_steps):
+        for g in opt.param_groups:
+            g["lr"] = _cosine(3e-3, step, size.lm_steps, warmup=50)
+        ids, labels, mask = _prior_batch(tok, fmt, rng, 64)
+        loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == size.lm_steps - 1:
+            log(f"  toy LM prior step {step:4d}  loss {loss.item():.3f}")
+    lm.eval()
+    lm.generation_config = GenerationConfig(eos_token_id=[cfg.eos_token_id], pad_token_id=tok.pad_token_id,
+                                            bos_token_id=None, do_sample=False)
+    lm.save_pretrained(out_dir)
+    return lm
+
+
+# --------------------------------------------------------------------------- the tower
+
+def build_vision(out_dir: str, size: ToySize, log=print):
+    """A tiny CLIPVisionModel, pretrained briefly to classify colour, shape and position from
+    its tokens (CLIP learns such concepts from captions; here labels stand in)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from dataset import CLIP_MEAN, CLIP_STD, ImageTransform
+
+    torch.manual_seed(size.seed)
+    cfg = CLIPVisionConfig(image_size=size.tower_px, patch_size=size.patch, hidden_size=size.vision_width,
+                           intermediate_size=size.vision_width * 4, num_hidden_layers=size.vision_layers,
+                           num_attention_heads=4, projection_dim=size.vision_width)
+    vit = CLIPVisionModel(cfg)
+    heads = torch.nn.ModuleList([torch.nn.Linear(size.vision_width, n) for n in (len(COLORS), len(SHAPES), len(POSITIONS))])
+    transform = ImageTransform(size=size.tower_px, mode="shortest_edge", resample="bicubic")
+    # A fixed pool, rendered once: drawing is ~0.3 ms an image, a third of a step's cost.
+    rng = random.Random(size.seed + 1)
+    pool = [rng.choice(COMBOS) for _ in range(size.tower_pool)]
+    x_all = torch.from_numpy(np.stack([transform(render(c, s, p, size.image_px, rng)) for c, s, p in pool]))
+    y_all = torch.tensor([[list(COLORS).index(c), SHAPES.index(s), POSITIONS.index(p)] for c, s, p in pool])
+    params = list(vit.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(size.seed)
+    vit.train()
+    for step in range(size.tower_steps):
+        for g in opt.param_groups:
+            g["lr"] = _cosine(2e-3, step, size.tower_steps, warmup=30)
+        idx = torch.randint(0, len(pool), (64,), generator=gen)
+        h = vit.post_layernorm(vit(pixel_values=x_all[idx]).last_hidden_state)   # [B, N, D_v]
+        pooled = [h[:, 0], h[:, 1:].mean(1)]                               # CLS and patch mean both learn
+        loss = sum(F.cross_entropy(head(p), y_all[idx, k]) for p in pooled for k, head in enumerate(heads))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == size.tower_steps - 1:
+            log(f"  toy tower pretraining step {step:4d}  loss {loss.item():.3f}")
+    vit.eval()
+    vit.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w", encoding="utf-8") as fh:
+        json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                   "size": {"shortest_edge": size.tower_px}, "resample": 3, "do_center_crop": True,
+                   "crop_size": {"height": size.tower_px, "width": size.tower_px}, "do_rescale": True,
+                   "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+                   "image_std": list(CLIP_STD), "do_convert_rgb": True}, fh, indent=2)
+    return vit
+
+
+# --------------------------------------------------------------------------- data
+
+def write_split(out_dir: str, n: int, size: ToySize, seed: int) -> None:
+    """Images + SA1B-style parquet (data/*.parquet with url, cap_seg) + LLaVA chat.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "data"), exist_ok=True)
+    urls, cap_segs, chat = [], [], []
+    for i in range(n):
+        color, shape, position = COMBOS[i % len(COMBOS)] if i < len(COMBOS) else rng.choice(COMBOS)
+        rel = f"images/{i:06d}.png"
+        render(color, shape, position, size.image_px, rng).save(os.path.join(out_dir, rel))
+        cap = caption_of(color, shape, position)
+        urls.append(rel)
+        # SA1B stores cap_seg as the str() of a Python dict; the reader accepts that and JSON.
+        cap_segs.append(str({"global_caption": cap, "local_caption": [], "attributes": {
+            "color": color, "shape": shape, "position": position}}))
+        chat.append({"id": f"toy-{i:06d}", "image": rel, "conversations": [
+            {"from": "human", "value": "<image>\n描述这张图片"}, {"from": "gpt", "value": cap}]})
+    pq.write_table(pa.table({"url": urls, "cap_seg": cap_segs}), os.path.join(out_dir, "data", "train-00000.parquet"))
+    with open(os.path.join(out_dir, "chat.json"), "w", encoding="utf-8") as fh:
+        json.dump(chat, fh, ensure_ascii=False, indent=1)
+
+
+# --------------------------------------------------------------------------- build and cache
+
+@dataclass
+class ToyPaths:
+    llm: str
+    vision: str
+    train: str
+    eval: str
+
+
+def recipe_hash(size: ToySize) -> str:
+    blob = json.dumps({"v": RECIPE_VERSION, "size": asdict(size), "combos": COMBOS, "caption": CAPTION,
+                       "template": QWEN3_CHAT_TEMPLATE}, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ensure_toy_world(size: str | ToySize = "demo", models_root: str = "models/toy", data_root: str = "data/toy",
+                     log=print) -> ToyPaths:
+    """Build the toy world unless a complete one with the same recipe is already there."""
+    size = SIZES[size] if isinstance(size, str) else size
+    suffix = "" if size.name == "demo" else f"-{size.name}"
+    paths = ToyPaths(llm=f"{models_root}{suffix}/llm", vision=f"{models_root}{suffix}/vision",
+                     train=f"{data_root}{suffix}/train", eval=f"{data_root}{suffix}/eval")
+    stamp = os.path.join(f"{models_root}{suffix}", "toy_world.json")
+    want = recipe_hash(size)
+    if os.path.isfile(stamp):
+        with open(stamp, encoding="utf-8") as fh:
+            if json.load(fh).get("recipe") == want and all(os.path.isdir(p) for p in asdict(paths).values()):
+                return paths
+    log(f"building the toy world ({size.name}) under {models_root}{suffix}/ and {data_root}{suffix}/ ...")
+    for p in asdict(paths).values():
+        shutil.rmtree(p, ignore_errors=True)
+    if os.path.exists(stamp):
+        os.remove(stamp)
+    tok = build_tokenizer(paths.llm)
+    n_tokens = (size.tower_px // size.patch) ** 2 + 1
+    build_llm(paths.llm, tok, size, n_tokens, log)
+    build_vision(paths.vision, size, log)
+    write_split(paths.train, size.n_train, size, seed=size.seed + 100)
+    write_split(paths.eval, size.n_eval, size, seed=size.seed + 200)
+    with open(stamp, "w", encoding="utf-8") as fh:
+        json.dump({"recipe": want, "size": asdict(size)}, fh, indent=2)
+    return paths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Build (or reuse) the offline toy world and print its paths.")
+    p.add_argument("--size", default="demo", choices=sorted(SIZES), help="named size")
+    p.add_argument("--models_root", default="models/toy", help="where the tiny models go")
+    p.add_argument("--data_root", default="data/toy", help="where the toy data goes")
+    args = p.parse_args()
+    print(json.dumps(asdict(ensure_toy_world(args.size, args.models_root, args.data_root)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
