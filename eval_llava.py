@@ -1,0 +1,178 @@
+"""Talk to a trained stage-1 model: interactive chat or one-shot answers.
+
+Everything comes from the checkpoint (towers, projector, prompt format); --vision_tower/--llm
+only override where the frozen models live now.
+
+    # interactive: type an image path or URL, then questions; `clear`, `exit`
+    python eval_llava.py --checkpoint checkpoints/<run>/final
+    # one shot: stdout carries the reply alone (logs go to stderr)
+    python eval_llava.py --checkpoint checkpoints/<run>/final --image data/toy/eval/images/000000.png --prompt 描述这张图片
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dataset import (IMAGE_PLACEHOLDER, ImageLoader, ImageTransform, PromptFormat, SampleError,
+                     collate_prompts, encode_prompt)
+from model import LlavaStage1, load_checkpoint
+from utils import console
+
+
+@dataclass
+class Assistant:
+    """A model with everything needed to turn (image, messages) into a reply."""
+
+    model: LlavaStage1
+    tokenizer: Any
+    fmt: PromptFormat
+    transform: ImageTransform
+    loader: ImageLoader
+
+    @classmethod
+    def from_model(cls, model: LlavaStage1, tokenizer, loader: ImageLoader | None = None) -> "Assistant":
+        spec = model.spec
+        fmt = PromptFormat.build(tokenizer, spec.image_token, spec.num_image_tokens, spec.image_wrap,
+                                 spec.chat_template_kwargs)
+        return cls(model, tokenizer, fmt, ImageTransform.from_dict(spec.image_transform), loader or ImageLoader())
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "cpu", vision_tower: str | None = None,
+                        llm: str | None = None) -> "Assistant":
+        model, tokenizer, _ = load_checkpoint(path, device, vision_tower=vision_tower, llm=llm)
+        model.eval()
+        return cls.from_model(model, tokenizer)
+
+    def pixels(self, image: Image.Image | str | np.ndarray) -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            return image
+        return self.transform(self.loader(image) if isinstance(image, str) else image)   # [3, H, W]
+
+    def reply_batch(self, items: list[tuple[Any, list[dict]]], max_new_tokens: int = 64,
+                    temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32,
+                    streamer: Any = None) -> list[str]:
+        """items: (image, messages ending with a user turn) -> reply texts, in order.
+
+        The first user turn carries the image; `<image>` is prepended when it is missing.
+        """
+        device = next(self.model.projector.parameters()).device
+        replies: list[str] = []
+        was_training = self.model.training
+        self.model.eval()
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            prompts = [encode_prompt(self.tokenizer, self.fmt, with_image_placeholder(m))[0] for _, m in chunk]
+            ids, mask = collate_prompts(prompts, self.tokenizer.pad_token_id or 0)
+            pixels = torch.from_numpy(np.stack([self.pixels(img) for img, _ in chunk])).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = self.model.generate(ids.to(device), mask.to(device), self.fmt.stop_ids, pixel_values=pixels,
+                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          streamer=streamer)
+            replies += [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out]
+        self.model.train(was_training)
+        return replies
+
+    def reply(self, image: Any, messages: list[dict], stream: bool = False, **kwargs) -> str:
+        streamer = None
+        if stream:
+            from transformers import TextStreamer
+
+            streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        return self.reply_batch([(image, messages)], streamer=streamer, **kwargs)[0]
+
+
+def with_image_placeholder(messages: list[dict]) -> list[dict]:
+    """Put `<image>` before the first user turn's text unless some user turn already has it."""
+    if any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] == "user"):
+        return messages
+    out = [dict(m) for m in messages]
+    first = next(i for i, m in enumerate(out) if m["role"] == "user")
+    out[first]["content"] = f"{IMAGE_PLACEHOLDER}\n{out[first]['content']}"
+    return out
+
+
+def looks_like_image(text: str) -> bool:
+    return text.startswith(("http://", "https://", "file://")) or os.path.isfile(text)
+
+
+def chat(assistant: Assistant, gen: dict, stdin=sys.stdin) -> None:
+    """The course's terminal loop: an image path/URL loads an image and resets the dialogue,
+    text asks about it, `clear` empties the history, `exit`/`quit` leave."""
+    console.info("Type an image path or http(s) URL to load it; then ask. 'clear' resets, 'exit' quits.")
+    image, messages = None, []
+    while True:
+        print("\n你: ", end="", flush=True)
+        line = stdin.readline()
+        if not line:  # EOF
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.lower() in ("exit", "quit"):
+            break
+        if line.lower() == "clear":
+            messages = []
+            console.success("history cleared (the image stays)")
+            continue
+        if looks_like_image(line):
+            try:
+                image = assistant.loader(line)
+            except SampleError as e:
+                console.error(f"could not load the image: {e}")
+                continue
+            messages = []
+            console.success(f"image loaded ({image.size[0]}x{image.size[1]}); dialogue reset")
+            continue
+        if image is None:
+            console.warn("load an image first (a path or an http(s) URL)")
+            continue
+        messages.append({"role": "user", "content": line})
+        print("助手: ", end="", flush=True)
+        reply = assistant.reply(image, messages, stream=True, **gen)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Chat with a stage-1 checkpoint, or answer once.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or its projector.safetensors")
+    p.add_argument("--vision_tower", default=None, help="override the tower path stored in the checkpoint")
+    p.add_argument("--llm", default=None, help="override the LLM path stored in the checkpoint")
+    p.add_argument("--image", default=None, help="one-shot mode: image path or URL")
+    p.add_argument("--prompt", default=None, help="one-shot mode: the question")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="reply length limit")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    args = p.parse_args(argv)
+    from utils.dist import pick_device
+
+    one_shot = args.image is not None or args.prompt is not None
+    if one_shot and (args.image is None or args.prompt is None):
+        p.error("one-shot mode needs both --image and --prompt")
+    if one_shot:
+        console.set_stream(sys.stderr)  # stdout carries the reply alone
+    device = pick_device(args.device)
+    console.info(f"loading {args.checkpoint} on {device} ...")
+    assistant = Assistant.from_checkpoint(args.checkpoint, str(device), args.vision_tower, args.llm)
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if one_shot:
+        try:
+            image = assistant.loader(args.image)
+        except SampleError as e:
+            console.error(f"could not load the image: {e}")
+            sys.exit(2)
+        print(assistant.reply(image, [{"role": "user", "content": args.prompt}], **gen))
+    else:
+        chat(assistant, gen)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""LLaVA stage 1 (modality alignment): train the projector between a frozen vision tower and
+a frozen LLM on image-caption (or VQA) data.
+
+    python train_stage1.py --demo          # offline toy world on CPU, ~3 minutes the first time
+    python train_stage1.py --batch_size 16 --vision_tower models/clip-vit-b16-zh --llm models/qwen3-0.6b \
+        --data_root /data/sa1b_train --eval_data_root /data/sa1b_eval
+
+The loop reads top to bottom: setup -> data -> model -> optimizer -> loop (micro-steps,
+clip, step, log, eval, checkpoint) -> summary.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in DataLoader workers
+
+import argparse
+import math
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dataset import (INSTRUCTION_POOLS, EpochSampler, ImageLoader, ImageTransform, PromptFormat, SampleError,
+                     Stage1Dataset, caption_messages, collate, read_records)
+from eval_llava import Assistant
+from model import ModelSpec, Projector, build_model, save_checkpoint
+from utils import console
+from utils.config import add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config
+from utils.dist import setup as setup_dist, cleanup as cleanup_dist
+from utils.metrics import RunLogger
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # ---- models
+    vision_tower: str = _f("", "vision tower: local directory in transformers format")
+    llm: str = _f("", "LLM: local directory (weights, tokenizer, chat template)")
+    projector: str = _f("linear", "projector type", choices=list(Projector.TYPES))
+    feature_layer: int = _f(-1, "tower hidden state to use (-1 last, -2 LLaVA-1.5)")
+    feature_select: str = _f("all", "all tokens (CLS too) or patch tokens only", choices=["all", "patch"])
+    feature_post_norm: bool = _f(True, "apply the tower's final norm to all tokens (the course: ln_post)")
+    image_wrap: bool = _f(False, "wrap image slots in <|vision_start|>/<|vision_end|>")
+    attn: str = _f("sdpa", "LLM attention kernel", choices=["sdpa", "eager", "flash_attention_2"])
+    # ---- data
+    data_format: str = _f("sa1b", "sa1b parquet shards or a LLaVA chat.json", choices=["sa1b", "chat"])
+    data_root: str = _f("", "training data directory (sa1b: {root}/data/*.parquet; chat: {root}/chat.json)")
+    chat_json: str = _f("", "chat format: chat.json path (images relative to --image_root)")
+    image_root: str = _f("", "chat format: image folder for --chat_json")
+    eval_data_root: str = _f("", "held-out data directory (same format); empty: hold out the tail of the training data")
+    eval_chat_json: str = _f("", "chat format: held-out chat.json")
+    max_samples: int = _f(0, "use only the first N training records (the course: 100000); 0 = all")
+    max_text_len: int = _f(128, "text tokens per sample, image slots not counted; long answers lose their tail")
+    instructions: str = _f("course", "caption instruction pool", choices=list(INSTRUCTION_POOLS))
+    image_cache: str = _f("", "URL images: keep downloaded bytes here so later epochs never refetch")
+    num_workers: int = _f(4, "DataLoader worker processes")
+    # ---- optimisation
+    batch_size: int = _f(16, "samples per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(2e-3, "peak learning rate (the course's 2e-3 suits a linear projector)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    warmup_ratio: float = _f(0.03, "share of steps with linear warmup before the cosine decay")
+    epochs: int = _f(1, "passes over the training data (ignored when --max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps; 0 = derive from --epochs")
+    seed: int = _f(0, "seed for data order, instruction choice and projector init")
+    # ---- logging, evaluation, checkpoints
+    run_name: str = _f("", "name of runs/<name>/ and checkpoints/<name>/ (default: timestamped)")
+    runs_dir: str = _f("runs", "where run logs go")
+    checkpoints_dir: str = _f("checkpoints", "where checkpoints go")
+    log_interval: int = _f(10, "steps between printed log lines")
+    eval_interval: int = _f(200, "steps between held-out evaluations")
+    eval_samples: int = _f(500, "held-out samples per evaluation (0 = all)")
+    sample_replies: int = _f(4, "held-out images answered and logged at each evaluation")
+    save_interval: int = _f(100, "steps between checkpoints")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes)")
+
+
+# The demo trains the course's linear projector on the toy world; flags a user types win.
+DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, log_interval=25,
+                     eval_interval=300, eval_samples=200, save_interval=300, instructions="zh",
+                     num_workers=1, data_format="sa1b")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_args(parser, TrainConfig)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = from_namespace(TrainConfig, parser.parse_args(argv))
+    if cfg.demo:
+        setup_demo(cfg, explicit_flags(argv))
+    return cfg
+
+
+def setup_demo(cfg: TrainConfig, explicit: set[str]) -> None:
+    from toy_world import ensure_toy_world
+
+    paths = ensure_toy_world("demo", log=console.info)
+    fill = {**DEMO_DEFAULTS, "vision_tower": paths.vision, "llm": paths.llm, "data_root": paths.train,
+            "eval_data_root": paths.eval, "run_name": cfg.run_name or time.strftime("demo_%Y%m%d_%H%M%S")}
+    for key, value in fill.items():
+        if key not in explicit:
+            setattr(cfg, key, value)
+
+
+# --------------------------------------------------------------------------- data
+
+def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: ImageTransform):
+    """(train dataset, eval dataset, skip counts from reading)."""
+    records, skipped, root = read_records(cfg.data_format, cfg.data_root, cfg.chat_json, cfg.max_samples)
+    if cfg.chat_json and cfg.image_root:
+        root = cfg.image_root
+    if cfg.eval_data_root or cfg.eval_chat_json:
+        eval_records, eval_skipped, eval_root = read_records(cfg.data_format, cfg.eval_data_root, cfg.eval_chat_json)
+        skipped.update({f"eval/{k}": v for k, v in eval_skipped.items()})
+    else:
+        # No held-out set named: hold out the tail of the training data.
+        n_hold = min(cfg.eval_samples or 500, len(records) // 10)
+        records, eval_records, eval_root = records[:len(records) - n_hold], records[len(records) - n_hold:], root
+        console.warn(f"no --eval_data_root: holding out the last {n_hold} training records for evaluation")
+    if not records:
+        raise SystemExit(f"no usable training records in {cfg.data_root or cfg.chat_json} (skipped: {dict(skipped)})")
+    common = dict(tokenizer=tokenizer, fmt=fmt, transform=transform, max_text_len=cfg.max_text_len,
+                  instructions=cfg.instructions, seed=cfg.seed)
+    cache = cfg.image_cache or None
+    train_ds = Stage1Dataset(records, loader=ImageLoader(root, cache_dir=cache), **common)
+    eval_ds = Stage1Dataset(eval_records, loader=ImageLoader(eval_root, cache_dir=cache), **common)
+    return train_ds, eval_ds, skipped
+
+
+def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: int, epoch: int = 0):
+    """Endless (epoch, batch) stream; each epoch reshuffles with (seed, epoch)."""
+    while True:
+        ds.set_epoch(epoch)
+        sampler = EpochSampler(len(ds), cfg.seed, epoch, rank, world)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+            collate_fn=lambda b: collate(b, pad_id), pin_memory=torch.cuda.is_available(), drop_last=True,
+            persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, device: torch.device) -> dict:
+    """Held-out loss and perplexity over the first `eval_samples` records (a fixed set)."""
+    n = len(ds) if not cfg.eval_samples else min(cfg.eval_samples, len(ds))
+    subset = torch.utils.data.Subset(ds, range(n))
+    loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                         collate_fn=lambda b: collate(b, pad_id))
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for batch in loader:
+        if not batch["size"]:
+            continue
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+        loss_sum += ls.item()
+        tokens += int(nt)
+    model.train(was_training)
+    loss = loss_sum / max(tokens, 1)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+def heldout_items(ds: Stage1Dataset, n: int, instruction: str | None = None):
+    """The first n held-out records as (image, prompt messages) items and reference answers.
+
+    `instruction` replaces the (randomly drawn) instruction of caption records, so scores
+    do not depend on the draw. A record whose image cannot be read is reported and left out.
+    """
+    items, refs = [], []
+    for i in range(min(n, len(ds)) if n else len(ds)):
+        messages = ds.messages(i)
+        if instruction is not None and ds.records[i].caption is not None:
+            messages = caption_messages(ds.records[i].caption, instruction)
+        try:
+            image = ds.loader(ds.records[i].image)
+        except SampleError as e:
+            console.warn(f"held-out record {i} left out: {e}")
+            continue
+        items.append((image, messages[:-1]))
+        refs.append(messages[-1]["content"])
+    return items, refs
+
+
+def caption_exact_match(assistant: Assistant, ds: Stage1Dataset, instruction: str, n: int = 0) -> float:
+    """Share of held-out images whose greedy reply equals the reference exactly (the demo's proof)."""
+    items, refs = heldout_items(ds, n, instruction)
+    replies = assistant.reply_batch(items, max_new_tokens=32)
+    return sum(r == ref for r, ref in zip(replies, refs)) / max(len(refs), 1)
+
+
+def log_sample_replies(assistant: Assistant, ds: Stage1Dataset, n: int, logger: RunLogger | None, step: int) -> None:
+    """Answer a few held-out images and log prompt, reply and reference (and the image)."""
+    items, refs = heldout_items(ds, n)
+    replies = assistant.reply_batch(items, max_new_tokens=64)
+    for k, ((image, msgs), reply, ref) in enumerate(zip(items, replies, refs)):
+        question = msgs[-1]["content"].replace("<image>", "").strip()
+        console.info(f"  [sample {k}] Q: {question} | A: {reply} | ref: {ref}")
+        if logger:
+            logger.text(f"samples/{k}", f"**Q:** {question}\n\n**A:** {reply}\n\n**ref:** {ref}", step)
+            logger.image(f"samples/{k}", np.asarray(image.resize((224, 224))), step)
+
+
+# --------------------------------------------------------------------------- training
+
+def train(cfg: TrainConfig) -> dict:
+    dist = setup_dist(cfg.device)
+    device = dist.device
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if not (cfg.vision_tower and cfg.llm):
+        raise SystemExit("name the frozen models: --vision_tower DIR --llm DIR (or run --demo)")
+    if not cfg.data_root and not cfg.chat_json:
+        raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
+    run_name = cfg.run_name or time.strftime("stage1_%Y%m%d_%H%M%S")
+    run_dir, ckpt_dir = os.path.join(cfg.runs_dir, run_name), os.path.join(cfg.checkpoints_dir, run_name)
+    print_config(cfg, f"stage-1 config (run {run_name})")
+    if dist.is_main:
+        dump_json(cfg, os.path.join(run_dir, "config.json"))
+
+    # ---- model
+    spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
+                     feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
+                     feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap)
+    model, tokenizer = build_model(spec, device, attn_implementation=cfg.attn)
+    model.assert_only_projector_trainable()
+    console.header("model")
+    for k, v in model.summary().items():
+        console.kv(k, v)
+    assistant = Assistant.from_model(model, tokenizer)
+    fmt, pad_id = assistant.fmt, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ---- data
+    train_ds, eval_ds, skipped = load_datasets(cfg, tokenizer, fmt, assistant.transform)
+    global_batch = cfg.batch_size * cfg.grad_accum * dist.world_size
+    steps_per_epoch = max(len(train_ds) // global_batch, 1)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    console.header("data")
+    console.kv("train / eval records", f"{len(train_ds):,} / {len(eval_ds):,}")
+    console.kv("global batch", f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {dist.world_size} procs")
+    console.kv("steps", f"{total_steps} ({steps_per_epoch} per epoch)")
+    if skipped:
+        console.warn(f"skipped while reading: {dict(skipped)}")
+    show_first_sample(train_ds, tokenizer)
+
+    # ---- optimizer
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = [p for _, p in model.trainable_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(total_steps * cfg.warmup_ratio), total_steps)
+    logger = RunLogger(run_dir) if dist.is_main else None
+
+    summary: dict = {"run": run_name, "run_dir": run_dir}
+    if cfg.demo:
+        summary["heldout_exact_match_before"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
+        console.kv("held-out exact match (before)", f"{summary['heldout_exact_match_before']:.3f}")
+
+    # ---- loop
+    from tqdm import tqdm
+
+    stream = batches(train_ds, cfg, pad_id, dist.rank, dist.world_size)
+    model.train()
+    losses: list[float] = []
+    checkpoint = ""
+    t_start = time.time()
+    # In a terminal the bar redraws in place; in a log file it would add a line per step.
+    bar = tqdm(total=total_steps, desc="stage 1", unit="step", disable=not dist.is_main, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 60.0)
+    for step in range(1, total_steps + 1):
+        t0 = time.time()
+        # Micro-batches of this step, fetched first so the loss can be normalised by the
+        # supervised-token count of the whole step (a mean over tokens, not over batches).
+        micro = []
+        while len(micro) < cfg.grad_accum:
+            epoch, batch = next(stream)
+            skipped.update(batch["skipped"])
+            if batch["size"]:
+                micro.append(to_device(batch, device))
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        loss_sum = 0.0
+        for b in micro:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                ls, _ = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+            (ls / n_tokens).backward()
+            loss_sum += ls.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- log
+        dt = time.time() - t0
+        loss = loss_sum / max(n_tokens, 1)
+        losses.append(loss)
+        n_samples = sum(b["size"] for b in micro)
+        scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[0],
+                   "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
+                   "train/tokens_per_s": sum(int(b["attention_mask"].sum()) for b in micro) / dt, "train/epoch": epoch}
+        if logger:
+            logger.log(step, scalars)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['train/lr']:.2e}", sps=f"{scalars['train/samples_per_s']:.1f}")
+        if step % cfg.log_interval == 0:
+            window = losses[-cfg.log_interval:]
+            tqdm.write(f"step {step}/{total_steps} | loss {sum(window) / len(window):.4f} | lr {scalars['train/lr']:.2e} "
+                       f"| grad {float(grad_norm):.3f} | {scalars['train/samples_per_s']:.1f} samples/s")
+
+        # ---- evaluate and checkpoint
+        last = step == total_steps
+        if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+            metrics = evaluate(model, eval_ds, cfg, pad_id, device)
+            tqdm.write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}")
+            if logger:
+                logger.log(step, metrics)
+                log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step)
+            summary.update({"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]})
+        if dist.is_main and (step % cfg.save_interval == 0 or last):
+            checkpoint = save_checkpoint(model, os.path.join(ckpt_dir, f"step_{step:06d}"),
+                                         {"step": step, "run": run_name, "train_config": vars(cfg)})
+            checkpoint = os.path.dirname(checkpoint)
+    bar.close()
+
+    # ---- summary
+    elapsed = time.time() - t_start
+    window = losses[-min(cfg.log_interval, len(losses)):]
+    summary.update({"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(window) / len(window),
+                    "skipped": dict(skipped), "checkpoint": checkpoint, "train_seconds": round(elapsed, 1),
+                    "samples_per_s": round(total_steps * global_batch / elapsed, 2)})
+    if "eval_loss" not in summary:
+        metrics = evaluate(model, eval_ds, cfg, pad_id, device)
+        summary.update({"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]})
+    if cfg.demo:
+        summary["heldout_exact_match_after"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
+    if dist.is_main:
+        dump_json(summary, os.path.join(run_dir, "summary.json"))
+        logger.close()
+        console.header("done")
+        for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl",
+                  "heldout_exact_match_before", "heldout_exact_match_after", "skipped", "checkpoint"):
+            if k in summary:
+                console.kv(k, summary[k])
+        console.info(f"\nchat with it:  python eval_llava.py --checkpoint {checkpoint}")
+        console.info(f"curves:        tensorboard --logdir {cfg.runs_dir}")
+    cleanup_dist()
+    return summary
+
+
+def show_first_sample(ds: Stage1Dataset, tokenizer) -> None:
+    """Print the first usable sample as the LLM sees it and its supervised target: the
+    quickest way to catch a template or masking bug (the course does the same)."""
+    for i in range(min(len(ds), 50)):
+        item = ds[i]
+        if "skip" in item:
+            continue
+        target = [t for t in item["labels"] if t != -100]
+        text = tokenizer.decode(item["input_ids"])
+        n_slots = len(ds.fmt.image_ids())
+        slot = tokenizer.decode([ds.fmt.image_token_id]) if ds.fmt.image_token_id < len(tokenizer) else "<image slot>"
+        console.header("first sample")
+        console.info("prompt + target:\n" + text.replace(slot * n_slots, f"{slot} x {n_slots}"))
+        console.info(f"supervised target ({len(target)} tokens): {tokenizer.decode(target)!r}")
+        return
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
