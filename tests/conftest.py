@@ -1,0 +1,62 @@
+"""Shared fixtures: the toy world at test size (built once per session, in a temp dir) and a
+Llama-style tokenizer with a BOS token, trained in-process."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    from toy_world import ensure_toy_world
+
+    base = tmp_path_factory.mktemp("toy")
+    return ensure_toy_world("test", str(base / "models" / "toy"), str(base / "data" / "toy"), log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def toy_model(toy):
+    """(model, tokenizer, prompt format) on the test world, projector freshly initialised."""
+    from dataset import PromptFormat
+    from model import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(vision_tower=toy.vision, llm=toy.llm, projector="mlp2x_gelu", feature_post_norm=True)
+    model, tok = build_model(spec)
+    fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
+    return model, tok, fmt
+
+
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer(tmp_path_factory):
+    """A tokenizer with BOS <s> and eos </s>, a Llama-2 style template that writes the BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["describe the image", "a red circle on the left", "what colour is it", "[INST] [/INST]"] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>")
+    tok.chat_template = LLAMA2_TEMPLATE
+    path = tmp_path_factory.mktemp("bos_tok")
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)

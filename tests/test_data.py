@@ -1,0 +1,85 @@
+"""Readers and preprocessing on files the tests write."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dataset import EpochSampler, ImageTransform, read_chat_json, read_sa1b
+
+
+def test_sa1b_reader_on_a_written_shard(tmp_path):
+    (tmp_path / "data").mkdir()
+    rows = {
+        "url": ["https://example.invalid/a.jpg", "images/b.png", "images/c.png", "images/d.png", "images/e.png", ""],
+        "cap_seg": [
+            str({"global_caption": "一只猫", "local_caption": []}),       # the dataset's str(dict) form
+            json.dumps({"global_caption": "a dog"}),                     # JSON also accepted
+            "{'global_caption': ",                                       # not a dict
+            str({"global_caption": "   "}),                              # empty caption
+            str({"local_caption": ["x"]}),                               # no global caption
+            str({"global_caption": "orphan"}),                           # no url
+        ],
+    }
+    pq.write_table(pa.table(rows), tmp_path / "data" / "train-00000.parquet")
+    records, skipped = read_sa1b(str(tmp_path))
+    assert [(r.image, r.caption) for r in records] == [("https://example.invalid/a.jpg", "一只猫"), ("images/b.png", "a dog")]
+    assert skipped == {"bad_cap_seg": 2, "empty_caption": 1, "bad_record": 1}
+    assert len(read_sa1b(str(tmp_path), max_samples=1)[0]) == 1
+
+
+def test_sa1b_missing_column_is_a_clear_error(tmp_path):
+    pq.write_table(pa.table({"url": ["x"]}), tmp_path / "s.parquet")
+    with pytest.raises(ValueError, match="missing column.*cap_seg"):
+        read_sa1b(str(tmp_path))
+
+
+def test_chat_json_reader_counts_bad_records(tmp_path):
+    data = [
+        {"id": "1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]},
+        {"id": "3", "image": "b.jpg", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
+        {"id": "4", "image": "c.jpg", "conversations": [{"from": "human", "value": "q"}]},
+    ]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(data))
+    records, skipped = read_chat_json(str(path))
+    assert [r.meta["id"] for r in records] == ["1"]
+    assert records[0].conversations[0] == {"role": "user", "content": "<image>\nq"}
+    assert skipped == {"bad_record": 1, "bad_roles": 1, "bad_conversation": 1}
+    path.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ValueError, match="JSON list"):
+        read_chat_json(str(path))
+
+
+@pytest.mark.parametrize("size", [(70, 50), (50, 70), (32, 32)])
+def test_clip_preprocessing_matches_transformers(size):
+    from transformers import CLIPImageProcessorPil
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    ref = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    expected = ref(images=img, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(ImageTransform(size=32)(img), expected, atol=1e-5)
+
+
+def test_siglip_style_square_resize_matches_transformers(tmp_path):
+    from transformers import SiglipImageProcessorPil
+
+    ref = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    ref.save_pretrained(tmp_path)
+    mine = ImageTransform.from_pretrained(str(tmp_path), 32)
+    assert mine.mode == "square" and mine.mean == (0.5, 0.5, 0.5)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 90, 3), dtype=np.uint8))
+    np.testing.assert_allclose(mine(img), ref(images=img, return_tensors="np")["pixel_values"][0], atol=1e-5)
+
+
+def test_epoch_sampler_is_a_deterministic_partition():
+    a = EpochSampler(10, seed=3, epoch=1, rank=0, world_size=2).indices()
+    b = EpochSampler(10, seed=3, epoch=1, rank=1, world_size=2).indices()
+    assert sorted(a + b) == list(range(10)) and len(a) == len(b) == 5
+    assert a == EpochSampler(10, seed=3, epoch=1, rank=0, world_size=2).indices()
+    assert a != EpochSampler(10, seed=3, epoch=2, rank=0, world_size=2).indices()
+    assert list(EpochSampler(10, seed=3, epoch=1, rank=0, world_size=2, start=2)) == a[2:]

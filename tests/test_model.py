@@ -1,0 +1,145 @@
+"""The combined model: slot scatter, lean loss, frozen parts, save/load."""
+
+import numpy as np
+import pytest
+import torch
+
+from dataset import Stage1Dataset, ImageLoader, ImageTransform, caption_messages, collate, encode_conversation, read_records
+from model import (LlavaStage1, ModelSpec, Projector, load_checkpoint, read_checkpoint_meta, save_checkpoint)
+
+
+def toy_batch(model, tok, fmt, toy, n=4):
+    records, _, root = read_records("sa1b", toy.train, max_samples=n)
+    ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform), ImageLoader(root))
+    return collate([ds[i] for i in range(n)], tok.pad_token_id)
+
+
+def test_slot_count_mismatch_raises(toy_model, toy):
+    model, tok, fmt = toy_model
+    batch = toy_batch(model, tok, fmt, toy, 2)
+    ids = batch["input_ids"].clone()
+    first_slot = (ids[0] == model.image_token_id).nonzero()[0, 0]
+    ids[0, first_slot] = tok.pad_token_id  # one slot short
+    with pytest.raises(ValueError, match="image slots"):
+        model(ids, batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+
+
+def test_only_the_projector_receives_gradients(toy_model, toy):
+    model, tok, fmt = toy_model
+    batch = toy_batch(model, tok, fmt, toy)
+    model.train()
+    assert not model.llm.training and not model.vision.training  # frozen parts stay in eval
+    model.zero_grad(set_to_none=True)
+    loss_sum, n = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+    (loss_sum / n).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("projector."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    model.zero_grad(set_to_none=True)
+
+
+def test_lean_loss_equals_full_logits_loss(toy_model, toy):
+    model, tok, fmt = toy_model
+    batch = toy_batch(model, tok, fmt, toy)
+    with torch.no_grad():
+        loss_sum, n = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+        embeds = model.embed(batch["input_ids"], model.encode_images(batch["pixel_values"]))
+        # transformers' own loss: full [B, T, V] logits, shifted labels, mean over tokens.
+        ref = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert int(n) == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(loss_sum / n, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_image_features_land_in_the_slots(toy_model, toy):
+    model, tok, fmt = toy_model
+    batch = toy_batch(model, tok, fmt, toy, 2)
+    feats = model.encode_images(batch["pixel_values"])                  # [B, N, D_v]
+    embeds = model.embed(batch["input_ids"], feats)
+    slots = batch["input_ids"] == model.image_token_id
+    torch.testing.assert_close(embeds[slots].view(2, -1, embeds.shape[-1]), model.projector(feats))
+    text = model.llm.get_input_embeddings()(batch["input_ids"].masked_fill(slots, 0))
+    torch.testing.assert_close(embeds[~slots], text[~slots])
+
+
+def test_save_load_round_trip_is_exact_and_strict(toy_model, tmp_path):
+    model, tok, fmt = toy_model
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.add_(torch.randn_like(p))
+    ckpt = save_checkpoint(model, str(tmp_path / "ck"), {"step": 7})
+    meta = read_checkpoint_meta(str(tmp_path / "ck"))
+    assert meta["step"] == 7 and meta["spec"]["projector"] == "mlp2x_gelu"
+    loaded, _, _ = load_checkpoint(str(tmp_path / "ck"))               # nothing but the checkpoint
+    for (k, a), (k2, b) in zip(model.projector.state_dict().items(), loaded.projector.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert loaded.spec == model.spec
+    # A file whose keys do not match the projector is refused, not half-loaded.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(ckpt, "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = fh.metadata()
+    tensors["linear_3.weight"] = torch.zeros(1)
+    save_file(tensors, ckpt, metadata=metadata)
+    with pytest.raises(RuntimeError, match="unexpected"):
+        load_checkpoint(str(tmp_path / "ck"))
+
+
+def test_generate_batched_equals_one_by_one(toy_model, toy):
+    from eval_llava import Assistant
+
+    model, tok, fmt = toy_model
+    asst = Assistant.from_model(model, tok)
+    records, _, root = read_records("sa1b", toy.eval, max_samples=3)
+    items = [(ImageLoader(root)(r.image), [{"role": "user", "content": q}])
+             for r, q in zip(records, ["描述这张图片", "这张图片里有什么？", "请描述这张图片。"])]
+    together = asst.reply_batch(items, max_new_tokens=12)
+    alone = [asst.reply_batch([it], max_new_tokens=12)[0] for it in items]
+    assert together == alone
+
+
+def test_projector_shapes_and_names():
+    lin, mlp = Projector("linear", 8, 16), Projector("mlp2x_gelu", 8, 16)
+    assert set(lin.state_dict()) == {"linear_1.weight", "linear_1.bias"}
+    assert set(mlp.state_dict()) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    assert mlp(torch.zeros(2, 3, 8)).shape == (2, 3, 16)
+    with pytest.raises(ValueError):
+        Projector("qformer", 8, 16)
+
+
+def test_frozen_loads_are_strict_about_missing_weights(toy, tmp_path):
+    """A tower folder without some of its weights must not load as random frozen weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from model import load_vision_tower
+
+    bad = tmp_path / "vision"
+    shutil.copytree(toy.vision, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    state.pop(next(k for k in state if "encoder.layers.0" in k))
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="missing"):
+        load_vision_tower(str(bad))
+
+
+def test_vision_tower_loads_from_a_whole_dual_tower_clip(tmp_path):
+    """openai/clip-* and OFA-Sys/chinese-clip-* ship text + vision in one folder."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from model import load_vision_tower
+
+    vc = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    tc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
+              bos_token_id=0, eos_token_id=1)
+    full = CLIPModel(CLIPConfig(vision_config=vc, text_config=tc)).eval()
+    full.save_pretrained(tmp_path)
+    tower = load_vision_tower(str(tmp_path), feature_layer=-2, select="patch")
+    x = torch.randn(2, 3, 32, 32)
+    expected = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(tower(x), expected)
+    assert tower.num_tokens == 16
