@@ -103,11 +103,11 @@ class ImageTransform:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
     @classmethod
-    def from_pretrained(cls, path: str, image_size: int) -> "ImageTransform":
+    def from_pretrained(cls, path: str, image_size: int, default_mode: str = "shortest_edge") -> "ImageTransform":
         """Read transformers' preprocessor_config.json when the tower has one."""
         cfg_path = os.path.join(path, "preprocessor_config.json")
         if not os.path.isfile(cfg_path):
-            return cls(size=image_size)
+            return cls(size=image_size, mode=default_mode)
         with open(cfg_path, encoding="utf-8") as fh:
             cfg = json.load(fh)
         size = cfg.get("size", image_size)
