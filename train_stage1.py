@@ -1,9 +1,12 @@
 """LLaVA stage 1 (modality alignment): train the projector between a frozen vision tower and
 a frozen LLM on image-caption (or VQA) data.
 
-    python train_stage1.py --demo          # offline toy world on CPU, ~3 minutes the first time
-    python train_stage1.py --batch_size 16 --vision_tower models/clip-vit-b16-zh --llm models/qwen3-0.6b \
+    python train_stage1.py --demo          # offline toy world on CPU, ~2-3 minutes the first time
+    python train_stage1.py --model clip-zh-qwen3-0.6b --batch_size 16 \
         --data_root /data/sa1b_train --eval_data_root /data/sa1b_eval
+    torchrun --standalone --nproc-per-node 8 train_stage1.py --model dinov3-qwen3vltext-align \
+        --data_format chat --data_root /data/llava-laion-cc-sbu-558k
+    # the Prismatic align plan's own command line works too (see ALIGN_FLAGS)
 
 The loop reads top to bottom: setup -> data -> model -> optimizer -> loop (micro-steps,
 clip, step, log, eval, checkpoint) -> summary.
@@ -16,6 +19,8 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in DataLoader workers
 
 import argparse
+import contextlib
+import json
 import math
 import random
 import sys
@@ -29,10 +34,11 @@ import torch
 from dataset import (INSTRUCTION_POOLS, EpochSampler, ImageLoader, ImageTransform, PromptFormat, SampleError,
                      Stage1Dataset, caption_messages, collate, read_records)
 from eval_llava import Assistant
-from model import ModelSpec, Projector, build_model, save_checkpoint
+from model import (PRESETS, MissingModel, ModelSpec, Projector, build_model, resolve_model, save_checkpoint,
+                   vision_defaults)
 from utils import console
 from utils.config import add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config
-from utils.dist import setup as setup_dist, cleanup as cleanup_dist
+from utils.dist import all_reduce_sum, barrier, cleanup as cleanup_dist, setup as setup_dist
 from utils.metrics import RunLogger
 
 
@@ -43,13 +49,19 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # ---- models
-    vision_tower: str = _f("", "vision tower: local directory in transformers format")
-    llm: str = _f("", "LLM: local directory (weights, tokenizer, chat template)")
+    model: str = _f("", "preset combination (flags you type override its parts)", choices=["", *PRESETS])
+    vision_tower: str = _f("", "vision tower: registry id (see README) or local directory")
+    llm: str = _f("", "LLM: registry id or local directory (weights, tokenizer, chat template)")
+    models_dir: str = _f("models", "where registry ids live: <models_dir>/<id>")
+    download: bool = _f(False, "download missing registry ids before training (scripts/download_models.py)")
+    hf_token: str = _f(".hf_token", "gated downloads (DINOv3): a token file, or the NAME of an env var holding it")
     projector: str = _f("linear", "projector type", choices=list(Projector.TYPES))
-    feature_layer: int = _f(-1, "tower hidden state to use (-1 last, -2 LLaVA-1.5)")
-    feature_select: str = _f("all", "all tokens (CLS too) or patch tokens only", choices=["all", "patch"])
-    feature_post_norm: bool = _f(True, "apply the tower's final norm to all tokens (the course: ln_post)")
-    image_wrap: bool = _f(False, "wrap image slots in <|vision_start|>/<|vision_end|>")
+    feature_layer: int | None = _f(None, "tower hidden state to use (-1 last, -2 LLaVA-1.5); default: the tower's")
+    feature_select: str | None = _f(None, "all tokens (CLS, registers) or patch tokens only; default: the tower's",
+                                    choices=["all", "patch"])
+    feature_post_norm: bool | None = _f(None, "apply the tower's final norm to every token (the course: ln_post); "
+                                        "default: the tower's")
+    image_wrap: bool | None = _f(None, "wrap image slots in <|vision_start|>/<|vision_end|>; default: on for Qwen3-VL")
     attn: str = _f("sdpa", "LLM attention kernel", choices=["sdpa", "eager", "flash_attention_2"])
     # ---- data
     data_format: str = _f("sa1b", "sa1b parquet shards or a LLaVA chat.json", choices=["sa1b", "chat"])
@@ -65,17 +77,20 @@ class TrainConfig:
     num_workers: int = _f(4, "DataLoader worker processes")
     # ---- optimisation
     batch_size: int = _f(16, "samples per micro-batch per process")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (derived when --global_batch_size is set)")
+    global_batch_size: int = _f(0, "samples per optimizer step over all processes; 0 = batch_size x grad_accum x procs")
     lr: float = _f(2e-3, "peak learning rate (the course's 2e-3 suits a linear projector)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
-    warmup_ratio: float = _f(0.03, "share of steps with linear warmup before the cosine decay")
+    warmup_ratio: float = _f(0.03, "share of steps with linear warmup before the decay")
+    lr_scheduler: str = _f("cosine", "decay after warmup", choices=["cosine", "constant"])
     epochs: int = _f(1, "passes over the training data (ignored when --max_steps > 0)")
     max_steps: int = _f(0, "optimizer steps; 0 = derive from --epochs")
     seed: int = _f(0, "seed for data order, instruction choice and projector init")
     # ---- logging, evaluation, checkpoints
     run_name: str = _f("", "name of runs/<name>/ and checkpoints/<name>/ (default: timestamped)")
     runs_dir: str = _f("runs", "where run logs go")
+    trackers: str = _f("jsonl,tensorboard", "log sinks, comma-separated: jsonl, tensorboard")
     checkpoints_dir: str = _f("checkpoints", "where checkpoints go")
     log_interval: int = _f(10, "steps between printed log lines")
     eval_interval: int = _f(200, "steps between held-out evaluations")
@@ -83,23 +98,98 @@ class TrainConfig:
     sample_replies: int = _f(4, "held-out images answered and logged at each evaluation")
     save_interval: int = _f(100, "steps between checkpoints")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    train_strategy: str = _f("ddp", "several processes: DDP over the projector (frozen parts replicated, never wrapped)",
+                             choices=["ddp", "fsdp-shard-grad-op", "fsdp-full-shard"])
     demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes)")
 
 
-# The demo trains the course's linear projector on the toy world; flags a user types win.
+# The demo trains the course's linear projector on the toy world (its tower is a CLIP used
+# the course's way: last layer, all tokens, ln_post); flags a user types win.
 DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, log_interval=25,
                      eval_interval=300, eval_samples=200, save_interval=300, instructions="zh",
-                     num_workers=1, data_format="sa1b")
+                     num_workers=1, data_format="sa1b", projector="linear", feature_layer=-1,
+                     feature_select="all", feature_post_norm=True)
+
+# The Prismatic align plan's flags (`scripts/pretrain.py --stage align --model.align_* ...`)
+# mapped onto ours, so its command line runs unchanged with train_stage1.py.
+ALIGN_FLAGS = {"--model.type": "--model", "--model.align_epochs": "--epochs",
+               "--model.align_max_steps": "--max_steps", "--model.align_global_batch_size": "--global_batch_size",
+               "--model.align_per_device_batch_size": "--batch_size", "--model.align_learning_rate": "--lr",
+               "--model.align_weight_decay": "--weight_decay", "--model.align_max_grad_norm": "--max_grad_norm",
+               "--model.align_lr_scheduler_type": "--lr_scheduler", "--model.align_warmup_ratio": "--warmup_ratio",
+               "--model.align_train_strategy": "--train_strategy", "--run_id": "--run_name", "--hf_token": "--hf_token"}
+SCHEDULERS = {"linear-warmup+cosine-decay": "cosine", "cosine": "cosine", "constant": "constant"}
+LLAVA_V15_CHAT = os.path.join("download", "llava-laion-cc-sbu-558k")
+
+
+def translate_align_flags(argv: list[str]) -> list[str]:
+    """Rewrite the align plan's dotted flags into ours; refuse what this script cannot do."""
+    pairs, out, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+            i += 1
+        elif arg.startswith("--") and ("." in arg or arg in ("--stage", "--run_root_dir", "--run_id", "--trackers")) and i + 1 < len(argv):
+            key, value = arg, argv[i + 1]
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        pairs.append((key, value))
+    dataset_type = dataset_root = None
+    for key, value in pairs:
+        if key == "--stage":
+            if value != "align":
+                raise SystemExit(f"--stage {value}: this script trains stage 1 only (the projector, '--stage align'); "
+                                 "finetuning the LLM is a later stage and not supported here")
+        elif key == "--dataset.type":
+            dataset_type = value
+        elif key == "--dataset.dataset_root_dir":
+            dataset_root = value
+        elif key == "--run_root_dir":
+            out += ["--runs_dir", value, "--checkpoints_dir", value]
+        elif key == "--trackers":
+            names = json.loads(value) if value.strip().startswith("[") else value.split(",")
+            unknown = set(names) - {"jsonl", "tensorboard"}
+            if unknown:
+                raise SystemExit(f"--trackers: {sorted(unknown)} not supported (jsonl, tensorboard)")
+            out += ["--trackers", ",".join(names)]
+        elif key == "--model.align_lr_scheduler_type":
+            if value not in SCHEDULERS:
+                raise SystemExit(f"--model.align_lr_scheduler_type {value}: supported {sorted(SCHEDULERS)}")
+            out += ["--lr_scheduler", SCHEDULERS[value]]
+        elif key == "--model.align_max_steps":
+            out += ["--max_steps", "0" if value in ("None", "null", "") else value]
+        elif key in ALIGN_FLAGS:
+            out += [ALIGN_FLAGS[key], value]
+        elif key.startswith("--") and "." not in key:
+            out += [key, value]
+        else:
+            raise SystemExit(f"{key}: not an align-stage flag this script understands ({', '.join(ALIGN_FLAGS)}, "
+                             "--stage, --dataset.type, --dataset.dataset_root_dir, --run_root_dir, --trackers)")
+    if dataset_type is not None:
+        if dataset_type != "llava-v15":
+            raise SystemExit(f"--dataset.type {dataset_type}: only llava-v15 (a LLaVA chat.json) is an align dataset")
+        root = os.path.join(dataset_root or ".", LLAVA_V15_CHAT)
+        out += ["--data_format", "chat", "--chat_json", os.path.join(root, "chat.json"), "--image_root", root]
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(parser, TrainConfig)
-    argv = sys.argv[1:] if argv is None else argv
+    argv = translate_align_flags(sys.argv[1:] if argv is None else list(argv))
     cfg = from_namespace(TrainConfig, parser.parse_args(argv))
+    explicit = explicit_flags(argv)
+    if cfg.model:
+        for key, value in PRESETS[cfg.model].items():
+            if key not in explicit:
+                setattr(cfg, key, value)
     if cfg.demo:
-        setup_demo(cfg, explicit_flags(argv))
+        setup_demo(cfg, explicit)
     return cfg
 
 
@@ -112,6 +202,25 @@ def setup_demo(cfg: TrainConfig, explicit: set[str]) -> None:
     for key, value in fill.items():
         if key not in explicit:
             setattr(cfg, key, value)
+
+
+def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
+    """Registry ids -> local folders (downloading first with --download); fill the tower's
+    feature defaults for the flags left unset."""
+    paths = []
+    for name in (cfg.vision_tower, cfg.llm):
+        try:
+            paths.append(resolve_model(name, cfg.models_dir))
+        except MissingModel:
+            if not cfg.download:
+                raise
+            from scripts.download_models import download
+
+            paths.append(download(name, cfg.models_dir, hf_token=cfg.hf_token))
+    for key, value in vision_defaults(cfg.vision_tower, paths[0]).items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    return paths[0], paths[1]
 
 
 # --------------------------------------------------------------------------- data
@@ -231,11 +340,22 @@ def train(cfg: TrainConfig) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if not (cfg.vision_tower and cfg.llm):
-        raise SystemExit("name the frozen models: --vision_tower DIR --llm DIR (or run --demo)")
+        raise SystemExit("name the frozen models: --model PRESET, or --vision_tower/--llm (ids or folders), or --demo")
     if not cfg.data_root and not cfg.chat_json:
         raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
+    try:
+        vision_path, llm_path = resolve_models(cfg)
+    except (MissingModel, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
     run_name = cfg.run_name or time.strftime("stage1_%Y%m%d_%H%M%S")
     run_dir, ckpt_dir = os.path.join(cfg.runs_dir, run_name), os.path.join(cfg.checkpoints_dir, run_name)
+    grad_accum = cfg.grad_accum
+    if cfg.global_batch_size:
+        per_step = cfg.batch_size * dist.world_size
+        if cfg.global_batch_size % per_step:
+            raise SystemExit(f"--global_batch_size {cfg.global_batch_size} is not a multiple of "
+                             f"batch_size {cfg.batch_size} x {dist.world_size} processes")
+        grad_accum = cfg.global_batch_size // per_step
     print_config(cfg, f"stage-1 config (run {run_name})")
     if dist.is_main:
         dump_json(cfg, os.path.join(run_dir, "config.json"))
@@ -243,38 +363,48 @@ def train(cfg: TrainConfig) -> dict:
     # ---- model
     spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
                      feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
-                     feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap)
-    model, tokenizer = build_model(spec, device, attn_implementation=cfg.attn)
+                     feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap,
+                     vision_path=vision_path, llm_path=llm_path)
+    model, tokenizer = build_model(spec, device, attn_implementation=cfg.attn, models_dir=cfg.models_dir)
     model.assert_only_projector_trainable()
     console.header("model")
     for k, v in model.summary().items():
         console.kv(k, v)
     assistant = Assistant.from_model(model, tokenizer)
     fmt, pad_id = assistant.fmt, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if dist.enabled:
+        # Only the projector is wrapped: it is all that has gradients to synchronise; the
+        # frozen tower and LLM are plain replicas on every rank.
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---- data
     train_ds, eval_ds, skipped = load_datasets(cfg, tokenizer, fmt, assistant.transform)
-    global_batch = cfg.batch_size * cfg.grad_accum * dist.world_size
+    global_batch = cfg.batch_size * grad_accum * dist.world_size
     steps_per_epoch = max(len(train_ds) // global_batch, 1)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     console.header("data")
     console.kv("train / eval records", f"{len(train_ds):,} / {len(eval_ds):,}")
-    console.kv("global batch", f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {dist.world_size} procs")
+    console.kv("global batch", f"{global_batch} = {cfg.batch_size} x {grad_accum} accum x {dist.world_size} procs")
     console.kv("steps", f"{total_steps} ({steps_per_epoch} per epoch)")
     if skipped:
         console.warn(f"skipped while reading: {dict(skipped)}")
-    show_first_sample(train_ds, tokenizer)
+    if dist.is_main:
+        show_first_sample(train_ds, tokenizer)
 
     # ---- optimizer
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     params = [p for _, p in model.trainable_parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(total_steps * cfg.warmup_ratio), total_steps)
-    logger = RunLogger(run_dir) if dist.is_main else None
+    warmup = int(total_steps * cfg.warmup_ratio)
+    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if cfg.lr_scheduler == "cosine"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    logger = RunLogger(run_dir, tuple(cfg.trackers.split(","))) if dist.is_main else None
 
     summary: dict = {"run": run_name, "run_dir": run_dir}
-    if cfg.demo:
+    if cfg.demo and dist.is_main:
         summary["heldout_exact_match_before"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
         console.kv("held-out exact match (before)", f"{summary['heldout_exact_match_before']:.3f}")
 
@@ -292,20 +422,26 @@ def train(cfg: TrainConfig) -> dict:
     for step in range(1, total_steps + 1):
         t0 = time.time()
         # Micro-batches of this step, fetched first so the loss can be normalised by the
-        # supervised-token count of the whole step (a mean over tokens, not over batches).
+        # supervised-token count of the whole global step (a mean over tokens, not batches).
         micro = []
-        while len(micro) < cfg.grad_accum:
+        while len(micro) < grad_accum:
             epoch, batch = next(stream)
             skipped.update(batch["skipped"])
             if batch["size"]:
                 micro.append(to_device(batch, device))
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        loss_sum = 0.0
-        for b in micro:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                               sum(b["size"] for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
+                              dtype=torch.float64, device=device)
+        n_tokens, n_samples, n_seq_tokens = all_reduce_sum(counts).tolist()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for i, b in enumerate(micro):
+            # DDP averages gradients over ranks; the world-size factor turns that into the
+            # sum of per-rank token sums / all tokens. no_sync: one all-reduce per step.
+            sync = contextlib.nullcontext() if not dist.enabled or i == len(micro) - 1 else model.projector.no_sync()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 ls, _ = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
-            (ls / n_tokens).backward()
-            loss_sum += ls.item()
+                (ls * dist.world_size / n_tokens).backward()
+            loss_sum += ls.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         scheduler.step()
@@ -313,48 +449,53 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- log
         dt = time.time() - t0
-        loss = loss_sum / max(n_tokens, 1)
+        loss = all_reduce_sum(loss_sum).item() / max(n_tokens, 1)
         losses.append(loss)
-        n_samples = sum(b["size"] for b in micro)
         scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[0],
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
-                   "train/tokens_per_s": sum(int(b["attention_mask"].sum()) for b in micro) / dt, "train/epoch": epoch}
+                   "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch}
         if logger:
             logger.log(step, scalars)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['train/lr']:.2e}", sps=f"{scalars['train/samples_per_s']:.1f}")
-        if step % cfg.log_interval == 0:
+        if step % cfg.log_interval == 0 and dist.is_main:
             window = losses[-cfg.log_interval:]
             tqdm.write(f"step {step}/{total_steps} | loss {sum(window) / len(window):.4f} | lr {scalars['train/lr']:.2e} "
                        f"| grad {float(grad_norm):.3f} | {scalars['train/samples_per_s']:.1f} samples/s")
 
-        # ---- evaluate and checkpoint
+        # ---- evaluate and checkpoint (rank 0; the others wait at the barrier)
         last = step == total_steps
-        if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+        if dist.is_main and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
             metrics = evaluate(model, eval_ds, cfg, pad_id, device)
             tqdm.write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}")
-            if logger:
-                logger.log(step, metrics)
-                log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step)
+            logger.log(step, metrics)
+            log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step)
             summary.update({"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]})
         if dist.is_main and (step % cfg.save_interval == 0 or last):
             checkpoint = save_checkpoint(model, os.path.join(ckpt_dir, f"step_{step:06d}"),
                                          {"step": step, "run": run_name, "train_config": vars(cfg)})
             checkpoint = os.path.dirname(checkpoint)
+        if dist.enabled and (last or step % cfg.save_interval == 0 or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+            barrier()
     bar.close()
 
     # ---- summary
     elapsed = time.time() - t_start
+    if dist.enabled:  # every rank skipped its own samples
+        parts = [None] * dist.world_size
+        torch.distributed.all_gather_object(parts, dict(skipped))
+        skipped = sum((Counter(p) for p in parts), Counter())
     window = losses[-min(cfg.log_interval, len(losses)):]
     summary.update({"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(window) / len(window),
                     "skipped": dict(skipped), "checkpoint": checkpoint, "train_seconds": round(elapsed, 1),
-                    "samples_per_s": round(total_steps * global_batch / elapsed, 2)})
-    if "eval_loss" not in summary:
-        metrics = evaluate(model, eval_ds, cfg, pad_id, device)
-        summary.update({"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]})
-    if cfg.demo:
-        summary["heldout_exact_match_after"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
+                    "samples_per_s": round(total_steps * global_batch / elapsed, 2), "world_size": dist.world_size,
+                    "global_batch": global_batch})
     if dist.is_main:
+        if "eval_loss" not in summary:
+            metrics = evaluate(model, eval_ds, cfg, pad_id, device)
+            summary.update({"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]})
+        if cfg.demo:
+            summary["heldout_exact_match_after"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
         dump_json(summary, os.path.join(run_dir, "summary.json"))
         logger.close()
         console.header("done")

@@ -1,0 +1,100 @@
+"""Download registry models (or a preset's pair) into the models folder.
+
+ModelScope is the default source (the course's users are in China); `--source hf` uses the
+Hugging Face hub. Gated models (DINOv3) need an HF token: a `.hf_token` file in the repo root,
+or `--hf_token NAME` where NAME is an environment variable holding it (the align plan's
+convention). The token is never printed, logged or saved.
+
+    python scripts/download_models.py --preset clip-zh-qwen3-0.6b
+    python scripts/download_models.py qwen3-0.6b clip-vit-b16-zh --models_dir models
+    HF_TOKEN=hf_xxx python scripts/download_models.py dinov3-vitb16 --source hf --hf_token HF_TOKEN
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import PRESETS, REGISTRY  # noqa: E402
+
+
+def read_hf_token(spec: str | None) -> str | None:
+    """A token file path, or the name of an environment variable; None when neither exists."""
+    if not spec:
+        return None
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    return os.environ.get(spec) or None
+
+
+def _fetch(source: str, repo: str, target: str, token: str | None) -> None:
+    if source == "modelscope":
+        from modelscope import snapshot_download
+
+        snapshot_download(repo, local_dir=target)
+    else:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo, local_dir=target, token=token)
+
+
+def download(model_id: str, models_dir: str = "models", source: str = "modelscope",
+             hf_token: str | None = ".hf_token", log=print) -> str:
+    """Fetch one registry id into <models_dir>/<id> and return that path.
+
+    The files land in <id>.partial first and are renamed when complete, so an interrupted
+    download is never mistaken for a model (resuming reuses the partial folder).
+    """
+    if model_id not in REGISTRY:
+        raise SystemExit(f"unknown id {model_id!r}; known: {', '.join(REGISTRY)}")
+    info = REGISTRY[model_id]
+    target = os.path.join(models_dir, model_id)
+    if os.path.isdir(target) and os.listdir(target):
+        log(f"{model_id}: already in {target}")
+        return target
+    repo = info.modelscope if source == "modelscope" else info.hf
+    if repo is None or (info.gated and source == "modelscope"):
+        log(f"{model_id}: not on ModelScope{' (gated model)' if info.gated else ''}; using Hugging Face ({info.hf})")
+        source, repo = "hf", info.hf
+    token = read_hf_token(hf_token) if source == "hf" else None
+    if info.gated and not token:
+        raise SystemExit(f"{model_id} is gated on Hugging Face: accept its licence at https://huggingface.co/{info.hf}, "
+                         f"then put your token in .hf_token or pass --hf_token ENV_VAR_NAME")
+    partial = target + ".partial"
+    log(f"{model_id}: downloading {repo} from {source} -> {target}")
+    _fetch(source, repo, partial, token)
+    shutil.rmtree(os.path.join(partial, ".cache"), ignore_errors=True)  # hub bookkeeping, not model files
+    os.replace(partial, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Download registry models for train_stage1.py.")
+    p.add_argument("ids", nargs="*", help=f"registry ids: {', '.join(REGISTRY)}")
+    p.add_argument("--preset", choices=list(PRESETS), help="download both models of a --model preset")
+    p.add_argument("--models_dir", default="models", help="destination folder; each id goes to <models_dir>/<id>")
+    p.add_argument("--source", default="modelscope", choices=["modelscope", "hf"], help="where to download from")
+    p.add_argument("--hf_token", default=".hf_token", help="token file, or the NAME of an env var holding the token")
+    args = p.parse_args(argv)
+    ids = list(args.ids)
+    if args.preset:
+        ids += [PRESETS[args.preset]["vision_tower"], PRESETS[args.preset]["llm"]]
+    if not ids:
+        p.error("name ids or --preset")
+    paths = {i: download(i, args.models_dir, args.source, args.hf_token) for i in dict.fromkeys(ids)}
+    print("\nlocal paths:")
+    for i, path in paths.items():
+        print(f"  {i:<20} {path}")
+    print(f"\ntrain with ids (resolved under {args.models_dir}/) or with these folders, e.g.\n  python train_stage1.py "
+          + (f"--model {args.preset}" if args.preset else " ".join(
+              f"--{'vision_tower' if REGISTRY[i].kind == 'vision' else 'llm'} {paths[i]}" for i in paths))
+          + ("" if args.models_dir == "models" else f" --models_dir {args.models_dir}"))
+
+
+if __name__ == "__main__":
+    main()
