@@ -34,8 +34,8 @@ import torch
 from dataset import (INSTRUCTION_POOLS, EpochSampler, ImageLoader, ImageTransform, PromptFormat, SampleError,
                      Stage1Dataset, caption_messages, collate, read_records)
 from eval_llava import Assistant
-from model import (PRESETS, MissingModel, ModelSpec, Projector, build_model, resolve_model, save_checkpoint,
-                   vision_defaults)
+from backbones import PRESETS, MissingModel, resolve_model, vision_defaults
+from model import ModelSpec, Projector, build_model, save_checkpoint
 from utils import console
 from utils.config import add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config
 from utils.dist import all_reduce_sum, barrier, cleanup as cleanup_dist, setup as setup_dist

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import PRESETS, REGISTRY  # noqa: E402
+from backbones import PRESETS, REGISTRY  # noqa: E402
 
 
 def read_hf_token(spec: str | None) -> str | None:

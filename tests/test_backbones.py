@@ -2,14 +2,14 @@
 same code a user's download goes through."""
 
 import json
-import math
 from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn as nn
 
-from model import VISION_TYPES, detect_vision_type, load_llm, load_vision_tower, vision_defaults
+from backbones import VISION_TYPES, detect_vision_type, load_llm, vision_defaults
+from model import load_vision_tower
 
 VC = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 

@@ -1,11 +1,10 @@
 """The combined model: slot scatter, lean loss, frozen parts, save/load."""
 
-import numpy as np
 import pytest
 import torch
 
-from dataset import Stage1Dataset, ImageLoader, ImageTransform, caption_messages, collate, encode_conversation, read_records
-from model import (LlavaStage1, ModelSpec, Projector, load_checkpoint, read_checkpoint_meta, save_checkpoint)
+from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate, read_records
+from model import Projector, load_checkpoint, read_checkpoint_meta, save_checkpoint
 
 
 def toy_batch(model, tok, fmt, toy, n=4):

@@ -5,7 +5,7 @@ import os
 import pytest
 
 import train_stage1
-from model import PRESETS, REGISTRY, MissingModel, resolve_model
+from backbones import PRESETS, REGISTRY, MissingModel, resolve_model
 from scripts import download_models
 
 

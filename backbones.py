@@ -1,0 +1,396 @@
+"""Where the frozen backbones come from: short ids, presets, local folders in each real
+on-disk format, and the loaders that turn them into transformers modules.
+
+    python model.py --list                             # ids and presets
+    python model.py --summary --model clip-zh-qwen3-0.6b   # tokens, widths, parameters (no download)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A short id: where to download it and how to use it by default."""
+
+    kind: str                       # vision | llm
+    hf: str                         # Hugging Face repo id
+    modelscope: str | None          # ModelScope repo id (None: not mirrored there)
+    feature_layer: int = -1         # vision defaults
+    feature_select: str = "all"
+    feature_post_norm: bool = False
+    gated: bool = False             # needs an HF token (DINOv3)
+    note: str = ""
+
+
+# Defaults per tower follow each model's usual stage-1 recipe:
+#   Chinese CLIP (the course): last layer, all 197 tokens, ln_post on all of them, no proj.
+#   CLIP (LLaVA-1.5): layer -2, patch tokens only, no final norm.
+#   SigLIP: no CLS; last layer with post-layernorm (= its last_hidden_state).
+#   DINOv3: last layer after its final norm, patch tokens only: CLS and the 4 registers
+#   are dropped (registers are global "sink" tokens without a place in the image).
+REGISTRY: dict[str, ModelInfo] = {
+    "clip-vit-b16-zh": ModelInfo("vision", "OFA-Sys/chinese-clip-vit-base-patch16", "iic/multi-modal_clip-vit-base-patch16_zh",
+                                 -1, "all", True, note="ModelScope format by default (the course); 197 tokens x 768"),
+    "clip-vit-b16": ModelInfo("vision", "openai/clip-vit-base-patch16", "openai-mirror/clip-vit-base-patch16", -2, "patch",
+                              note="196 tokens x 768"),
+    "clip-vit-l14-336": ModelInfo("vision", "openai/clip-vit-large-patch14-336", "openai-mirror/clip-vit-large-patch14-336",
+                                  -2, "patch", note="LLaVA-1.5's tower; 576 tokens x 1024"),
+    "siglip-b16-224": ModelInfo("vision", "google/siglip-base-patch16-224", "google/siglip-base-patch16-224", -1, "all", True,
+                                note="196 tokens x 768"),
+    "siglip-so400m-384": ModelInfo("vision", "google/siglip-so400m-patch14-384", "google/siglip-so400m-patch14-384",
+                                   -1, "all", True, note="729 tokens x 1152"),
+    "dinov3-vits16": ModelInfo("vision", "facebook/dinov3-vits16-pretrain-lvd1689m", "facebook/dinov3-vits16-pretrain-lvd1689m",
+                               -1, "patch", True, gated=True, note="196 tokens x 384"),
+    "dinov3-vitb16": ModelInfo("vision", "facebook/dinov3-vitb16-pretrain-lvd1689m", "facebook/dinov3-vitb16-pretrain-lvd1689m",
+                               -1, "patch", True, gated=True, note="196 tokens x 768"),
+    "dinov3-vitl16": ModelInfo("vision", "facebook/dinov3-vitl16-pretrain-lvd1689m", "facebook/dinov3-vitl16-pretrain-lvd1689m",
+                               -1, "patch", True, gated=True, note="196 tokens x 1024"),
+    "qwen3-0.6b": ModelInfo("llm", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B", note="D_lm 1024"),
+    "qwen3-1.7b": ModelInfo("llm", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B", note="D_lm 2048"),
+    "qwen3vl-2b-text": ModelInfo("llm", "Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-2B-Instruct",
+                                 note="text model of Qwen3-VL-2B (vision weights never loaded); D_lm 2048"),
+    "qwen3vl-4b-text": ModelInfo("llm", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-4B-Instruct",
+                                 note="text model of Qwen3-VL-4B (vision weights never loaded); D_lm 2560"),
+}
+
+# --model presets: a whole combination; any flag the user types overrides its part.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The course: Chinese CLIP ViT-B/16 + linear 768->1024 + Qwen3-0.6B, first 100k SA1B captions.
+    "clip-zh-qwen3-0.6b": dict(vision_tower="clip-vit-b16-zh", llm="qwen3-0.6b", projector="linear",
+                               lr=2e-3, batch_size=16, max_samples=100_000, data_format="sa1b"),
+    # The align plan: DINOv3 ViT-B/16 + the text model of Qwen3-VL-2B, Prismatic's align-stage
+    # defaults (gelu-mlp projector, lr 1e-3, global batch 256, cosine with 3% warmup, 1 epoch).
+    "dinov3-qwen3vltext-align": dict(vision_tower="dinov3-vitb16", llm="qwen3vl-2b-text", projector="mlp2x_gelu",
+                                     lr=1e-3, batch_size=16, global_batch_size=256, epochs=1, weight_decay=0.0,
+                                     max_grad_norm=1.0, warmup_ratio=0.03, save_interval=100, data_format="chat"),
+    # LLaVA-1.5's recipe on a Qwen3 LLM: CLIP-L/14-336 (layer -2, patches) + mlp2x_gelu.
+    "llava15-qwen3-1.7b": dict(vision_tower="clip-vit-l14-336", llm="qwen3-1.7b", projector="mlp2x_gelu",
+                               lr=1e-3, batch_size=32, global_batch_size=256, warmup_ratio=0.03, data_format="chat"),
+}
+
+
+class MissingModel(FileNotFoundError):
+    """A registry id with no local folder yet; the message holds the command that fetches it."""
+
+
+def download_command(model_id: str, models_dir: str) -> str:
+    return f"python scripts/download_models.py {model_id} --models_dir {models_dir}"
+
+
+def resolve_model(name: str, models_dir: str = "models") -> str:
+    """An id or a path -> a local directory. Never downloads (that is an explicit script)."""
+    if os.path.isdir(name):
+        return name
+    if name in REGISTRY:
+        path = os.path.join(models_dir, name)
+        if os.path.isdir(path) and os.listdir(path):
+            return path
+        raise MissingModel(f"model '{name}' is not in {models_dir}/. Download it first:\n  "
+                           f"{download_command(name, models_dir)}\n(or pass --download, or point at a local folder)")
+    raise FileNotFoundError(f"'{name}' is neither a local directory nor a known id ({', '.join(REGISTRY)})")
+
+
+def vision_defaults(name: str, path: str) -> dict[str, Any]:
+    """Feature defaults for a tower: from the registry for an id, from its family for a folder."""
+    if name in REGISTRY:
+        info = REGISTRY[name]
+        return dict(feature_layer=info.feature_layer, feature_select=info.feature_select,
+                    feature_post_norm=info.feature_post_norm)
+    family = VISION_TYPES[detect_vision_type(path)][0]
+    return {"chinese_clip": dict(feature_layer=-1, feature_select="all", feature_post_norm=True),
+            "clip": dict(feature_layer=-2, feature_select="patch", feature_post_norm=False),
+            "siglip": dict(feature_layer=-1, feature_select="all", feature_post_norm=True),
+            "dinov3": dict(feature_layer=-1, feature_select="patch", feature_post_norm=True)}[family]
+
+
+# --------------------------------------------------------------------------- on-disk formats
+
+# model_type in config.json -> (family, transformers class, attribute of the final norm).
+# Features are always `hidden_states[feature_layer]`, optionally passed through the final
+# norm: that one rule expresses LLaVA-1.5 (layer -2, no norm), the course (layer -1 +
+# ln_post on all tokens), SigLIP and DINOv3 (layer -1 + norm == their last_hidden_state).
+VISION_TYPES: dict[str, tuple[str, str, str]] = {
+    "clip_vision_model": ("clip", "CLIPVisionModel", "post_layernorm"),
+    "clip": ("clip", "CLIPVisionModel", "post_layernorm"),
+    "chinese_clip_vision_model": ("chinese_clip", "ChineseCLIPVisionModel", "post_layernorm"),
+    "chinese_clip": ("chinese_clip", "ChineseCLIPVisionModel", "post_layernorm"),
+    "siglip_vision_model": ("siglip", "SiglipVisionModel", "post_layernorm"),
+    "siglip": ("siglip", "SiglipVisionModel", "post_layernorm"),
+    "dinov3_vit": ("dinov3", "DINOv3ViTModel", "norm"),
+    "modelscope_chinese_clip": ("chinese_clip", "ChineseCLIPVisionModel", "post_layernorm"),
+}
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+MODELSCOPE_CLIP = "modelscope_chinese_clip"
+
+
+def detect_vision_type(path: str) -> str:
+    """The model_type of a tower folder, from its files: a transformers config.json, or
+    ModelScope's own Chinese-CLIP layout (configuration.json + pytorch_model.bin)."""
+    cfg_path = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_path):
+        model_type = read_json(cfg_path).get("model_type", "")
+        if model_type not in VISION_TYPES:
+            raise ValueError(f"{path}: unsupported vision model_type {model_type!r}; supported: {sorted(VISION_TYPES)}")
+        return model_type
+    if os.path.isfile(os.path.join(path, "configuration.json")) and os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        return MODELSCOPE_CLIP
+    raise FileNotFoundError(f"{path}: neither a transformers model (config.json) nor ModelScope's Chinese-CLIP "
+                            "layout (configuration.json + pytorch_model.bin)")
+
+
+def from_pretrained_strict(cls, path: str, what: str, **kwargs) -> nn.Module:
+    """`cls.from_pretrained` that refuses missing or mis-shaped weights (they would be random
+    and frozen: a silent 'loss stuck' run). Unexpected keys are normal when the folder holds a
+    whole dual-tower CLIP (its text tower); they are counted in one line, not a table."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # we report below, once, in our own words
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    bad = list(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
+    if bad:
+        raise RuntimeError(f"{what} {path}: {len(bad)} weights missing or mis-shaped, e.g. {bad[:3]}")
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if unexpected:
+        from utils import console
+
+        prefixes = sorted({k.split(".")[0] for k in unexpected})
+        console.info(f"{what}: ignored {len(unexpected)} weights not part of {cls.__name__} ({', '.join(prefixes)})")
+    return model
+
+
+def load_modelscope_chinese_clip(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """ModelScope's own Chinese-CLIP checkpoint (original key names: visual.conv1,
+    visual.transformer.resblocks.N.attn.in_proj_weight, visual.ln_post, visual.proj, bert.*)
+    -> transformers' ChineseCLIPVisionModel. The architecture is read off the tensor shapes;
+    `visual.proj` (the contrastive head) and the text tower are not part of the tower.
+
+    Read with weights_only=True: no pickle code runs from a downloaded file.
+    """
+    from transformers import ChineseCLIPVisionConfig, ChineseCLIPVisionModel
+
+    raw = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    raw = raw.get("state_dict", raw)
+    sd = {}
+    for k, v in raw.items():
+        for prefix in ("module.", "clip_model."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if k.startswith("visual."):
+            sd[k[len("visual."):]] = v
+    if "conv1.weight" not in sd:
+        raise ValueError(f"{path}/pytorch_model.bin: no visual.* weights of a Chinese-CLIP VisualTransformer")
+    width, _, patch, _ = sd["conv1.weight"].shape
+    n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+    grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
+    cfg = ChineseCLIPVisionConfig(hidden_size=width, intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                                  num_hidden_layers=n_layers, num_attention_heads=width // 64,  # Chinese-CLIP: heads = width / 64
+                                  image_size=grid * patch, patch_size=patch, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    out = {"embeddings.class_embedding": sd["class_embedding"],
+           "embeddings.patch_embedding.weight": sd["conv1.weight"],
+           "embeddings.position_embedding.weight": sd["positional_embedding"],
+           "pre_layrnorm.weight": sd["ln_pre.weight"], "pre_layrnorm.bias": sd["ln_pre.bias"],
+           "post_layernorm.weight": sd["ln_post.weight"], "post_layernorm.bias": sd["ln_post.bias"]}
+    for i in range(n_layers):
+        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for name, t in zip("qkv", sd[src + "attn.in_proj_weight"].chunk(3)):
+            out[f"{dst}self_attn.{name}_proj.weight"] = t
+        for name, t in zip("qkv", sd[src + "attn.in_proj_bias"].chunk(3)):
+            out[f"{dst}self_attn.{name}_proj.bias"] = t
+        for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                     ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            out[f"{dst}{b}.weight"], out[f"{dst}{b}.bias"] = sd[f"{src}{a}.weight"], sd[f"{src}{a}.bias"]
+    model = ChineseCLIPVisionModel(cfg)
+    missing, unexpected = model.load_state_dict(out, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: ModelScope Chinese-CLIP mapping incomplete; missing={missing} unexpected={unexpected}")
+    return model.to(dtype)
+
+
+# --------------------------------------------------------------------------- LLMs
+
+def llm_type(path: str) -> str:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise FileNotFoundError(f"{path}: no config.json; not a transformers LLM directory")
+    return read_json(cfg).get("model_type", "")
+
+
+def qwen3vl_text_config(path: str):
+    """The Qwen3Config equivalent to a Qwen3-VL checkpoint's text model.
+
+    With text-only inputs the three M-RoPE position streams are equal, so interleaved
+    M-RoPE is ordinary 1-D RoPE and the text model is exactly Qwen3 (checked against
+    Qwen3VLForConditionalGeneration's logits in tests/test_backbones.py).
+    """
+    from transformers import Qwen3Config
+
+    top = read_json(os.path.join(path, "config.json"))
+    t = top["text_config"]
+    rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise ValueError(f"{path}: rope type {rope.get('rope_type')!r} has no exact Qwen3 equivalent")
+    theta = rope.get("rope_theta", t.get("rope_theta", 5_000_000.0))
+    tied = top.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+    return Qwen3Config(
+        vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t["num_key_value_heads"], head_dim=t.get("head_dim", t["hidden_size"] // t["num_attention_heads"]),
+        hidden_act=t.get("hidden_act", "silu"), max_position_embeddings=t.get("max_position_embeddings", 32768),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6), attention_bias=t.get("attention_bias", False),
+        rope_parameters={"rope_type": "default", "rope_theta": theta}, tie_word_embeddings=tied,
+        bos_token_id=t.get("bos_token_id"), eos_token_id=t.get("eos_token_id"), pad_token_id=t.get("pad_token_id"))
+
+
+def load_qwen3vl_text(path: str, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    """The text model + LM head of a Qwen3-VL checkpoint as a Qwen3ForCausalLM. Only the
+    `model.language_model.*` and `lm_head` tensors are read: the vision tower is never loaded."""
+    from safetensors import safe_open
+    from transformers import Qwen3ForCausalLM
+
+    cfg = qwen3vl_text_config(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(set(read_json(index)["weight_map"].values())) if os.path.isfile(index) else ["model.safetensors"]
+    state = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as fh:
+            for k in fh.keys():
+                if k.startswith("model.language_model."):
+                    state["model." + k[len("model.language_model."):]] = fh.get_tensor(k).to(dtype)
+                elif k == "lm_head.weight":
+                    state[k] = fh.get_tensor(k).to(dtype)
+    with torch.device("meta"):
+        llm = Qwen3ForCausalLM(cfg)
+    missing, unexpected = llm.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: Qwen3-VL text weights incomplete; missing={missing[:3]} unexpected={unexpected[:3]}")
+    if cfg.tie_word_embeddings:
+        llm.lm_head.weight = llm.model.embed_tokens.weight
+    # Buffers (rotary inv_freq) were created on meta: rebuild them on the CPU.
+    llm.model.rotary_emb = type(llm.model.rotary_emb)(config=cfg)
+    llm.config._attn_implementation = attn_implementation
+    return llm
+
+
+def load_llm(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> nn.Module:
+    """A causal LM from a local directory, frozen and in eval mode. A Qwen3-VL folder gives
+    its text model (AutoModelForCausalLM rejects that config)."""
+    from transformers import AutoModelForCausalLM
+
+    if llm_type(path) == "qwen3_vl":
+        llm = load_qwen3vl_text(path, dtype, attn_implementation)
+    else:
+        llm = from_pretrained_strict(AutoModelForCausalLM, path, "LLM", dtype=dtype, attn_implementation=attn_implementation)
+    llm.requires_grad_(False)
+    llm.eval()
+    return llm
+
+
+def load_tokenizer(path: str):
+    """The LLM's tokenizer with its chat template. Multimodal repos (Qwen3-VL) may keep the
+    template beside the processor (chat_template.json / .jinja) rather than in the tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if not getattr(tok, "chat_template", None):
+        for name in ("chat_template.jinja", "chat_template.json"):
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                with open(f, encoding="utf-8") as fh:
+                    tok.chat_template = json.load(fh)["chat_template"] if name.endswith(".json") else fh.read()
+                break
+    return tok
+
+
+def knows_vision_markers(path: str) -> bool:
+    """Image slots are wrapped in <|vision_start|> ... <|vision_end|> by default only for LLMs
+    trained with them (Qwen3-VL); Qwen3 text models have the tokens but never saw them."""
+    return llm_type(path) in ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")
+
+
+# --------------------------------------------------------------------------- summary from configs
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def arch_config(name: str, models_dir: str = "models"):
+    """The transformers config of an id or folder without loading weights: the local folder
+    when present, else the real-size config bundled in configs/<id>.json."""
+    from transformers import AutoConfig
+
+    try:
+        path = resolve_model(name, models_dir)
+    except MissingModel:
+        path = None
+    if path and detect_kind(path) == "vision" and detect_vision_type(path) == MODELSCOPE_CLIP:
+        return load_modelscope_chinese_clip(path).config
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        return AutoConfig.from_pretrained(path)
+    bundled = os.path.join(CONFIGS_DIR, f"{name}.json")
+    if not os.path.isfile(bundled):
+        raise FileNotFoundError(f"no local folder and no bundled config for {name!r}")
+    d = read_json(bundled)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def detect_kind(path: str) -> str:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return "vision"  # ModelScope's Chinese-CLIP layout has no config.json
+    mt = read_json(cfg).get("model_type", "")
+    return "vision" if mt in VISION_TYPES else "llm"
+
+
+def describe(vision: str, llm: str, projector: str = "linear", models_dir: str = "models",
+             feature_layer: int | None = None, feature_select: str | None = None) -> dict[str, Any]:
+    """Feature-token accounting from configs alone (meta device, nothing loaded or downloaded):
+    image tokens, widths, parameters per part, bf16 weight memory."""
+    import transformers
+
+    vcfg, lcfg = arch_config(vision, models_dir), arch_config(llm, models_dir)
+    vcfg = getattr(vcfg, "vision_config", vcfg)  # a dual-tower config: its vision half
+    if getattr(lcfg, "model_type", "") == "qwen3_vl":
+        lcfg = _qwen3vl_text_config_from(lcfg)
+    from model import Projector, VisionTower
+
+    vtype = vcfg.model_type
+    select = feature_select or (REGISTRY[vision].feature_select if vision in REGISTRY else "all")
+    with torch.device("meta"):
+        vmodel = getattr(transformers, VISION_TYPES[vtype][1])(vcfg)
+        lmodel = transformers.AutoModelForCausalLM.from_config(lcfg)
+        tower = VisionTower(vmodel, vtype, feature_layer or -1, select)
+        proj = Projector(projector, vcfg.hidden_size, lcfg.hidden_size)
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    params = {"vision": n(vmodel), "projector": n(proj), "llm": n(lmodel)}
+    return {"vision": vision, "llm": llm, "image_tokens_per_image": tower.num_tokens,
+            "widths": f"D_v={vcfg.hidden_size} -> D_lm={lcfg.hidden_size}", "params": params,
+            "trainable": params["projector"], "bf16_weights_gib": round(sum(params.values()) * 2 / 2**30, 2)}
+
+
+def _qwen3vl_text_config_from(cfg):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg.save_pretrained(d)
+        return qwen3vl_text_config(d)
+
+
