@@ -591,6 +591,10 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     return out
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def collate_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """LEFT-padded prompts for batched generation: every row's last token is its real last token."""
     ids = pad(prompts, pad_id, left=True)

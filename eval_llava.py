@@ -12,6 +12,7 @@ only override where the frozen models live now.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import (IMAGE_PLACEHOLDER, ImageLoader, ImageTransform, PromptFormat, SampleError,
-                     collate_prompts, encode_prompt)
+from dataset import (IMAGE_PLACEHOLDER, ImageLoader, ImageTransform, PromptFormat, SampleError, Stage1Dataset,
+                     caption_messages, collate, collate_prompts, encode_prompt, to_device)
 from model import LlavaStage1, load_checkpoint
 from utils import console
+from utils.metrics import RunLogger
 
 
 @dataclass
@@ -87,6 +89,73 @@ class Assistant:
 
             streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         return self.reply_batch([(image, messages)], streamer=streamer, **kwargs)[0]
+
+
+# --------------------------------------------------------------------------- held-out evaluation (used by training too)
+
+@torch.no_grad()
+def heldout_loss(model: LlavaStage1, ds: Stage1Dataset, n: int = 0, batch_size: int = 16,
+                 num_workers: int = 0) -> dict:
+    """Held-out loss and perplexity over the first n records (a fixed set; 0 = all)."""
+    device = next(model.projector.parameters()).device
+    pad_id = ds.tokenizer.pad_token_id if ds.tokenizer.pad_token_id is not None else 0
+    subset = torch.utils.data.Subset(ds, range(min(n, len(ds)) if n else len(ds)))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=lambda b: collate(b, pad_id))
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for batch in loader:
+        if not batch["size"]:
+            continue
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+        loss_sum += ls.item()
+        tokens += int(nt)
+    model.train(was_training)
+    loss = loss_sum / max(tokens, 1)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+def heldout_items(ds: Stage1Dataset, n: int, instruction: str | None = None):
+    """The first n held-out records as (image, prompt messages) items and reference answers.
+
+    `instruction` replaces the (randomly drawn) instruction of caption records, so scores
+    do not depend on the draw. A record whose image cannot be read is reported and left out.
+    """
+    items, refs = [], []
+    for i in range(min(n, len(ds)) if n else len(ds)):
+        messages = ds.messages(i)
+        if instruction is not None and ds.records[i].caption is not None:
+            messages = caption_messages(ds.records[i].caption, instruction)
+        try:
+            image = ds.loader(ds.records[i].image)
+        except SampleError as e:
+            console.warn(f"held-out record {i} left out: {e}")
+            continue
+        items.append((image, messages[:-1]))
+        refs.append(messages[-1]["content"])
+    return items, refs
+
+
+def caption_exact_match(assistant: Assistant, ds: Stage1Dataset, instruction: str, n: int = 0) -> float:
+    """Share of held-out images whose greedy reply equals the reference exactly (the demo's proof)."""
+    items, refs = heldout_items(ds, n, instruction)
+    replies = assistant.reply_batch(items, max_new_tokens=32)
+    return sum(r == ref for r, ref in zip(replies, refs)) / max(len(refs), 1)
+
+
+def log_sample_replies(assistant: Assistant, ds: Stage1Dataset, n: int, logger: RunLogger | None, step: int) -> None:
+    """Answer a few held-out images and log prompt, reply and reference (and the image)."""
+    items, refs = heldout_items(ds, n)
+    replies = assistant.reply_batch(items, max_new_tokens=64)
+    for k, ((image, msgs), reply, ref) in enumerate(zip(items, replies, refs)):
+        question = msgs[-1]["content"].replace("<image>", "").strip()
+        console.info(f"  [sample {k}] Q: {question} | A: {reply} | ref: {ref}")
+        if logger:
+            logger.text(f"samples/{k}", f"**Q:** {question}\n\n**A:** {reply}\n\n**ref:** {ref}", step)
+            logger.image(f"samples/{k}", np.asarray(image.resize((224, 224))), step)
 
 
 def with_image_placeholder(messages: list[dict]) -> list[dict]:

@@ -6,7 +6,7 @@ a frozen LLM on image-caption (or VQA) data.
         --data_root /data/sa1b_train --eval_data_root /data/sa1b_eval
     torchrun --standalone --nproc-per-node 8 train_stage1.py --model dinov3-qwen3vltext-align \
         --data_format chat --data_root /data/llava-laion-cc-sbu-558k
-    # the Prismatic align plan's own command line works too (see ALIGN_FLAGS)
+    # the Prismatic align plan's own command line works too (see utils/align_plan.py)
 
 The loop reads top to bottom: setup -> data -> model -> optimizer -> loop (micro-steps,
 clip, step, log, eval, checkpoint) -> summary.
@@ -20,7 +20,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in DataLo
 
 import argparse
 import contextlib
-import json
 import math
 import random
 import sys
@@ -31,12 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dataset import (INSTRUCTION_POOLS, EpochSampler, ImageLoader, ImageTransform, PromptFormat, SampleError,
-                     Stage1Dataset, caption_messages, collate, read_records)
-from eval_llava import Assistant
+from dataset import (INSTRUCTION_POOLS, EpochSampler, ImageLoader, ImageTransform, PromptFormat, Stage1Dataset,
+                     collate, read_records, to_device)
+from eval_llava import Assistant, caption_exact_match, heldout_loss, log_sample_replies
 from backbones import PRESETS, MissingModel, resolve_model, vision_defaults
 from model import ModelSpec, Projector, build_model, save_checkpoint
 from utils import console
+from utils.align_plan import translate_align_flags
 from utils.config import add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config
 from utils.dist import all_reduce_sum, barrier, cleanup as cleanup_dist, setup as setup_dist
 from utils.metrics import RunLogger
@@ -109,73 +109,6 @@ DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, l
                      eval_interval=300, eval_samples=200, save_interval=300, instructions="zh",
                      num_workers=1, data_format="sa1b", projector="linear", feature_layer=-1,
                      feature_select="all", feature_post_norm=True)
-
-# The Prismatic align plan's flags (`scripts/pretrain.py --stage align --model.align_* ...`)
-# mapped onto ours, so its command line runs unchanged with train_stage1.py.
-ALIGN_FLAGS = {"--model.type": "--model", "--model.align_epochs": "--epochs",
-               "--model.align_max_steps": "--max_steps", "--model.align_global_batch_size": "--global_batch_size",
-               "--model.align_per_device_batch_size": "--batch_size", "--model.align_learning_rate": "--lr",
-               "--model.align_weight_decay": "--weight_decay", "--model.align_max_grad_norm": "--max_grad_norm",
-               "--model.align_lr_scheduler_type": "--lr_scheduler", "--model.align_warmup_ratio": "--warmup_ratio",
-               "--model.align_train_strategy": "--train_strategy", "--run_id": "--run_name", "--hf_token": "--hf_token"}
-SCHEDULERS = {"linear-warmup+cosine-decay": "cosine", "cosine": "cosine", "constant": "constant"}
-LLAVA_V15_CHAT = os.path.join("download", "llava-laion-cc-sbu-558k")
-
-
-def translate_align_flags(argv: list[str]) -> list[str]:
-    """Rewrite the align plan's dotted flags into ours; refuse what this script cannot do."""
-    pairs, out, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg.split("=", 1)
-            i += 1
-        elif arg.startswith("--") and ("." in arg or arg in ("--stage", "--run_root_dir", "--run_id", "--trackers")) and i + 1 < len(argv):
-            key, value = arg, argv[i + 1]
-            i += 2
-        else:
-            out.append(arg)
-            i += 1
-            continue
-        pairs.append((key, value))
-    dataset_type = dataset_root = None
-    for key, value in pairs:
-        if key == "--stage":
-            if value != "align":
-                raise SystemExit(f"--stage {value}: this script trains stage 1 only (the projector, '--stage align'); "
-                                 "finetuning the LLM is a later stage and not supported here")
-        elif key == "--dataset.type":
-            dataset_type = value
-        elif key == "--dataset.dataset_root_dir":
-            dataset_root = value
-        elif key == "--run_root_dir":
-            out += ["--runs_dir", value, "--checkpoints_dir", value]
-        elif key == "--trackers":
-            names = json.loads(value) if value.strip().startswith("[") else value.split(",")
-            unknown = set(names) - {"jsonl", "tensorboard"}
-            if unknown:
-                raise SystemExit(f"--trackers: {sorted(unknown)} not supported (jsonl, tensorboard)")
-            out += ["--trackers", ",".join(names)]
-        elif key == "--model.align_lr_scheduler_type":
-            if value not in SCHEDULERS:
-                raise SystemExit(f"--model.align_lr_scheduler_type {value}: supported {sorted(SCHEDULERS)}")
-            out += ["--lr_scheduler", SCHEDULERS[value]]
-        elif key == "--model.align_max_steps":
-            out += ["--max_steps", "0" if value in ("None", "null", "") else value]
-        elif key in ALIGN_FLAGS:
-            out += [ALIGN_FLAGS[key], value]
-        elif key.startswith("--") and "." not in key:
-            out += [key, value]
-        else:
-            raise SystemExit(f"{key}: not an align-stage flag this script understands ({', '.join(ALIGN_FLAGS)}, "
-                             "--stage, --dataset.type, --dataset.dataset_root_dir, --run_root_dir, --trackers)")
-    if dataset_type is not None:
-        if dataset_type != "llava-v15":
-            raise SystemExit(f"--dataset.type {dataset_type}: only llava-v15 (a LLaVA chat.json) is an align dataset")
-        root = os.path.join(dataset_root or ".", LLAVA_V15_CHAT)
-        out += ["--data_format", "chat", "--chat_json", os.path.join(root, "chat.json"), "--image_root", root]
-    return out
-
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -260,75 +193,6 @@ def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: 
         for batch in loader:
             yield epoch, batch
         epoch += 1
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-# --------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate(model, ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, device: torch.device) -> dict:
-    """Held-out loss and perplexity over the first `eval_samples` records (a fixed set)."""
-    n = len(ds) if not cfg.eval_samples else min(cfg.eval_samples, len(ds))
-    subset = torch.utils.data.Subset(ds, range(n))
-    loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                         collate_fn=lambda b: collate(b, pad_id))
-    was_training = model.training
-    model.eval()
-    loss_sum, tokens = 0.0, 0
-    for batch in loader:
-        if not batch["size"]:
-            continue
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
-        loss_sum += ls.item()
-        tokens += int(nt)
-    model.train(was_training)
-    loss = loss_sum / max(tokens, 1)
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
-
-
-def heldout_items(ds: Stage1Dataset, n: int, instruction: str | None = None):
-    """The first n held-out records as (image, prompt messages) items and reference answers.
-
-    `instruction` replaces the (randomly drawn) instruction of caption records, so scores
-    do not depend on the draw. A record whose image cannot be read is reported and left out.
-    """
-    items, refs = [], []
-    for i in range(min(n, len(ds)) if n else len(ds)):
-        messages = ds.messages(i)
-        if instruction is not None and ds.records[i].caption is not None:
-            messages = caption_messages(ds.records[i].caption, instruction)
-        try:
-            image = ds.loader(ds.records[i].image)
-        except SampleError as e:
-            console.warn(f"held-out record {i} left out: {e}")
-            continue
-        items.append((image, messages[:-1]))
-        refs.append(messages[-1]["content"])
-    return items, refs
-
-
-def caption_exact_match(assistant: Assistant, ds: Stage1Dataset, instruction: str, n: int = 0) -> float:
-    """Share of held-out images whose greedy reply equals the reference exactly (the demo's proof)."""
-    items, refs = heldout_items(ds, n, instruction)
-    replies = assistant.reply_batch(items, max_new_tokens=32)
-    return sum(r == ref for r, ref in zip(replies, refs)) / max(len(refs), 1)
-
-
-def log_sample_replies(assistant: Assistant, ds: Stage1Dataset, n: int, logger: RunLogger | None, step: int) -> None:
-    """Answer a few held-out images and log prompt, reply and reference (and the image)."""
-    items, refs = heldout_items(ds, n)
-    replies = assistant.reply_batch(items, max_new_tokens=64)
-    for k, ((image, msgs), reply, ref) in enumerate(zip(items, replies, refs)):
-        question = msgs[-1]["content"].replace("<image>", "").strip()
-        console.info(f"  [sample {k}] Q: {question} | A: {reply} | ref: {ref}")
-        if logger:
-            logger.text(f"samples/{k}", f"**Q:** {question}\n\n**A:** {reply}\n\n**ref:** {ref}", step)
-            logger.image(f"samples/{k}", np.asarray(image.resize((224, 224))), step)
 
 
 # --------------------------------------------------------------------------- training
@@ -466,7 +330,7 @@ def train(cfg: TrainConfig) -> dict:
         # ---- evaluate and checkpoint (rank 0; the others wait at the barrier)
         last = step == total_steps
         if dist.is_main and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-            metrics = evaluate(model, eval_ds, cfg, pad_id, device)
+            metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
             tqdm.write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}")
             logger.log(step, metrics)
             log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step)
@@ -492,7 +356,7 @@ def train(cfg: TrainConfig) -> dict:
                     "global_batch": global_batch})
     if dist.is_main:
         if "eval_loss" not in summary:
-            metrics = evaluate(model, eval_ds, cfg, pad_id, device)
+            metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
             summary.update({"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]})
         if cfg.demo:
             summary["heldout_exact_match_after"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
