@@ -291,7 +291,8 @@ def load_qwen3vl_text(path: str, dtype: torch.dtype, attn_implementation: str) -
     return llm
 
 
-def load_llm(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> nn.Module:
+def load_llm(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+             trust_remote_code: bool = False) -> nn.Module:
     """A causal LM from a local directory, frozen and in eval mode. A Qwen3-VL folder gives
     its text model (AutoModelForCausalLM rejects that config)."""
     from transformers import AutoModelForCausalLM
@@ -299,18 +300,19 @@ def load_llm(path: str, dtype: torch.dtype = torch.float32, attn_implementation:
     if llm_type(path) == "qwen3_vl":
         llm = load_qwen3vl_text(path, dtype, attn_implementation)
     else:
-        llm = from_pretrained_strict(AutoModelForCausalLM, path, "LLM", dtype=dtype, attn_implementation=attn_implementation)
+        llm = from_pretrained_strict(AutoModelForCausalLM, path, "LLM", dtype=dtype, attn_implementation=attn_implementation,
+                                     trust_remote_code=trust_remote_code)
     llm.requires_grad_(False)
     llm.eval()
     return llm
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The LLM's tokenizer with its chat template. Multimodal repos (Qwen3-VL) may keep the
     template beside the processor (chat_template.json / .jinja) rather than in the tokenizer."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not getattr(tok, "chat_template", None):
         for name in ("chat_template.jinja", "chat_template.json"):
             f = os.path.join(path, name)

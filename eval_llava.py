@@ -48,8 +48,9 @@ class Assistant:
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "cpu", vision_tower: str | None = None,
-                        llm: str | None = None) -> "Assistant":
-        model, tokenizer, _ = load_checkpoint(path, device, vision_tower=vision_tower, llm=llm)
+                        llm: str | None = None, trust_remote_code: bool = False) -> "Assistant":
+        model, tokenizer, _ = load_checkpoint(path, device, vision_tower=vision_tower, llm=llm,
+                                              trust_remote_code=trust_remote_code)
         model.eval()
         return cls.from_model(model, tokenizer)
 
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when sampling")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model folders to run their own code")
     args = p.parse_args(argv)
     from utils.dist import pick_device
 
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         console.set_stream(sys.stderr)  # stdout carries the reply alone
     device = pick_device(args.device)
     console.info(f"loading {args.checkpoint} on {device} ...")
-    assistant = Assistant.from_checkpoint(args.checkpoint, str(device), args.vision_tower, args.llm)
+    assistant = Assistant.from_checkpoint(args.checkpoint, str(device), args.vision_tower, args.llm,
+                                          args.trust_remote_code)
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if one_shot:
         try:

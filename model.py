@@ -82,8 +82,8 @@ class VisionTower(nn.Module):
         return x                                                     # [B, N, D_v]
 
 
-def load_vision_tower(path: str, feature_layer: int = -1, select: str = "all",
-                      post_norm: bool = False, dtype: torch.dtype = torch.float32) -> VisionTower:
+def load_vision_tower(path: str, feature_layer: int = -1, select: str = "all", post_norm: bool = False,
+                      dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> VisionTower:
     import transformers
 
     model_type = detect_vision_type(path)
@@ -91,7 +91,7 @@ def load_vision_tower(path: str, feature_layer: int = -1, select: str = "all",
         model = load_modelscope_chinese_clip(path, dtype)
     else:
         cls = getattr(transformers, VISION_TYPES[model_type][1])
-        model = from_pretrained_strict(cls, path, "vision tower", dtype=dtype)
+        model = from_pretrained_strict(cls, path, "vision tower", dtype=dtype, trust_remote_code=trust_remote_code)
     return VisionTower(model, model_type, feature_layer, select, post_norm)
 
 
@@ -288,7 +288,8 @@ def ensure_image_token(tokenizer, token: str) -> int:
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtype: torch.dtype | None = None,
-                attn_implementation: str = "sdpa", models_dir: str = "models") -> tuple[LlavaStage1, Any]:
+                attn_implementation: str = "sdpa", models_dir: str = "models",
+                trust_remote_code: bool = False) -> tuple[LlavaStage1, Any]:
     """Load the frozen parts from local directories and create the projector.
 
     Frozen weights are stored in bf16 on CUDA (half the memory, full tensor-core speed) and
@@ -303,7 +304,7 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtyp
     spec.vision_path = _locate(spec.vision_tower, spec.vision_path, models_dir)
     spec.llm_path = _locate(spec.llm, spec.llm_path, models_dir)
     vision = load_vision_tower(spec.vision_path, spec.feature_layer, spec.feature_select,
-                               spec.feature_post_norm, frozen_dtype)
+                               spec.feature_post_norm, frozen_dtype, trust_remote_code)
     spec.vision_type = detect_vision_type(spec.vision_path)
     spec.vision_hidden_size, spec.num_image_tokens = vision.hidden_size, vision.num_tokens
     # ModelScope's Chinese-CLIP pipeline resizes straight to 224x224 (no crop).
@@ -311,8 +312,8 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtyp
     spec.image_transform = ImageTransform.from_pretrained(spec.vision_path, vision.image_size, mode).to_dict()
     if spec.image_wrap is None:
         spec.image_wrap = knows_vision_markers(spec.llm_path)
-    llm = load_llm(spec.llm_path, frozen_dtype, attn_implementation)
-    tokenizer = load_tokenizer(spec.llm_path)
+    llm = load_llm(spec.llm_path, frozen_dtype, attn_implementation, trust_remote_code)
+    tokenizer = load_tokenizer(spec.llm_path, trust_remote_code)
     spec.llm_hidden_size = llm.config.hidden_size
     image_token_id = ensure_image_token(tokenizer, spec.image_token)
     projector = Projector(spec.projector, spec.vision_hidden_size, spec.llm_hidden_size)
@@ -370,7 +371,8 @@ def load_projector_weights(model: LlavaStage1, path: str) -> None:
     from safetensors.torch import load_file
 
     state = load_file(checkpoint_file(path), device="cpu")
-    missing, unexpected = model.projector.load_state_dict(state, strict=False)
+    projector = getattr(model.projector, "module", model.projector)  # unwrap DDP
+    missing, unexpected = projector.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{path}: projector keys do not match; missing={missing} unexpected={unexpected}")
 

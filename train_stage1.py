@@ -22,6 +22,8 @@ import argparse
 import contextlib
 import math
 import random
+import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -34,10 +36,12 @@ from dataset import (INSTRUCTION_POOLS, EpochSampler, ImageLoader, ImageTransfor
                      collate, read_records, to_device)
 from eval_llava import Assistant, caption_exact_match, heldout_loss, log_sample_replies
 from backbones import PRESETS, MissingModel, resolve_model, vision_defaults
-from model import ModelSpec, Projector, build_model, save_checkpoint
+from model import ModelSpec, Projector, build_model, load_projector_weights, read_checkpoint_meta, save_checkpoint
 from utils import console
 from utils.align_plan import translate_align_flags
-from utils.config import add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config
+from utils.checkpoint import (capture_rng, find_latest, is_complete, load_state, restore_rng, save_state, save_step,
+                              step_dirs)
+from utils.config import add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config, redacted
 from utils.dist import all_reduce_sum, barrier, cleanup as cleanup_dist, setup as setup_dist
 from utils.metrics import RunLogger
 
@@ -96,7 +100,12 @@ class TrainConfig:
     eval_interval: int = _f(200, "steps between held-out evaluations")
     eval_samples: int = _f(500, "held-out samples per evaluation (0 = all)")
     sample_replies: int = _f(4, "held-out images answered and logged at each evaluation")
-    save_interval: int = _f(100, "steps between checkpoints")
+    save_interval: int = _f(100, "steps between checkpoints (the align plan's 100)")
+    keep_last: int = _f(3, "keep the newest K step checkpoints (0 = all)")
+    resume: str = _f("", "'auto': continue from the newest complete checkpoint of --run_name; or a checkpoint path")
+    overwrite: bool = _f(False, "delete an existing run of the same name and start over")
+    max_nonfinite: int = _f(10, "abort after this many non-finite losses/gradients in a row (each is skipped)")
+    trust_remote_code: bool = _f(False, "allow model folders to run their own Python code (off: never)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     train_strategy: str = _f("ddp", "several processes: DDP over the projector (frozen parts replicated, never wrapped)",
                              choices=["ddp", "fsdp-shard-grad-op", "fsdp-full-shard"])
@@ -181,18 +190,62 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: Ima
     return train_ds, eval_ds, skipped
 
 
-def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: int, epoch: int = 0):
-    """Endless (epoch, batch) stream; each epoch reshuffles with (seed, epoch)."""
+def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: int, epoch: int = 0, start: int = 0):
+    """Endless (epoch, batches consumed in this epoch, batch) stream. Each epoch reshuffles with
+    (seed, epoch); `start` skips batches already trained on, so a resume continues exactly."""
     while True:
         ds.set_epoch(epoch)
-        sampler = EpochSampler(len(ds), cfg.seed, epoch, rank, world)
+        sampler = EpochSampler(len(ds), cfg.seed, epoch, rank, world, start=start * cfg.batch_size)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
             collate_fn=lambda b: collate(b, pad_id), pin_memory=torch.cuda.is_available(), drop_last=True,
-            persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
+            prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=_ignore_sigint)
+        for i, batch in enumerate(loader, start=start + 1):
+            yield epoch, i, batch
+        epoch, start = epoch + 1, 0
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C is the main process's to handle (finish the step, save); workers must not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM ask the loop to finish its step, save and exit; a second Ctrl-C is immediate."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                     "(Ctrl-C again to quit at once)")
+
+
+def prepare_run_folder(cfg: TrainConfig, run_name: str, ckpt_dir: str, run_dir: str) -> str | None:
+    """The checkpoint to resume from, if any; refuses to mix two runs in one folder."""
+    if cfg.resume and cfg.resume != "auto":
+        path = cfg.resume if is_complete(cfg.resume) else find_latest(cfg.resume)
+        if not path:
+            raise SystemExit(f"--resume {cfg.resume}: no complete checkpoint there")
+        return path
+    existing = find_latest(ckpt_dir)
+    if cfg.resume == "auto":
+        if not existing:
+            console.warn(f"--resume auto: no checkpoint in {ckpt_dir}; starting from scratch")
+        return existing
+    if cfg.overwrite:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif step_dirs(ckpt_dir):
+        raise SystemExit(f"{ckpt_dir} already holds checkpoints of a run named '{run_name}' "
+                         f"(latest: {existing}). Continue it with --resume auto, start over with --overwrite, "
+                         "or pick another --run_name.")
+    return None
 
 
 # --------------------------------------------------------------------------- training
@@ -211,8 +264,11 @@ def train(cfg: TrainConfig) -> dict:
         vision_path, llm_path = resolve_models(cfg)
     except (MissingModel, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
-    run_name = cfg.run_name or time.strftime("stage1_%Y%m%d_%H%M%S")
+    run_name = cfg.run_name or (_run_of(cfg.resume) if cfg.resume not in ("", "auto") else "") \
+        or time.strftime("stage1_%Y%m%d_%H%M%S")
     run_dir, ckpt_dir = os.path.join(cfg.runs_dir, run_name), os.path.join(cfg.checkpoints_dir, run_name)
+    resume_from = prepare_run_folder(cfg, run_name, ckpt_dir, run_dir)
+    barrier()  # rank 0 may have just deleted an old run (--overwrite)
     grad_accum = cfg.grad_accum
     if cfg.global_batch_size:
         per_step = cfg.batch_size * dist.world_size
@@ -220,16 +276,17 @@ def train(cfg: TrainConfig) -> dict:
             raise SystemExit(f"--global_batch_size {cfg.global_batch_size} is not a multiple of "
                              f"batch_size {cfg.batch_size} x {dist.world_size} processes")
         grad_accum = cfg.global_batch_size // per_step
-    print_config(cfg, f"stage-1 config (run {run_name})")
+    print_config(redacted(cfg), f"stage-1 config (run {run_name})")
     if dist.is_main:
-        dump_json(cfg, os.path.join(run_dir, "config.json"))
+        dump_json(redacted(cfg), os.path.join(run_dir, "config.json"))
 
     # ---- model
     spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
                      feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
                      feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap,
                      vision_path=vision_path, llm_path=llm_path)
-    model, tokenizer = build_model(spec, device, attn_implementation=cfg.attn, models_dir=cfg.models_dir)
+    model, tokenizer = build_model(spec, device, attn_implementation=cfg.attn, models_dir=cfg.models_dir,
+                                   trust_remote_code=cfg.trust_remote_code)
     model.assert_only_projector_trainable()
     console.header("model")
     for k, v in model.summary().items():
@@ -265,38 +322,49 @@ def train(cfg: TrainConfig) -> dict:
     warmup = int(total_steps * cfg.warmup_ratio)
     scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if cfg.lr_scheduler == "cosine"
                  else get_constant_schedule_with_warmup(optimizer, warmup))
-    logger = RunLogger(run_dir, tuple(cfg.trackers.split(","))) if dist.is_main else None
 
-    summary: dict = {"run": run_name, "run_dir": run_dir}
-    if cfg.demo and dist.is_main:
+    # ---- resume: weights, optimizer, schedule, data position and RNG exactly as they were
+    state = {"step": 0, "epoch": 0, "positions": [0] * dist.world_size, "losses": [], "skipped": {},
+             "summary": {}, "nonfinite_steps": 0}
+    if resume_from:
+        state = restore_training_state(resume_from, model, optimizer, scheduler, dist)
+        console.success(f"resumed from {resume_from} at step {state['step']}")
+    skipped.update(state["skipped"] if dist.is_main else {})
+    logger = RunLogger(run_dir, tuple(cfg.trackers.split(",")), purge_after=state["step"]) if dist.is_main else None
+
+    summary: dict = {"run": run_name, "run_dir": run_dir, **state["summary"]}
+    if cfg.demo and dist.is_main and "heldout_exact_match_before" not in summary:
         summary["heldout_exact_match_before"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
         console.kv("held-out exact match (before)", f"{summary['heldout_exact_match_before']:.3f}")
 
     # ---- loop
     from tqdm import tqdm
 
-    stream = batches(train_ds, cfg, pad_id, dist.rank, dist.world_size)
+    stream = batches(train_ds, cfg, pad_id, dist.rank, dist.world_size, state["epoch"], state["positions"][dist.rank])
     model.train()
-    losses: list[float] = []
+    losses: list[float] = state["losses"]
+    nonfinite, in_a_row = state["nonfinite_steps"], 0
     checkpoint = ""
+    stop = StopRequest()
     t_start = time.time()
     # In a terminal the bar redraws in place; in a log file it would add a line per step.
-    bar = tqdm(total=total_steps, desc="stage 1", unit="step", disable=not dist.is_main, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 60.0)
-    for step in range(1, total_steps + 1):
+    bar = tqdm(total=total_steps, initial=state["step"], desc="stage 1", unit="step", disable=not dist.is_main,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 60.0)
+    for step in range(state["step"] + 1, total_steps + 1):
         t0 = time.time()
         # Micro-batches of this step, fetched first so the loss can be normalised by the
         # supervised-token count of the whole global step (a mean over tokens, not batches).
         micro = []
         while len(micro) < grad_accum:
-            epoch, batch = next(stream)
+            epoch, position, batch = next(stream)
             skipped.update(batch["skipped"])
             if batch["size"]:
                 micro.append(to_device(batch, device))
+        # One all-reduce carries the step's counts and whether any rank was asked to stop.
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                               sum(b["size"] for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
-                              dtype=torch.float64, device=device)
-        n_tokens, n_samples, n_seq_tokens = all_reduce_sum(counts).tolist()
+                               sum(b["size"] for b in micro), sum(int(b["attention_mask"].sum()) for b in micro),
+                               float(stop.requested)], dtype=torch.float64, device=device)
+        n_tokens, n_samples, n_seq_tokens, stopping = all_reduce_sum(counts).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, b in enumerate(micro):
             # DDP averages gradients over ranks; the world-size factor turns that into the
@@ -307,17 +375,28 @@ def train(cfg: TrainConfig) -> dict:
                 (ls * dist.world_size / n_tokens).backward()
             loss_sum += ls.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        optimizer.step()
+        loss = all_reduce_sum(loss_sum).item() / max(n_tokens, 1)
+        if math.isfinite(loss) and math.isfinite(float(grad_norm)):
+            optimizer.step()
+            in_a_row = 0
+        else:
+            # A non-finite loss or gradient would poison AdamW's moments: skip the update
+            # (the schedule still advances), count it, and stop if it keeps happening.
+            nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+            console.warn(f"step {step}: non-finite loss {loss} / grad norm {float(grad_norm)}; update skipped "
+                         f"({in_a_row} in a row, limit {cfg.max_nonfinite})")
+            if in_a_row >= cfg.max_nonfinite:
+                raise SystemExit(f"{in_a_row} non-finite steps in a row at step {step}: lower --lr, check the data "
+                                 f"(skipped: {dict(skipped)}), or resume from {find_latest(ckpt_dir)}")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # ---- log
         dt = time.time() - t0
-        loss = all_reduce_sum(loss_sum).item() / max(n_tokens, 1)
         losses.append(loss)
         scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[0],
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
-                   "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch}
+                   "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch, "train/nonfinite_steps": nonfinite}
         if logger:
             logger.log(step, scalars)
         bar.update(1)
@@ -327,7 +406,7 @@ def train(cfg: TrainConfig) -> dict:
             tqdm.write(f"step {step}/{total_steps} | loss {sum(window) / len(window):.4f} | lr {scalars['train/lr']:.2e} "
                        f"| grad {float(grad_norm):.3f} | {scalars['train/samples_per_s']:.1f} samples/s")
 
-        # ---- evaluate and checkpoint (rank 0; the others wait at the barrier)
+        # ---- evaluate and checkpoint (rank 0 evaluates; the others wait in the next all-reduce)
         last = step == total_steps
         if dist.is_main and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
             metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
@@ -335,12 +414,19 @@ def train(cfg: TrainConfig) -> dict:
             logger.log(step, metrics)
             log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step)
             summary.update({"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]})
-        if dist.is_main and (step % cfg.save_interval == 0 or last):
-            checkpoint = save_checkpoint(model, os.path.join(ckpt_dir, f"step_{step:06d}"),
-                                         {"step": step, "run": run_name, "train_config": vars(cfg)})
-            checkpoint = os.path.dirname(checkpoint)
-        if dist.enabled and (last or step % cfg.save_interval == 0 or (cfg.eval_interval and step % cfg.eval_interval == 0)):
-            barrier()
+        if step % cfg.save_interval == 0 or last or stopping:
+            train_state = {"step": step, "epoch": epoch, "losses": losses, "nonfinite_steps": nonfinite,
+                           "summary": {k: v for k, v in summary.items() if k.startswith(("heldout", "eval"))}}
+            checkpoint = save_training_checkpoint(model, optimizer, scheduler, ckpt_dir, train_state, position,
+                                                  skipped, cfg, run_name, dist)
+        if stopping and not last:
+            bar.close()
+            if dist.is_main:
+                argv = " ".join(sys.argv[1:]) or "..."
+                console.warn(f"stopped at step {step}; checkpoint {checkpoint}. Continue with:\n"
+                             f"  python train_stage1.py {argv} --run_name {run_name} --resume auto")
+            cleanup_dist()
+            return {**summary, "interrupted": True, "steps": step, "checkpoint": checkpoint}
     bar.close()
 
     # ---- summary
@@ -351,7 +437,8 @@ def train(cfg: TrainConfig) -> dict:
         skipped = sum((Counter(p) for p in parts), Counter())
     window = losses[-min(cfg.log_interval, len(losses)):]
     summary.update({"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(window) / len(window),
-                    "skipped": dict(skipped), "checkpoint": checkpoint, "train_seconds": round(elapsed, 1),
+                    "skipped": dict(skipped), "nonfinite_steps": nonfinite, "checkpoint": checkpoint,
+                    "train_seconds": round(elapsed, 1),
                     "samples_per_s": round(total_steps * global_batch / elapsed, 2), "world_size": dist.world_size,
                     "global_batch": global_batch})
     if dist.is_main:
@@ -371,6 +458,59 @@ def train(cfg: TrainConfig) -> dict:
         console.info(f"curves:        tensorboard --logdir {cfg.runs_dir}")
     cleanup_dist()
     return summary
+
+
+def _run_of(path: str) -> str:
+    """The run name stored in a checkpoint (for --resume PATH without --run_name)."""
+    try:
+        return read_checkpoint_meta(path if is_complete(path) else (find_latest(path) or path)).get("run", "")
+    except (FileNotFoundError, ValueError):
+        return ""
+
+
+def gather(obj, dist) -> list:
+    if not dist.enabled:
+        return [obj]
+    out = [None] * dist.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def save_training_checkpoint(model, optimizer, scheduler, ckpt_dir: str, state: dict, position: int,
+                             skipped: Counter, cfg: TrainConfig, run_name: str, dist) -> str:
+    """Projector + everything needed to continue bit-exactly: optimizer, schedule, step, data
+    position and RNG of every rank. Rank 0 writes; the others contribute their part."""
+    per_rank = gather({"position": position, "rng": capture_rng(), "skipped": dict(skipped)}, dist)
+    if not dist.is_main:
+        return ""
+    total_skipped = sum((Counter(p["skipped"]) for p in per_rank), Counter())
+
+    def write(folder: str) -> None:
+        save_checkpoint(model, folder, {"step": state["step"], "run": run_name, "train_config": redacted(cfg)})
+        save_state(folder, {**state, "positions": [p["position"] for p in per_rank],
+                            "rng": [p["rng"] for p in per_rank], "skipped": dict(total_skipped),
+                            "world_size": dist.world_size, "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict()})
+
+    return save_step(ckpt_dir, state["step"], write, cfg.keep_last)
+
+
+def restore_training_state(path: str, model, optimizer, scheduler, dist) -> dict:
+    state = load_state(path)
+    load_projector_weights(model, path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["world_size"] == dist.world_size:
+        restore_rng(state["rng"][dist.rank])
+    else:
+        # Another process count: the data order per rank differs, so the run continues
+        # from the same step and epoch but not bit-exactly.
+        console.warn(f"checkpoint was written by {state['world_size']} processes, now {dist.world_size}: "
+                     "resuming at the epoch start of the same step, not bit-exact")
+        state["positions"] = [min(state["positions"]) * state["world_size"] // dist.world_size] * dist.world_size
+    if not dist.is_main:
+        state["skipped"] = {}
+    return state
 
 
 def show_first_sample(ds: Stage1Dataset, tokenizer) -> None:
@@ -395,4 +535,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(130 if main().get("interrupted") else 0)

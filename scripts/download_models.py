@@ -23,12 +23,15 @@ from backbones import PRESETS, REGISTRY  # noqa: E402
 
 
 def read_hf_token(spec: str | None) -> str | None:
-    """A token file path, or the name of an environment variable; None when neither exists."""
+    """A token file path, or the name of an environment variable; None when neither exists.
+    A token typed directly (hf_...) works too, but lands in shell history: prefer the file."""
     if not spec:
         return None
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8") as fh:
             return fh.read().strip() or None
+    if spec.startswith("hf_") and spec not in os.environ:
+        return spec
     return os.environ.get(spec) or None
 
 

@@ -64,7 +64,7 @@ def print_config(obj: Any, title: str = "config") -> None:
     from utils import console
 
     console.header(title)
-    for k, v in to_dict(obj).items():
+    for k, v in (to_dict(obj) if dataclasses.is_dataclass(obj) else obj).items():
         console.kv(k, v)
 
 
@@ -83,3 +83,20 @@ def dump_json(obj: Any, path: str) -> None:
     if dataclasses.is_dataclass(obj):
         obj = to_dict(obj)
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+SECRET_FIELDS = ("hf_token",)
+_ENV_NAME = __import__("re").compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def redacted(obj: Any) -> dict[str, Any]:
+    """The config as a dict, safe to print, save and log: a secret field keeps its value only
+    when that is a file path or an environment-variable NAME (where the secret lives), never
+    when it looks like the secret itself."""
+    d = to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    for key in SECRET_FIELDS:
+        value = d.get(key)
+        if value and not (os.path.exists(value) or value == ".hf_token" or
+                          (_ENV_NAME.match(value) and not value.startswith("hf_"))):
+            d[key] = "<redacted>"
+    return d

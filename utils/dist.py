@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -47,7 +48,9 @@ def setup(device_flag: str = "auto") -> DistInfo:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            # Rank 0 evaluates and saves while the others wait in a collective: allow an hour.
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=60))
     return DistInfo(rank, local_rank, world_size, device)
 
 

@@ -17,15 +17,23 @@ class RunLogger:
     Only rank 0 should construct one.
     """
 
-    def __init__(self, run_dir: str, trackers: tuple[str, ...] = ("jsonl", "tensorboard")):
+    def __init__(self, run_dir: str, trackers: tuple[str, ...] = ("jsonl", "tensorboard"), purge_after: int | None = None):
+        """purge_after: a resumed run drops what the interrupted one logged after this step
+        (it will be logged again), so every step appears once in both sinks."""
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if "jsonl" in trackers else None
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if purge_after is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= purge_after]
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.writelines(keep)
+        self._jsonl = open(path, "a", encoding="utf-8") if "jsonl" in trackers else None
         self._tb = None
         if "tensorboard" in trackers:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(run_dir)
+            self._tb = SummaryWriter(run_dir, purge_step=None if purge_after is None else purge_after + 1)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if self._jsonl is not None:

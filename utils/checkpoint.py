@@ -1,0 +1,109 @@
+"""Training-state checkpoints: atomic step folders, a `latest` pointer, rotation, RNG state.
+
+    checkpoints/<run>/step_000100/   projector.safetensors (+ model_spec.json)  trainer_state.pt
+    checkpoints/<run>/latest         "step_000100", written only after that folder is complete
+
+A folder is written under a temporary name and renamed when complete, and the pointer is
+replaced after that, so `kill -9` at any moment (a save included) leaves the previous
+checkpoint intact and findable. trainer_state.pt holds only tensors and plain Python values
+and is read with weights_only=True: loading it runs no pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from typing import Callable
+
+import numpy as np
+import torch
+
+from utils.config import atomic_write_text
+
+STATE_FILE = "trainer_state.pt"
+WEIGHTS_FILE = "projector.safetensors"
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, WEIGHTS_FILE)) and os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def step_dirs(ckpt_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the step folders, oldest first; temporary folders are not listed."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(ckpt_dir, n)) for n in os.listdir(ckpt_dir) if (m := STEP_DIR.match(n))]
+    return sorted(found)
+
+
+def save_step(ckpt_dir: str, step: int, write: Callable[[str], None], keep_last: int = 0) -> str:
+    """Write one checkpoint with `write(folder)`, commit it by renaming, point `latest` at it,
+    then drop all but the newest `keep_last` (0 keeps all)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    name = f"step_{step:06d}"
+    final = os.path.join(ckpt_dir, name)
+    tmp = os.path.join(ckpt_dir, f".{name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.isdir(final):  # the same step saved again (an interrupt right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(os.path.join(ckpt_dir, "latest"), name + "\n")
+    if keep_last > 0:
+        for _, old in step_dirs(ckpt_dir)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_latest(ckpt_dir: str) -> str | None:
+    """The checkpoint `latest` names if it is complete, else the newest complete step folder."""
+    pointer = os.path.join(ckpt_dir, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as fh:
+            named = os.path.join(ckpt_dir, fh.read().strip())
+        if is_complete(named):
+            return named
+    for _, path in reversed(step_dirs(ckpt_dir)):
+        if is_complete(path):
+            return path
+    return None
+
+
+def capture_rng() -> dict:
+    """Every RNG the loop could touch, as tensors and plain values (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {"python": _to_plain(random.getstate()), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(x):
+    return [_to_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def save_state(folder: str, state: dict) -> None:
+    torch.save(state, os.path.join(folder, STATE_FILE))
+
+
+def load_state(folder: str) -> dict:
+    return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
