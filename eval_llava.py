@@ -44,7 +44,9 @@ class Assistant:
         spec = model.spec
         fmt = PromptFormat.build(tokenizer, spec.image_token, spec.num_image_tokens, spec.image_wrap,
                                  spec.chat_template_kwargs)
-        return cls(model, tokenizer, fmt, ImageTransform.from_dict(spec.image_transform), loader or ImageLoader())
+        transform = ImageTransform.from_dict(spec.image_transform)
+        # The same loader settings as training (draft-mode JPEG decoding to the tower's size).
+        return cls(model, tokenizer, fmt, transform, loader or ImageLoader(draft=transform.size))
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "cpu", vision_tower: str | None = None,

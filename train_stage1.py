@@ -185,8 +185,9 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: Ima
     common = dict(tokenizer=tokenizer, fmt=fmt, transform=transform, max_text_len=cfg.max_text_len,
                   instructions=cfg.instructions, seed=cfg.seed)
     cache = cfg.image_cache or None
-    train_ds = Stage1Dataset(records, loader=ImageLoader(root, cache_dir=cache), **common)
-    eval_ds = Stage1Dataset(eval_records, loader=ImageLoader(eval_root, cache_dir=cache), **common)
+    draft = transform.size  # JPEG draft decoding down to (no less than) the tower's input
+    train_ds = Stage1Dataset(records, loader=ImageLoader(root, cache_dir=cache, draft=draft), **common)
+    eval_ds = Stage1Dataset(eval_records, loader=ImageLoader(eval_root, cache_dir=cache, draft=draft), **common)
     return train_ds, eval_ds, skipped
 
 
@@ -344,6 +345,7 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     losses: list[float] = state["losses"]
     nonfinite, in_a_row = state["nonfinite_steps"], 0
+    truncated = state.get("truncated", 0)
     checkpoint = ""
     stop = StopRequest()
     t_start = time.time()
@@ -358,6 +360,7 @@ def train(cfg: TrainConfig) -> dict:
         while len(micro) < grad_accum:
             epoch, position, batch = next(stream)
             skipped.update(batch["skipped"])
+            truncated += batch["truncated"]
             if batch["size"]:
                 micro.append(to_device(batch, device))
         # One all-reduce carries the step's counts and whether any rank was asked to stop.
@@ -418,7 +421,7 @@ def train(cfg: TrainConfig) -> dict:
             train_state = {"step": step, "epoch": epoch, "losses": losses, "nonfinite_steps": nonfinite,
                            "summary": {k: v for k, v in summary.items() if k.startswith(("heldout", "eval"))}}
             checkpoint = save_training_checkpoint(model, optimizer, scheduler, ckpt_dir, train_state, position,
-                                                  skipped, cfg, run_name, dist)
+                                                  skipped, truncated, cfg, run_name, dist)
         if stopping and not last:
             bar.close()
             if dist.is_main:
@@ -431,13 +434,13 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- summary
     elapsed = time.time() - t_start
-    if dist.enabled:  # every rank skipped its own samples
-        parts = [None] * dist.world_size
-        torch.distributed.all_gather_object(parts, dict(skipped))
-        skipped = sum((Counter(p) for p in parts), Counter())
+    parts = gather((dict(skipped), truncated), dist)  # every rank skipped and truncated its own samples
+    skipped = sum((Counter(p[0]) for p in parts), Counter())
+    truncated = sum(p[1] for p in parts)
     window = losses[-min(cfg.log_interval, len(losses)):]
     summary.update({"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(window) / len(window),
-                    "skipped": dict(skipped), "nonfinite_steps": nonfinite, "checkpoint": checkpoint,
+                    "skipped": dict(skipped), "truncated_answers": truncated, "nonfinite_steps": nonfinite,
+                    "checkpoint": checkpoint,
                     "train_seconds": round(elapsed, 1),
                     "samples_per_s": round(total_steps * global_batch / elapsed, 2), "world_size": dist.world_size,
                     "global_batch": global_batch})
@@ -477,10 +480,11 @@ def gather(obj, dist) -> list:
 
 
 def save_training_checkpoint(model, optimizer, scheduler, ckpt_dir: str, state: dict, position: int,
-                             skipped: Counter, cfg: TrainConfig, run_name: str, dist) -> str:
+                             skipped: Counter, truncated: int, cfg: TrainConfig, run_name: str, dist) -> str:
     """Projector + everything needed to continue bit-exactly: optimizer, schedule, step, data
     position and RNG of every rank. Rank 0 writes; the others contribute their part."""
-    per_rank = gather({"position": position, "rng": capture_rng(), "skipped": dict(skipped)}, dist)
+    per_rank = gather({"position": position, "rng": capture_rng(), "skipped": dict(skipped),
+                       "truncated": truncated}, dist)
     if not dist.is_main:
         return ""
     total_skipped = sum((Counter(p["skipped"]) for p in per_rank), Counter())
@@ -489,6 +493,7 @@ def save_training_checkpoint(model, optimizer, scheduler, ckpt_dir: str, state: 
         save_checkpoint(model, folder, {"step": state["step"], "run": run_name, "train_config": redacted(cfg)})
         save_state(folder, {**state, "positions": [p["position"] for p in per_rank],
                             "rng": [p["rng"] for p in per_rank], "skipped": dict(total_skipped),
+                            "truncated": sum(p["truncated"] for p in per_rank),
                             "world_size": dist.world_size, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict()})
 
@@ -508,8 +513,8 @@ def restore_training_state(path: str, model, optimizer, scheduler, dist) -> dict
         console.warn(f"checkpoint was written by {state['world_size']} processes, now {dist.world_size}: "
                      "resuming at the epoch start of the same step, not bit-exact")
         state["positions"] = [min(state["positions"]) * state["world_size"] // dist.world_size] * dist.world_size
-    if not dist.is_main:
-        state["skipped"] = {}
+    if not dist.is_main:  # totals live on rank 0; the others count afresh
+        state["skipped"], state["truncated"] = {}, 0
     return state
 
 
