@@ -111,3 +111,22 @@ def test_align_flags_refuse_what_cannot_be_done(extra, message):
 def test_typed_flags_override_a_preset():
     cfg = train_stage1.parse_args(["--model", "clip-zh-qwen3-0.6b", "--lr", "1e-4", "--projector", "mlp2x_gelu"])
     assert (cfg.lr, cfg.projector, cfg.batch_size, cfg.max_samples) == (1e-4, "mlp2x_gelu", 16, 100_000)
+
+
+def test_summary_of_every_preset_from_bundled_configs(tmp_path):
+    """Token accounting works before any download: real-size configs ship in configs/."""
+    from backbones import describe
+
+    for name, preset in PRESETS.items():
+        s = describe(preset["vision_tower"], preset["llm"], preset["projector"], models_dir=str(tmp_path))
+        d_v, d_lm = (int(x.split("=")[1]) for x in s["widths"].split(" -> "))
+        per_proj = d_v * d_lm + d_lm if preset["projector"] == "linear" else d_v * d_lm + d_lm + d_lm * d_lm + d_lm
+        assert s["trainable"] == s["params"]["projector"] == per_proj, name
+    course = describe("clip-vit-b16-zh", "qwen3-0.6b", "linear", models_dir=str(tmp_path))
+    assert course["image_tokens_per_image"] == 197 and course["widths"] == "D_v=768 -> D_lm=1024"
+    assert 0.55e9 < course["params"]["llm"] < 0.65e9          # Qwen3-0.6B, tied embeddings
+    assert describe("clip-vit-l14-336", "qwen3-1.7b", models_dir=str(tmp_path))["image_tokens_per_image"] == 576
+    assert describe("dinov3-vitb16", "qwen3vl-2b-text", models_dir=str(tmp_path))["image_tokens_per_image"] == 196
+    assert describe("siglip-so400m-384", "qwen3vl-4b-text", models_dir=str(tmp_path))["image_tokens_per_image"] == 729
+    for model_id in REGISTRY:
+        assert os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{model_id}.json"))
