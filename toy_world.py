@@ -9,6 +9,7 @@ in the same on-disk formats as the real thing:
 - a tiny CLIPVisionModel + CLIPImageProcessor config -> models/toy/vision
 - a shapes world (6 colours x 4 shapes x 3 positions = 72 captions), written as
   SA1B-Dense-Caption parquet (`url`, `cap_seg`) and as a LLaVA chat.json -> data/toy/{train,eval}
+- a toy VQA v2 val split in the official schema (colour/shape/position questions) -> data/toy/vqa
 
 The frozen LM must read its context, as a real LLM does: a tiny LM trained on captions alone
 ignores the image slots, and then no projector can lower the stage-1 loss. So its prior is
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 COLORS = {"红色": (220, 45, 45), "绿色": (45, 175, 60), "蓝色": (45, 85, 230),
           "黄色": (235, 205, 40), "紫色": (150, 60, 200), "青色": (40, 200, 205)}
@@ -46,6 +47,11 @@ SHAPES = ["圆形", "正方形", "三角形", "十字形"]
 POSITIONS = ["左边", "中间", "右边"]
 CAPTION = "{position}有一个{color}的{shape}。"
 COMBOS = list(itertools.product(COLORS, SHAPES, POSITIONS))        # 72
+# Toy VQA: one question per attribute, answered by one word. The LM's prior also covers these,
+# so a projector aligned on captions alone answers them: the demo's VQA check.
+VQA_QUESTIONS = {"color": ("什么颜色？", "what color is the"), "shape": ("什么形状？", "what is the"),
+                 "position": ("在哪里？", "where is the")}
+VQA_TEMPLATE = "<image>\n{question}"   # convert_vqa.py --template for the toy set
 
 # Qwen3's published chat template (Qwen3-0.6B/1.7B/4B...), stored verbatim so the toy LM
 # renders prompts exactly as the real one does (including the empty think block).
@@ -196,6 +202,9 @@ def _cosine(peak: float, step: int, total: int, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
+_ENCODED: dict = {}
+
+
 def _prior_batch(tok, fmt, rng: random.Random, batch: int, max_text_len: int = 64):
     """Stage-1 prompts whose image slots hold the attribute words in random slots."""
     from dataset import INSTRUCTION_POOLS, caption_messages, encode_conversation
@@ -204,8 +213,17 @@ def _prior_batch(tok, fmt, rng: random.Random, batch: int, max_text_len: int = 6
     rows, labels = [], []
     for _ in range(batch):
         color, shape, position = rng.choice(COMBOS)
-        ids, lab = encode_conversation(tok, fmt, caption_messages(caption_of(color, shape, position),
-                                                                  rng.choice(pool)), max_text_len)
+        if rng.random() < 0.3:  # a toy VQA question about one attribute
+            kind = rng.choice(list(VQA_QUESTIONS))
+            answer = {"color": color, "shape": shape, "position": position}[kind]
+            question = VQA_TEMPLATE.replace("{question}", VQA_QUESTIONS[kind][0])
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        else:
+            messages = caption_messages(caption_of(color, shape, position), rng.choice(pool))
+        key = (id(tok), fmt.num_image_tokens, max_text_len, *(m["content"] for m in messages))
+        if key not in _ENCODED:  # ~400 distinct conversations: render each chat template once
+            _ENCODED[key] = encode_conversation(tok, fmt, messages, max_text_len)
+        ids, lab = (list(x) for x in _ENCODED[key])
         slots = [i for i, t in enumerate(ids) if t == fmt.image_token_id]
         words = [tok.encode(w, add_special_tokens=False)[0] for w in (color, shape, position)]
         for pos, word in zip(rng.sample(slots, len(words)), words):
@@ -326,6 +344,34 @@ def write_split(out_dir: str, n: int, size: ToySize, seed: int) -> None:
         json.dump(chat, fh, ensure_ascii=False, indent=1)
 
 
+def write_vqa(out_dir: str, n_images: int, size: ToySize, seed: int) -> None:
+    """A toy VQA v2 val split in the official schema: COCO-named JPEGs, the questions file and
+    the annotations file with ten human answers each (convert_vqa.py turns it into chat.json)."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "val2014"), exist_ok=True)
+    questions, annotations = [], []
+    for i in range(n_images):
+        image_id = 1000 + i
+        color, shape, position = COMBOS[(i * 7) % len(COMBOS)]
+        render(color, shape, position, size.image_px, rng).save(
+            os.path.join(out_dir, "val2014", f"COCO_val2014_{image_id:012d}.jpg"), quality=95)
+        for k, (kind, (question, qtype)) in enumerate(VQA_QUESTIONS.items()):
+            qid = image_id * 10 + k
+            answer = {"color": color, "shape": shape, "position": position}[kind]
+            questions.append({"image_id": image_id, "question": question, "question_id": qid})
+            annotations.append({"question_id": qid, "image_id": image_id, "question_type": qtype, "answer_type": "other",
+                                "multiple_choice_answer": answer,
+                                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": j + 1}
+                                            for j in range(10)]})
+    info = {"description": "toy VQA v2-style val split", "version": "2.0"}
+    with open(os.path.join(out_dir, "v2_OpenEnded_mscoco_val2014_questions.json"), "w", encoding="utf-8") as fh:
+        json.dump({"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": "val2014",
+                   "questions": questions}, fh, ensure_ascii=False)
+    with open(os.path.join(out_dir, "v2_mscoco_val2014_annotations.json"), "w", encoding="utf-8") as fh:
+        json.dump({"info": info, "data_type": "mscoco", "data_subtype": "val2014", "annotations": annotations},
+                  fh, ensure_ascii=False)
+
+
 # --------------------------------------------------------------------------- build and cache
 
 @dataclass
@@ -334,6 +380,7 @@ class ToyPaths:
     vision: str
     train: str
     eval: str
+    vqa: str        # official VQA v2 schema: val2014/, questions and annotations JSON
 
 
 def recipe_hash(size: ToySize) -> str:
@@ -348,7 +395,8 @@ def ensure_toy_world(size: str | ToySize = "demo", models_root: str = "models/to
     size = SIZES[size] if isinstance(size, str) else size
     suffix = "" if size.name == "demo" else f"-{size.name}"
     paths = ToyPaths(llm=f"{models_root}{suffix}/llm", vision=f"{models_root}{suffix}/vision",
-                     train=f"{data_root}{suffix}/train", eval=f"{data_root}{suffix}/eval")
+                     train=f"{data_root}{suffix}/train", eval=f"{data_root}{suffix}/eval",
+                     vqa=f"{data_root}{suffix}/vqa")
     stamp = os.path.join(f"{models_root}{suffix}", "toy_world.json")
     want = recipe_hash(size)
     if os.path.isfile(stamp):
@@ -366,6 +414,7 @@ def ensure_toy_world(size: str | ToySize = "demo", models_root: str = "models/to
     build_vision(paths.vision, size, log)
     write_split(paths.train, size.n_train, size, seed=size.seed + 100)
     write_split(paths.eval, size.n_eval, size, seed=size.seed + 200)
+    write_vqa(paths.vqa, size.n_eval // 2, size, seed=size.seed + 300)
     with open(stamp, "w", encoding="utf-8") as fh:
         json.dump({"recipe": want, "size": asdict(size)}, fh, indent=2)
     return paths

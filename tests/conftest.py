@@ -16,11 +16,19 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
-def toy(tmp_path_factory):
+def toy():
+    """Built once into .cache/ (git-ignored) and reused while its recipe stamp matches; a file
+    lock keeps concurrent pytest processes from building it twice. Tests only read it."""
+    import fcntl
+
     from toy_world import ensure_toy_world
 
-    base = tmp_path_factory.mktemp("toy")
-    return ensure_toy_world("test", str(base / "models" / "toy"), str(base / "data" / "toy"), log=lambda *a: None)
+    base = os.environ.get("LLAVA_TOY_TEST_DIR", os.path.join(ROOT, ".cache", "toy_test"))
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ensure_toy_world("test", os.path.join(base, "models", "toy"), os.path.join(base, "data", "toy"),
+                                log=lambda *a: None)
 
 
 @pytest.fixture(scope="session")
