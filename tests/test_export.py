@@ -1,0 +1,214 @@
+"""scripts/export_hf.py: every exportable combination loads as a plain transformers LLaVA and
+reproduces our model exactly (prompt ids, pixels, logits at every position, greedy replies);
+settings LLaVA cannot express are refused with their reason and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset import IMAGE_PLACEHOLDER, ImageTransform, PromptFormat, encode_prompt
+from model import ModelSpec, build_model, save_checkpoint
+from scripts import export_hf
+
+QUESTION = "描述这张图片"
+ATOL = 1e-5
+
+
+def make_checkpoint(directory, seed: int = 0, **spec_kwargs):
+    """Build our model, give the projector random non-trivial weights, save a checkpoint."""
+    torch.manual_seed(seed)
+    model, tok = build_model(ModelSpec(**spec_kwargs))
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.normal_(0, 0.3)
+    meta = {"step": 7, "run": "export-test", "train_config": {"data_format": "sa1b", "data_root": "data/toy/train",
+                                                              "lr": 2e-3, "batch_size": 4}}
+    save_checkpoint(model, str(directory), meta)
+    return model.eval(), tok
+
+
+def write_image(path) -> Image.Image:
+    """A non-square image, so shortest-edge resize and centre crop are exercised."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (40, 57, 3), dtype=np.uint8))
+    img.save(path)
+    return Image.open(path).convert("RGB")
+
+
+def export(ckpt, out, *extra) -> int:
+    return export_hf.main(["--checkpoint", str(ckpt), "--out", str(out), *extra])
+
+
+@torch.no_grad()
+def assert_exact(model, tok, ckpt, out, tmp_path, capsys, generate: bool = True) -> float:
+    """The exported folder against our model: input ids, pixels, logits, greedy reply."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import eval_llava
+
+    spec = model.spec
+    image_path = tmp_path / "probe.png"
+    image = write_image(image_path)
+    processor = AutoProcessor.from_pretrained(out)
+    llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert type(llava.model.vision_tower) is type(model.vision.model)
+
+    # Prompt ids: the exported chat template + processor give exactly encode_prompt's ids.
+    fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
+    ours_ids = encode_prompt(tok, fmt, [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{QUESTION}"}])[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ours_ids
+    assert ours_ids.count(model.image_token_id) == spec.num_image_tokens
+
+    # Pixels: the exported image processor reproduces ImageTransform (float rounding only).
+    ours_px = torch.from_numpy(ImageTransform.from_dict(spec.image_transform)(image))[None]
+    torch.testing.assert_close(inputs["pixel_values"], ours_px, rtol=0, atol=1e-6)
+
+    # Logits at every position, same ids and pixels into both.
+    ids = torch.tensor([ours_ids])
+    ours = model.llm(inputs_embeds=model.embed(ids, model.encode_images(ours_px))).logits
+    theirs = llava(input_ids=ids, pixel_values=ours_px).logits
+    diff = float((ours - theirs).abs().max())
+    assert diff <= ATOL, f"max |logit diff| {diff}"
+
+    if generate:  # greedy reply of eval_llava's one-shot mode == transformers' generate on the export
+        from utils import console
+
+        capsys.readouterr()
+        try:
+            eval_llava.main(["--checkpoint", str(ckpt), "--image", str(image_path), "--prompt", QUESTION,
+                             "--max_new_tokens", "12", "--device", "cpu"])
+        finally:
+            console.set_stream(None)  # one-shot mode points logs at this test's stderr; later tests need theirs
+        ours_reply = capsys.readouterr().out.strip()
+        out_ids = llava.generate(**inputs, max_new_tokens=12, do_sample=False)
+        theirs_reply = processor.decode(out_ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert theirs_reply == ours_reply
+    print(f"max |logit diff| = {diff:.2e}")
+    return diff
+
+
+# --------------------------------------------------------------------------- exportable
+
+@pytest.mark.parametrize("projector,layer,select", [("linear", -1, "all"), ("mlp2x_gelu", -2, "patch")])
+def test_toy_clip_qwen3_exports_exactly(toy, tmp_path, capsys, projector, layer, select):
+    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=toy.vision, llm=toy.llm, projector=projector,
+                                 feature_layer=layer, feature_select=select, feature_post_norm=False)
+    assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
+    assert not os.path.exists(tmp_path / "hf.partial")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["projector_hidden_act"] == ("linear" if projector == "linear" else "gelu")
+    assert cfg["vision_feature_select_strategy"] == ("full" if select == "all" else "default")
+    assert cfg["vision_feature_layer"] == layer and cfg["image_seq_length"] == model.spec.num_image_tokens
+    assert "auto_map" not in cfg  # nothing needs trust_remote_code
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "LlavaForConditionalGeneration" in card and "optimizer steps: 7" in card and "data/toy/train" in card
+    assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys)
+
+
+def test_modelscope_chinese_clip_exports_exactly(toy, tmp_path, capsys):
+    from tests.test_backbones import write_modelscope_clip
+
+    write_modelscope_clip(tmp_path / "ms")
+    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "ms"), llm=toy.llm,
+                                 feature_layer=-1, feature_select="all", feature_post_norm=False)
+    assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["vision_config"]["model_type"] == "chinese_clip_vision_model"
+    assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys, generate=False)
+
+
+def test_qwen3vl_text_model_exports_as_plain_qwen3(toy, tmp_path, capsys):
+    """Image slots wrapped in <|vision_start|>/<|vision_end|>; the export's plain 1-D RoPE equals
+    Qwen3-VL's interleaved M-RoPE for text: checked against the original full model."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from tests.test_backbones import make_qwen3vl
+
+    tok = AutoTokenizer.from_pretrained(toy.llm)
+    full = make_qwen3vl(tmp_path / "qwen3vl", vocab_size=len(tok))
+    tok.save_pretrained(tmp_path / "qwen3vl")
+    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=toy.vision, llm=str(tmp_path / "qwen3vl"),
+                                 projector="mlp2x_gelu", feature_layer=-2, feature_select="patch",
+                                 feature_post_norm=False)
+    assert model.spec.image_wrap
+    assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]["model_type"] == "qwen3"
+    assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys)
+
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, len(tok), (2, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as in batched generation
+    with torch.no_grad():
+        ref = full(input_ids=ids, attention_mask=mask).logits
+        got = llava(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=ATOL)
+    torch.testing.assert_close(got[1, 3:], ref[1, 3:], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["dinov3", "siglip"])
+def test_other_towers_export_exactly(toy, tmp_path, capsys, family):
+    """DINOv3 with every token (CLS + 4 registers + patches: LLaVA's "full"); SigLIP with patch
+    selection, which has no prefix token to drop, so "full" as well."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from tests.test_backbones import VC, make_dinov3
+
+    if family == "dinov3":
+        make_dinov3(tmp_path / "tower")
+        select, n_tokens = "all", 16 + 5
+    else:
+        torch.manual_seed(0)
+        SiglipVisionModel(SiglipVisionConfig(**VC)).save_pretrained(tmp_path / "tower")
+        select, n_tokens = "patch", 16
+    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "tower"), llm=toy.llm,
+                                 feature_layer=-1, feature_select=select, feature_post_norm=False)
+    assert model.spec.num_image_tokens == n_tokens
+    assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vision_feature_select_strategy"] == "full"
+    assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys, generate=False)
+
+
+# --------------------------------------------------------------------------- refused
+
+def assert_refused(ckpt, out, capsys, *needles: str) -> None:
+    capsys.readouterr()
+    assert export(ckpt, out) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    assert not os.path.exists(out) and not os.path.exists(f"{out}.partial")
+
+
+def test_post_norm_on_a_clip_tower_is_refused(toy, tmp_path, capsys):
+    """The course's setting (ln_post on all tokens): no exact LLaVA equivalent."""
+    make_checkpoint(tmp_path / "ckpt", vision_tower=toy.vision, llm=toy.llm, feature_post_norm=True)
+    assert_refused(tmp_path / "ckpt", tmp_path / "hf", capsys, "feature_post_norm", "--no-feature_post_norm")
+
+
+def test_dinov3_patch_only_is_refused(toy, tmp_path, capsys):
+    from tests.test_backbones import make_dinov3
+
+    make_dinov3(tmp_path / "dino")
+    make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "dino"), llm=toy.llm, feature_select="patch",
+                    feature_post_norm=False)
+    assert_refused(tmp_path / "ckpt", tmp_path / "hf", capsys, "registers", "--feature_select all")
+
+
+def test_existing_output_is_kept_without_overwrite(toy, tmp_path, capsys):
+    make_checkpoint(tmp_path / "ckpt", vision_tower=toy.vision, llm=toy.llm, feature_post_norm=False)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert export(tmp_path / "ckpt", tmp_path / "hf") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
