@@ -7,14 +7,23 @@ only override where the frozen models live now.
     python eval_llava.py --checkpoint checkpoints/<run>/final
     # one shot: stdout carries the reply alone (logs go to stderr)
     python eval_llava.py --checkpoint checkpoints/<run>/final --image data/toy/eval/images/000000.png --prompt 描述这张图片
+    # batch VQA on a val chat.json from convert_vqa.py: predictions (official format) + accuracy
+    python eval_llava.py --checkpoint checkpoints/<run>/final --vqa data/toy/vqa_chat/chat_val.json
+    # score predictions alone with the official VQA v2 metric
+    python eval_llava.py --vqa_eval --questions Q.json --annotations A.json --predictions P.json
+    # captions for a chat.json, an SA1B folder or an image folder (+ BLEU-4/CIDEr-D where references exist)
+    python eval_llava.py --checkpoint checkpoints/<run>/final --captions data/toy/eval/chat.json
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import math
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +32,8 @@ import torch
 from PIL import Image
 
 from dataset import (IMAGE_PLACEHOLDER, ImageLoader, ImageTransform, PromptFormat, SampleError, Stage1Dataset,
-                     caption_messages, collate, collate_prompts, encode_prompt, to_device)
+                     caption_messages, collate, collate_prompts, encode_prompt, read_chat_json, read_sa1b,
+                     to_device)
 from model import LlavaStage1, load_checkpoint
 from utils import console
 from utils.metrics import RunLogger
@@ -99,7 +109,15 @@ class Assistant:
 @torch.no_grad()
 def heldout_loss(model: LlavaStage1, ds: Stage1Dataset, n: int = 0, batch_size: int = 16,
                  num_workers: int = 0) -> dict:
-    """Held-out loss and perplexity over the first n records (a fixed set; 0 = all)."""
+    """Held-out loss, perplexity and the image-ablation gap over the first n records (0 = all).
+
+    The gap is the held-out loss with every image swapped for another sample's image minus
+    the loss with the right one. A projector that carries visual information makes it clearly
+    positive; an untrained one (or an LLM that ignores the slots) leaves it near zero, however
+    low the loss is, because captions alone are partly predictable. Swapping is a roll by one
+    within each batch (a batch of one borrows the previous batch's image), so it costs one
+    more forward pass and never a second image decode.
+    """
     device = next(model.projector.parameters()).device
     pad_id = ds.tokenizer.pad_token_id if ds.tokenizer.pad_token_id is not None else 0
     subset = torch.utils.data.Subset(ds, range(min(n, len(ds)) if n else len(ds)))
@@ -107,18 +125,29 @@ def heldout_loss(model: LlavaStage1, ds: Stage1Dataset, n: int = 0, batch_size: 
                                          collate_fn=lambda b: collate(b, pad_id))
     was_training = model.training
     model.eval()
-    loss_sum, tokens = 0.0, 0
+    key = "image_features" if getattr(ds, "features", None) is not None else "pixel_values"
+    loss_sum, tokens, other = 0.0, 0, None
+    right_sum, swapped_sum, swapped_tokens = 0.0, 0.0, 0   # over the batches that had a swap
     for batch in loader:
         if not batch["size"]:
             continue
         batch = to_device(batch, device)
+        images = batch[key]                                          # [B, 3, H, W] or [B, N, D_v]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+            ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **{key: images})
+            wrong = torch.roll(images, 1, 0) if len(images) > 1 else other
+            if wrong is not None:
+                ws, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **{key: wrong})
+                swapped_sum, right_sum, swapped_tokens = swapped_sum + ws.item(), right_sum + ls.item(), swapped_tokens + int(nt)
+        other = images[:1]
         loss_sum += ls.item()
         tokens += int(nt)
     model.train(was_training)
     loss = loss_sum / max(tokens, 1)
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+    out = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+    if swapped_tokens:
+        out["eval/image_ablation_gap"] = (swapped_sum - right_sum) / swapped_tokens
+    return out
 
 
 def heldout_items(ds: Stage1Dataset, n: int, instruction: str | None = None):
@@ -212,9 +241,119 @@ def chat(assistant: Assistant, gen: dict, stdin=sys.stdin) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
+# --------------------------------------------------------------------------- batch modes
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def answer_all(assistant: Assistant, items: list[tuple[str, list[dict]]], root: str, batch_size: int,
+               max_new_tokens: int, desc: str) -> tuple[list[str | None], Counter]:
+    """(image source, prompt messages) -> replies in order; None where the image failed (counted)."""
+    from tqdm import tqdm
+
+    loader = ImageLoader(root, draft=assistant.transform.size)
+    replies: list[str | None] = [None] * len(items)
+    skipped: Counter = Counter()
+    with tqdm(total=len(items), desc=desc, unit="q", file=sys.stderr) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk, index = [], []
+            for k in range(start, min(start + batch_size, len(items))):
+                try:
+                    chunk.append((assistant.pixels(loader(items[k][0])), items[k][1]))
+                    index.append(k)
+                except SampleError as e:
+                    skipped[e.reason] += 1
+            for k, reply in zip(index, assistant.reply_batch(chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)):
+                replies[k] = reply
+            bar.update(min(batch_size, len(items) - start))
+    return replies, skipped
+
+
+def run_vqa(assistant: Assistant, chat_json: str, image_root: str, out_dir: str, batch_size: int,
+            max_new_tokens: int) -> dict:
+    """Answer every question of a val chat.json (convert_vqa.py keeps question_id, answer_type and
+    the ten answers in each record), write official-format predictions, score them."""
+    from utils.vqa_eval import evaluate
+
+    records, bad = read_chat_json(chat_json)
+    items = [(r.image, r.conversations[:1]) for r in records]
+    replies, skipped = answer_all(assistant, items, image_root, batch_size, max_new_tokens, "vqa")
+    predictions, references = [], []
+    for i, (r, reply) in enumerate(zip(records, replies)):
+        qid = r.meta.get("question_id", i)
+        # Records without the ten answers (not from convert_vqa.py) are scored against their one answer.
+        answers = r.meta.get("answers") or [r.conversations[1]["content"]] * 10
+        references.append({"question_id": qid, "answer_type": r.meta.get("answer_type", "other"), "answers": answers})
+        if reply is not None:  # a failed image is a missing prediction: it scores 0 and is counted
+            predictions.append({"question_id": qid, "answer": reply})
+    scores = {**evaluate(references, predictions), "skipped_records": dict(bad), "skipped_images": dict(skipped)}
+    return _write_results(out_dir, "vqa", predictions, scores)
+
+
+def official_vqa_accuracy(assistant: Assistant, questions_json: str, annotations_json: str, image_dir: str,
+                          template: str, split: str = "val2014") -> float:
+    """Official-metric accuracy on VQA v2 files as they come (no conversion step): the demo's
+    check that a projector aligned on captions lets the frozen LM answer questions."""
+    from utils.vqa_eval import evaluate
+
+    with open(questions_json, encoding="utf-8") as fh:
+        questions = json.load(fh)["questions"]
+    with open(annotations_json, encoding="utf-8") as fh:
+        annotations = json.load(fh)
+    items = [(os.path.join(image_dir, f"COCO_{split}_{q['image_id']:012d}.jpg"),
+              [{"role": "user", "content": template.replace("{question}", q["question"])}]) for q in questions]
+    replies, _ = answer_all(assistant, items, "", 64, 8, "toy vqa")
+    predictions = [{"question_id": q["question_id"], "answer": r} for q, r in zip(questions, replies) if r is not None]
+    return evaluate(annotations, predictions)["overall"]
+
+
+def caption_items(source: str, prompt: str) -> tuple[list[tuple[str, list[dict]]], list[str | None], str]:
+    """A chat.json, an SA1B folder (parquet) or a folder of images (references from same-name
+    .txt files, as scripts/save_examples.py writes them) -> items, references, image root."""
+    if source.endswith(".json"):
+        records, _ = read_chat_json(source)
+        return ([(r.image, r.conversations[:1]) for r in records], [r.conversations[1]["content"] for r in records],
+                os.path.dirname(os.path.abspath(source)))
+    ask = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt}"}]
+    if glob.glob(os.path.join(source, "*.parquet")) or glob.glob(os.path.join(source, "data", "*.parquet")):
+        records, _ = read_sa1b(source)
+        return [(r.image, ask) for r in records], [r.caption for r in records], source
+    names = sorted(n for n in os.listdir(source) if n.lower().endswith(IMAGE_EXTENSIONS))
+    refs = []
+    for n in names:
+        txt = os.path.join(source, os.path.splitext(n)[0] + ".txt")
+        refs.append(open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else None)
+    return [(n, ask) for n in names], refs, source
+
+
+def run_captions(assistant: Assistant, source: str, prompt: str, out_dir: str, batch_size: int,
+                 max_new_tokens: int) -> dict:
+    from utils.caption_metrics import score_captions
+
+    items, refs, root = caption_items(source, prompt)
+    replies, skipped = answer_all(assistant, items, root, batch_size, max_new_tokens, "captions")
+    predictions = [{"image": img, "caption": reply, "reference": ref}
+                   for (img, _), reply, ref in zip(items, replies, refs) if reply is not None]
+    scored = {str(i): p for i, p in enumerate(predictions) if p["reference"]}
+    scores = score_captions({k: [p["reference"]] for k, p in scored.items()},
+                            {k: p["caption"] for k, p in scored.items()}) if scored else {"n": 0}
+    scores.update({"images": len(items), "captioned": len(predictions), "skipped_images": dict(skipped)})
+    return _write_results(out_dir, "captions", predictions, scores)
+
+
+def _write_results(out_dir: str, name: str, predictions: list, scores: dict) -> dict:
+    from utils.config import atomic_write_text
+
+    pred_path, score_path = os.path.join(out_dir, f"{name}_predictions.json"), os.path.join(out_dir, f"{name}_scores.json")
+    atomic_write_text(pred_path, json.dumps(predictions, ensure_ascii=False, indent=1))
+    atomic_write_text(score_path, json.dumps(scores, ensure_ascii=False, indent=2))
+    console.info(f"predictions: {pred_path}\nscores:      {score_path}")
+    return scores
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Chat with a stage-1 checkpoint, or answer once.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or its projector.safetensors")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory or its projector.safetensors")
     p.add_argument("--vision_tower", default=None, help="override the tower path stored in the checkpoint")
     p.add_argument("--llm", default=None, help="override the LLM path stored in the checkpoint")
     p.add_argument("--image", default=None, help="one-shot mode: image path or URL")
@@ -224,20 +363,61 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when sampling")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model folders to run their own code")
+    b = p.add_argument_group("batch modes")
+    b.add_argument("--vqa", default=None, help="val chat.json from convert_vqa.py: answer all, write and score predictions")
+    b.add_argument("--vqa_eval", action="store_true", help="score --predictions against --annotations (no model)")
+    b.add_argument("--questions", default=None, help="--vqa_eval: official VQA v2 questions JSON")
+    b.add_argument("--annotations", default=None, help="--vqa_eval: official VQA v2 annotations JSON")
+    b.add_argument("--predictions", default=None, help="--vqa_eval: [{question_id, answer}] JSON")
+    b.add_argument("--captions", default=None, help="chat.json, SA1B folder or image folder to caption (and score)")
+    b.add_argument("--caption_prompt", default="描述这张图片", help="--captions: the instruction for folders")
+    b.add_argument("--image_root", default=None, help="--vqa: image root (default: the chat.json's folder)")
+    b.add_argument("--batch_size", type=int, default=32, help="batch modes: questions per generate call")
+    b.add_argument("--answer_tokens", type=int, default=16, help="--vqa: answer length limit (VQA answers are short)")
+    b.add_argument("--out_dir", default=None, help="batch modes: where predictions and scores go "
+                                                  "(default: runs/eval/<checkpoint name>)")
     args = p.parse_args(argv)
-    from utils.dist import pick_device
+    if args.vqa_eval:
+        if not (args.annotations and args.predictions):
+            p.error("--vqa_eval needs --annotations and --predictions (and optionally --questions)")
+        from utils.vqa_eval import main as vqa_eval_main
 
+        vqa_eval_main(["--annotations", args.annotations, "--predictions", args.predictions]
+                      + (["--questions", args.questions] if args.questions else [])
+                      + (["--out", os.path.join(args.out_dir, "vqa_scores.json")] if args.out_dir else []))
+        return
+    if not args.checkpoint:
+        p.error("--checkpoint is required (except with --vqa_eval)")
     one_shot = args.image is not None or args.prompt is not None
     if one_shot and (args.image is None or args.prompt is None):
         p.error("one-shot mode needs both --image and --prompt")
-    if one_shot:
-        console.set_stream(sys.stderr)  # stdout carries the reply alone
+    if one_shot or args.vqa or args.captions:
+        console.set_stream(sys.stderr)  # stdout carries the reply (or the scores JSON) alone
+    try:
+        _run(args, one_shot)
+    finally:
+        console.set_stream(None)      # in-process callers (tests) get the console back
+
+
+def _run(args: argparse.Namespace, one_shot: bool) -> None:
+    from utils.dist import pick_device
+
     device = pick_device(args.device)
     console.info(f"loading {args.checkpoint} on {device} ...")
     assistant = Assistant.from_checkpoint(args.checkpoint, str(device), args.vision_tower, args.llm,
                                           args.trust_remote_code)
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
-    if one_shot:
+    if args.vqa or args.captions:
+        ckpt = os.path.abspath(args.checkpoint).rstrip("/")
+        out_dir = args.out_dir or os.path.join("runs", "eval", "_".join(ckpt.split(os.sep)[-2:]))
+        if args.vqa:
+            root = args.image_root or os.path.dirname(os.path.abspath(args.vqa))
+            scores = run_vqa(assistant, args.vqa, root, out_dir, args.batch_size, args.answer_tokens)
+        else:
+            scores = run_captions(assistant, args.captions, args.caption_prompt, out_dir, args.batch_size,
+                                  args.max_new_tokens)
+        print(json.dumps(scores, ensure_ascii=False, indent=2))
+    elif one_shot:
         try:
             image = assistant.loader(args.image)
         except SampleError as e:

@@ -18,8 +18,8 @@ def short_run(toy, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     argv = ["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train, "--eval_data_root", toy.eval,
-            "--max_steps", "40", "--batch_size", "16", "--num_workers", "0", "--instructions", "zh",
-            "--eval_interval", "20", "--eval_samples", "32", "--save_interval", "20", "--sample_replies", "2",
+            "--max_steps", "100", "--batch_size", "16", "--num_workers", "0", "--instructions", "zh",
+            "--eval_interval", "50", "--eval_samples", "48", "--save_interval", "50", "--sample_replies", "2",
             "--run_name", "t", "--runs_dir", str(out / "runs"), "--checkpoints_dir", str(out / "checkpoints")]
     return train_stage1.main(argv), out
 
@@ -30,15 +30,15 @@ def test_short_run_lowers_the_loss_and_writes_its_files(short_run):
     assert on_disk == json.loads(json.dumps(summary))
     for key in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl", "skipped", "checkpoint"):
         assert key in on_disk, key
-    assert on_disk["steps"] == 40
+    assert on_disk["steps"] == 100
     assert on_disk["train_loss_last"] < 0.7 * on_disk["train_loss_first"]
     assert glob.glob(str(out / "runs" / "t" / "events.out.tfevents*"))
     rows = [json.loads(l) for l in (out / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
-    assert {r["step"] for r in rows if "train/loss" in r} == set(range(1, 41))
+    assert {r["step"] for r in rows if "train/loss" in r} == set(range(1, 101))
     assert any("eval/loss" in r for r in rows)
     assert os.path.isfile(os.path.join(on_disk["checkpoint"], "projector.safetensors"))
-    assert os.path.isfile(out / "checkpoints" / "t" / "step_000020" / "projector.safetensors")
-    assert json.loads((out / "runs" / "t" / "config.json").read_text())["max_steps"] == 40
+    assert os.path.isfile(out / "checkpoints" / "t" / "step_000050" / "projector.safetensors")
+    assert json.loads((out / "runs" / "t" / "config.json").read_text())["max_steps"] == 100
 
 
 def test_tensorboard_events_hold_the_scalars(short_run):
@@ -49,7 +49,7 @@ def test_tensorboard_events_hold_the_scalars(short_run):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/samples_per_s", "eval/loss"} <= tags
-    assert len(acc.Scalars("train/loss")) == 40
+    assert len(acc.Scalars("train/loss")) == 100
 
 
 def test_eval_one_shot_loads_the_checkpoint_and_prints_only_the_reply(short_run, toy):
@@ -75,3 +75,109 @@ def test_eval_interactive_loop_through_stdin(short_run, toy):
     assert "load an image first" in out           # a question before any image is refused
     assert "image loaded" in out and "history cleared" in out
     assert out.count("助手:") == 1                 # exactly one answered question
+
+
+# --------------------------------------------------------------------------- evidence that alignment worked
+
+def test_image_ablation_gap_is_positive_after_training_and_near_zero_untrained(short_run, toy):
+    import torch
+
+    from dataset import ImageLoader, ImageTransform, PromptFormat, Stage1Dataset, read_records
+    from eval_llava import heldout_loss
+    from model import Projector, load_checkpoint
+
+    summary, out = short_run
+    trained_gap = summary["image_ablation_gap"]
+    rows = [json.loads(l) for l in (out / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/image_ablation_gap" in r for r in rows)
+    model, tok, _ = load_checkpoint(summary["checkpoint"])
+    spec = model.spec
+    fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
+    records, _, root = read_records("sa1b", toy.eval)
+    ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(spec.image_transform), ImageLoader(root),
+                       instructions="zh")
+    untrained = []
+    for seed in range(4):  # a random projector's gap is noise around zero: average a few draws
+        torch.manual_seed(seed)
+        model.projector = Projector(spec.projector, spec.vision_hidden_size, spec.llm_hidden_size)
+        untrained.append(heldout_loss(model, ds)["eval/image_ablation_gap"])
+    untrained_gap = sum(untrained) / len(untrained)
+    assert trained_gap > 0.3
+    assert abs(untrained_gap) < 0.5 * trained_gap
+
+
+def test_tensorboard_gallery_holds_images_and_replies(short_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = short_run
+    acc = EventAccumulator(str(out / "runs" / "t"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert {"samples/0", "samples/1"} <= set(acc.Tags()["images"])
+    texts = [t for t in acc.Tags()["tensors"] if t.startswith("samples/")]
+    assert texts
+    body = acc.Tensors(texts[0])[0].tensor_proto.string_val[0].decode()
+    assert "**Q:**" in body and "**A:**" in body and "**ref:**" in body
+
+
+def test_batch_vqa_on_the_toy_vqa_set(short_run, toy, tmp_path):
+    import convert_vqa
+    from toy_world import VQA_TEMPLATE
+    from utils.vqa_eval import evaluate
+
+    summary, _ = short_run
+    q = os.path.join(toy.vqa, "v2_OpenEnded_mscoco_val2014_questions.json")
+    a = os.path.join(toy.vqa, "v2_mscoco_val2014_annotations.json")
+    assert convert_vqa.main(["--questions-val", q, "--annotations-val", a, "--images-val-dir", os.path.join(toy.vqa, "val2014"),
+                             "--output-chat-json", str(tmp_path / "vqa" / "chat.json"), "--template", VQA_TEMPLATE]) == 0
+    val = tmp_path / "vqa" / "chat_val.json"
+    res = subprocess.run([sys.executable, "eval_llava.py", "--checkpoint", summary["checkpoint"], "--vqa", str(val),
+                          "--out_dir", str(tmp_path / "eval"), "--batch_size", "16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    predictions = json.loads((tmp_path / "eval" / "vqa_predictions.json").read_text())
+    questions = json.loads(open(q).read())["questions"]
+    assert sorted(p["question_id"] for p in predictions) == sorted(x["question_id"] for x in questions)
+    assert all(isinstance(p["answer"], str) for p in predictions)
+    scores = json.loads((tmp_path / "eval" / "vqa_scores.json").read_text())
+    assert scores == json.loads(res.stdout)
+    assert scores["n_scored"] == len(questions) and scores["n_missing_predictions"] == 0
+    # The scores are the official metric on the official files, as --vqa_eval computes them alone.
+    assert scores["overall"] == evaluate(json.loads(open(a).read()), predictions)["overall"]
+    alone = subprocess.run([sys.executable, "eval_llava.py", "--vqa_eval", "--questions", q, "--annotations", a,
+                            "--predictions", str(tmp_path / "eval" / "vqa_predictions.json")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout)["overall"] == scores["overall"]
+    # A projector aligned on captions alone (100 steps) lets the frozen LM answer the toy questions
+    # well above chance (1/6 colours, 1/4 shapes, 1/3 positions: 25% on average).
+    assert scores["overall"] > 40
+
+
+def test_batch_captions_on_chat_json_and_on_an_image_folder(short_run, toy, tmp_path):
+    import shutil
+
+    summary, _ = short_run
+    records = json.loads(open(os.path.join(toy.eval, "chat.json"), encoding="utf-8").read())[:12]
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    for i, r in enumerate(records):
+        shutil.copy(os.path.join(toy.eval, r["image"]), folder / f"{i:05d}.png")
+        if i % 2 == 0:  # references for half of them
+            (folder / f"{i:05d}.txt").write_text(r["conversations"][1]["value"], encoding="utf-8")
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    for source in (folder, chat):
+        for img in records:
+            if source == chat:
+                os.makedirs(tmp_path / os.path.dirname(img["image"]), exist_ok=True)
+                shutil.copy(os.path.join(toy.eval, img["image"]), tmp_path / img["image"])
+        out = tmp_path / f"eval_{source.name}"
+        res = subprocess.run([sys.executable, "eval_llava.py", "--checkpoint", summary["checkpoint"], "--captions",
+                              str(source), "--out_dir", str(out), "--max_new_tokens", "24"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        scores = json.loads((out / "captions_scores.json").read_text())
+        predictions = json.loads((out / "captions_predictions.json").read_text())
+        assert len(predictions) == 12 and scores["captioned"] == 12
+        assert scores["n"] == (6 if source == folder else 12)
+        assert 0 <= scores["bleu4"] <= 1 and scores["cider_d"] >= 0
