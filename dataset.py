@@ -196,6 +196,7 @@ class ImageLoader:
     max_bytes: int = 50 * 2**20
     cache_dir: str | None = None
     draft: int | None = None        # JPEG draft-mode target (the tower's input size)
+    backoff: float = 0.5            # seconds before the 2nd try, doubling after
 
     def __call__(self, src: str) -> Image.Image:
         if src.startswith(("http://", "https://")):
@@ -241,7 +242,7 @@ class ImageLoader:
             except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
                 last = str(getattr(e, "reason", e))
             if attempt + 1 < self.retries:
-                time.sleep(0.5 * 2**attempt)
+                time.sleep(self.backoff * 2**attempt)
         raise SampleError("url_error", f"{url}: {last}")
 
     def _cache_path(self, url: str) -> str | None:
@@ -538,9 +539,11 @@ class Stage1Dataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: list[Record], tokenizer, fmt: PromptFormat, transform: ImageTransform,
-                 loader: ImageLoader, max_text_len: int = 128, instructions: str = "course", seed: int = 0):
+                 loader: ImageLoader, max_text_len: int = 128, instructions: str = "course", seed: int = 0,
+                 features=None):
         self.records, self.tokenizer, self.fmt = records, tokenizer, fmt
         self.transform, self.loader = transform, loader
+        self.features = features  # a utils.feature_cache.FeatureCache: no decoding, no ViT
         self.max_text_len, self.instructions, self.seed = max_text_len, INSTRUCTION_POOLS[instructions], seed
         self.epoch = 0
         self._unexpected = 0
@@ -550,6 +553,11 @@ class Stage1Dataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def text_lengths(self) -> list[int]:
+        """Characters of text per record: a cheap stand-in for token counts when grouping."""
+        return [len(r.caption) if r.caption is not None else sum(len(m["content"]) for m in r.conversations)
+                for r in self.records]
 
     def messages(self, idx: int) -> list[dict]:
         rec = self.records[idx]
@@ -562,16 +570,23 @@ class Stage1Dataset(torch.utils.data.Dataset):
         try:
             messages = self.messages(idx)
             ids, labels = encode_conversation(self.tokenizer, self.fmt, messages, self.max_text_len)
-            pixels = self.transform(self.loader(self.records[idx].image))
+            if self.features is not None:
+                from utils.feature_cache import image_key
+
+                image = {"image_features": self.features[image_key(self.records[idx].image, self.loader.root)]}
+            else:
+                image = {"pixel_values": self.transform(self.loader(self.records[idx].image))}
         except SampleError as e:
             return {"skip": e.reason, "index": idx}
+        except KeyError as e:  # MissingFeatures: the image failed when caching, or is not in the cache
+            return {"skip": getattr(e, "reason", "not_in_feature_cache"), "index": idx}
         except Exception as e:  # noqa: BLE001 - bad data must never end a run; say what it was
             if self._unexpected < 3:
                 print(f"! sample {idx} ({self.records[idx].image}): unexpected {type(e).__name__}: {e}", flush=True)
             self._unexpected += 1
             return {"skip": f"unexpected_{type(e).__name__}", "index": idx}
         truncated = labels[-1] != self.fmt.end_of_turn_id
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "index": idx, "truncated": truncated}
+        return {"input_ids": ids, "labels": labels, **image, "index": idx, "truncated": truncated}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -584,18 +599,34 @@ class EpochSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                 start: int = 0, shuffle: bool = True):
+                 start: int = 0, shuffle: bool = True, lengths: list[int] | None = None, batch_size: int = 1):
         self.n, self.seed, self.epoch, self.rank, self.world = n, seed, epoch, rank, world_size
         self.start, self.shuffle = start, shuffle
+        self.lengths, self.batch_size = lengths, batch_size
         self.per_rank = math.ceil(n / world_size)
 
     def indices(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
+            order = torch.randperm(self.n, generator=gen).tolist()
         else:
             order = list(range(self.n))
+        if self.lengths is not None:
+            order = self._grouped(order, gen)
         order += order[: self.per_rank * self.world - self.n]
         return order[self.rank::self.world]
+
+    def _grouped(self, order: list[int], gen: torch.Generator) -> list[int]:
+        """Length grouping (as LLaVA's --group_by_modality_length does): within megabatches of 50
+        global batches, sort by length so each global batch holds similar lengths (little
+        padding), then shuffle the batches. Depends only on (seed, epoch): resumable."""
+        step = self.batch_size * self.world
+        out: list[int] = []
+        for m in range(0, len(order), step * 50):
+            mega = sorted(order[m:m + step * 50], key=lambda i: -self.lengths[i])
+            groups = [mega[g:g + step] for g in range(0, len(mega), step)]
+            out += [i for k in torch.randperm(len(groups), generator=gen).tolist() for i in groups[k]]
+        return out
 
     def __iter__(self):
         return iter(self.indices()[self.start:])
@@ -621,8 +652,26 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     out["input_ids"] = ids                                           # [B, T]
     out["labels"] = pad([b["labels"] for b in good], IGNORE_INDEX)   # [B, T]
     out["attention_mask"] = pad([[1] * len(b["input_ids"]) for b in good], 0)
-    out["pixel_values"] = torch.from_numpy(np.stack([b["pixel_values"] for b in good]))  # [B, 3, H, W]
+    for key in ("pixel_values", "image_features"):  # [B, 3, H, W] images or [B, N, D_v] cached features
+        if key in good[0]:
+            out[key] = torch.from_numpy(np.stack([b[key] for b in good]))
     out["index"] = [b["index"] for b in good]
+    return out
+
+
+def collate_packed(batch: list[dict], pad_id: int) -> dict:
+    """Padding-free batch: all samples in one row [1, sum T] with position_ids restarting at 0
+    per sample. No pad token is computed; with flash-attention 2 the kernel runs variable
+    lengths, with SDPA/eager transformers builds a block-diagonal causal mask."""
+    out = collate(batch, pad_id)
+    good = [b for b in batch if "skip" not in b]
+    if not good:
+        return out
+    out["input_ids"] = torch.tensor([sum((b["input_ids"] for b in good), [])])               # [1, sum T]
+    # A sample's first label is a prompt token (never supervised), so no loss crosses samples.
+    out["labels"] = torch.tensor([sum((b["labels"] for b in good), [])])
+    out["position_ids"] = torch.tensor([sum((list(range(len(b["input_ids"]))) for b in good), [])])
+    out["attention_mask"] = torch.ones_like(out["input_ids"])  # counts tokens; the model ignores it when packed
     return out
 
 

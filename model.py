@@ -167,13 +167,31 @@ class LlavaStage1(nn.Module):
         self.llm = llm
         self.spec = spec
         self.image_token_id = image_token_id
+        self.checkpointed_layers: list[nn.Module] = []
 
     def train(self, mode: bool = True) -> "LlavaStage1":
         super().train(mode)
         self.llm.eval()                 # frozen parts never leave eval mode
         if self.vision is not None:
             self.vision.eval()
+        for layer in self.checkpointed_layers:
+            # transformers checkpoints a decoder layer only when that layer's own `training`
+            # flag is set; its children (attention, MLP, dropout) stay in eval mode.
+            layer.training = mode
         return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each LLM layer in backward instead of storing its activations: ~30% more
+        compute for a fraction of the activation memory (large LLMs, long sequences)."""
+        enable = getattr(self.llm, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpointed_layers = [m for m in self.llm.modules() if getattr(m, "gradient_checkpointing", False)]
+        if not self.checkpointed_layers:
+            raise RuntimeError(f"{type(self.llm).__name__} has no checkpointable layers")
+        self.train(self.training)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -209,15 +227,20 @@ class LlavaStage1(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 pixel_values: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                image_features: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sum of token losses, number of supervised tokens).
 
         The caller divides by the supervised-token count of the whole global batch, so that
         gradient accumulation and several processes give the mean over all tokens.
         Logits exist only at supervised positions: [M, V], never [B, T, V].
+        Packed batches (dataset.collate_packed) pass position_ids that restart at 0 for each
+        sample and no attention mask; transformers then keeps attention within each sample.
         """
         embeds = self.embed(input_ids, self._features(pixel_values, image_features))
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+        if position_ids is not None:
+            attention_mask = None
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                         use_cache=False).last_hidden_state  # [B, T, D_lm]
         targets = labels[:, 1:]                                      # position t predicts token t+1
         keep = targets != IGNORE_INDEX                               # [B, T-1]
@@ -296,8 +319,6 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtyp
     fp32 on CPU; the projector stays fp32 (autocast handles its matmuls).
     Returns (model, tokenizer); `spec` is completed in place.
     """
-    from dataset import ImageTransform
-
     device = torch.device(device)
     if frozen_dtype is None:
         frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -307,9 +328,7 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtyp
                                spec.feature_post_norm, frozen_dtype, trust_remote_code)
     spec.vision_type = detect_vision_type(spec.vision_path)
     spec.vision_hidden_size, spec.num_image_tokens = vision.hidden_size, vision.num_tokens
-    # ModelScope's Chinese-CLIP pipeline resizes straight to 224x224 (no crop).
-    mode = "square" if spec.vision_type == MODELSCOPE_CLIP else "shortest_edge"
-    spec.image_transform = ImageTransform.from_pretrained(spec.vision_path, vision.image_size, mode).to_dict()
+    spec.image_transform = tower_transform(spec.vision_path, vision).to_dict()
     if spec.image_wrap is None:
         spec.image_wrap = knows_vision_markers(spec.llm_path)
     llm = load_llm(spec.llm_path, frozen_dtype, attn_implementation, trust_remote_code)
@@ -320,6 +339,15 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtyp
     model = LlavaStage1(vision, projector, llm, spec, image_token_id).to(device)
     model.assert_only_projector_trainable()
     return model, tokenizer
+
+
+def tower_transform(path: str, vision: VisionTower):
+    """The tower's preprocessing: its preprocessor_config.json, else the family default
+    (ModelScope's Chinese-CLIP pipeline resizes straight to 224x224, no crop)."""
+    from dataset import ImageTransform
+
+    mode = "square" if detect_vision_type(path) == MODELSCOPE_CLIP else "shortest_edge"
+    return ImageTransform.from_pretrained(path, vision.image_size, mode)
 
 
 def _locate(name: str, stored_path: str, models_dir: str) -> str:

@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in DataLo
 
 import argparse
 import contextlib
+import functools
 import math
 import random
 import shutil
@@ -32,8 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dataset import (INSTRUCTION_POOLS, EpochSampler, ImageLoader, ImageTransform, PromptFormat, Stage1Dataset,
-                     collate, read_records, to_device)
+from dataset import (EpochSampler, INSTRUCTION_POOLS, ImageLoader, ImageTransform, PromptFormat, Stage1Dataset,
+                     collate, collate_packed, read_records, to_device)
 from eval_llava import Assistant, caption_exact_match, heldout_loss, log_sample_replies
 from backbones import PRESETS, MissingModel, resolve_model, vision_defaults
 from model import ModelSpec, Projector, build_model, load_projector_weights, read_checkpoint_meta, save_checkpoint
@@ -67,6 +68,13 @@ class TrainConfig:
                                         "default: the tower's")
     image_wrap: bool | None = _f(None, "wrap image slots in <|vision_start|>/<|vision_end|>; default: on for Qwen3-VL")
     attn: str = _f("sdpa", "LLM attention kernel", choices=["sdpa", "eager", "flash_attention_2"])
+    gradient_checkpointing: bool = _f(False, "recompute LLM layers in backward: less activation memory, ~30% "
+                                             "more compute (off: small LLMs fit without it)")
+    compile: bool = _f(False, "torch.compile the LLM decoder and the vision tower (first steps are slow)")
+    group_by_length: bool = _f(False, "batch samples of similar text length together (less padding); "
+                                      "order is still seeded and resumable")
+    pack: bool = _f(False, "padding-free batches: samples concatenated in one row, attention kept within each "
+                           "(real savings with --attn flash_attention_2)")
     # ---- data
     data_format: str = _f("sa1b", "sa1b parquet shards or a LLaVA chat.json", choices=["sa1b", "chat"])
     data_root: str = _f("", "training data directory (sa1b: {root}/data/*.parquet; chat: {root}/chat.json)")
@@ -78,6 +86,7 @@ class TrainConfig:
     max_text_len: int = _f(128, "text tokens per sample, image slots not counted; long answers lose their tail")
     instructions: str = _f("course", "caption instruction pool", choices=list(INSTRUCTION_POOLS))
     image_cache: str = _f("", "URL images: keep downloaded bytes here so later epochs never refetch")
+    features_cache: str = _f("", "train from vision features cached by scripts/cache_features.py (no decoding, no ViT)")
     num_workers: int = _f(4, "DataLoader worker processes")
     # ---- optimisation
     batch_size: int = _f(16, "samples per micro-batch per process")
@@ -167,8 +176,14 @@ def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
 
 # --------------------------------------------------------------------------- data
 
-def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: ImageTransform):
-    """(train dataset, eval dataset, skip counts from reading)."""
+def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: ImageTransform,
+                  features_key: dict | None = None):
+    """(train dataset, eval dataset, skip counts from reading).
+
+    With --features_cache, samples carry cached features instead of pixels; the cache must
+    have been made for this tower, layer, selection and preprocessing (`features_key`). The
+    held-out set uses the cache too when every one of its images is in it, else its images.
+    """
     records, skipped, root = read_records(cfg.data_format, cfg.data_root, cfg.chat_json, cfg.max_samples)
     if cfg.chat_json and cfg.image_root:
         root = cfg.image_root
@@ -186,20 +201,33 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: Ima
                   instructions=cfg.instructions, seed=cfg.seed)
     cache = cfg.image_cache or None
     draft = transform.size  # JPEG draft decoding down to (no less than) the tower's input
-    train_ds = Stage1Dataset(records, loader=ImageLoader(root, cache_dir=cache, draft=draft), **common)
-    eval_ds = Stage1Dataset(eval_records, loader=ImageLoader(eval_root, cache_dir=cache, draft=draft), **common)
+    features = eval_features = None
+    if cfg.features_cache:
+        from utils.feature_cache import FeatureCache, image_key
+
+        features = FeatureCache(cfg.features_cache)
+        features.check(features_key)
+        console.kv("feature cache", f"{cfg.features_cache}: {len(features):,} images, "
+                                    f"{features.bytes_per_image() / 2**10:.0f} KiB each")
+        if all(image_key(r.image, eval_root) in features for r in eval_records):
+            eval_features = features
+    train_ds = Stage1Dataset(records, loader=ImageLoader(root, cache_dir=cache, draft=draft), features=features, **common)
+    eval_ds = Stage1Dataset(eval_records, loader=ImageLoader(eval_root, cache_dir=cache, draft=draft),
+                            features=eval_features, **common)
     return train_ds, eval_ds, skipped
 
 
 def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: int, epoch: int = 0, start: int = 0):
     """Endless (epoch, batches consumed in this epoch, batch) stream. Each epoch reshuffles with
     (seed, epoch); `start` skips batches already trained on, so a resume continues exactly."""
+    lengths = ds.text_lengths() if cfg.group_by_length else None
     while True:
         ds.set_epoch(epoch)
-        sampler = EpochSampler(len(ds), cfg.seed, epoch, rank, world, start=start * cfg.batch_size)
+        sampler = EpochSampler(len(ds), cfg.seed, epoch, rank, world, start=start * cfg.batch_size,
+                               lengths=lengths, batch_size=cfg.batch_size)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-            collate_fn=lambda b: collate(b, pad_id), pin_memory=torch.cuda.is_available(), drop_last=True,
+            collate_fn=functools.partial(collate_packed if cfg.pack else collate, pad_id=pad_id), pin_memory=torch.cuda.is_available(), drop_last=True,
             prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=_ignore_sigint)
         for i, batch in enumerate(loader, start=start + 1):
             yield epoch, i, batch
@@ -289,6 +317,13 @@ def train(cfg: TrainConfig) -> dict:
     model, tokenizer = build_model(spec, device, attn_implementation=cfg.attn, models_dir=cfg.models_dir,
                                    trust_remote_code=cfg.trust_remote_code)
     model.assert_only_projector_trainable()
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if cfg.compile:
+        # dynamic: text lengths vary from batch to batch; compiling per length would never end.
+        model.llm.get_decoder().compile(dynamic=True)
+        if model.vision is not None:
+            model.vision.model.compile(dynamic=False)
     console.header("model")
     for k, v in model.summary().items():
         console.kv(k, v)
@@ -302,7 +337,14 @@ def train(cfg: TrainConfig) -> dict:
         model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---- data
-    train_ds, eval_ds, skipped = load_datasets(cfg, tokenizer, fmt, assistant.transform)
+    features_key = None
+    if cfg.features_cache:
+        from utils.feature_cache import cache_key
+
+        s = model.spec
+        features_key = cache_key(s.vision_path, s.feature_layer, s.feature_select, s.feature_post_norm,
+                                 s.image_transform, s.num_image_tokens, s.vision_hidden_size)
+    train_ds, eval_ds, skipped = load_datasets(cfg, tokenizer, fmt, assistant.transform, features_key)
     global_batch = cfg.batch_size * grad_accum * dist.world_size
     steps_per_epoch = max(len(train_ds) // global_batch, 1)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -336,7 +378,9 @@ def train(cfg: TrainConfig) -> dict:
     summary: dict = {"run": run_name, "run_dir": run_dir, **state["summary"]}
     if cfg.demo and dist.is_main and "heldout_exact_match_before" not in summary:
         summary["heldout_exact_match_before"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
+        summary["toy_vqa_accuracy_before"] = toy_vqa(assistant, cfg)
         console.kv("held-out exact match (before)", f"{summary['heldout_exact_match_before']:.3f}")
+        console.kv("toy VQA accuracy (before)", f"{summary['toy_vqa_accuracy_before']:.1f}")
 
     # ---- loop
     from tqdm import tqdm
@@ -374,7 +418,8 @@ def train(cfg: TrainConfig) -> dict:
             # sum of per-rank token sums / all tokens. no_sync: one all-reduce per step.
             sync = contextlib.nullcontext() if not dist.enabled or i == len(micro) - 1 else model.projector.no_sync()
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                ls, _ = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+                ls, _ = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b.get("pixel_values"),
+                              image_features=b.get("image_features"), position_ids=b.get("position_ids"))
                 (ls * dist.world_size / n_tokens).backward()
             loss_sum += ls.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -413,13 +458,15 @@ def train(cfg: TrainConfig) -> dict:
         last = step == total_steps
         if dist.is_main and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
             metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
-            tqdm.write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}")
+            gap = metrics.get("eval/image_ablation_gap")
+            tqdm.write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}"
+                       + (f" | image-ablation gap {gap:+.4f}" if gap is not None else ""))
             logger.log(step, metrics)
             log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step)
-            summary.update({"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]})
+            summary.update(eval_summary(metrics))
         if step % cfg.save_interval == 0 or last or stopping:
             train_state = {"step": step, "epoch": epoch, "losses": losses, "nonfinite_steps": nonfinite,
-                           "summary": {k: v for k, v in summary.items() if k.startswith(("heldout", "eval"))}}
+                           "summary": {k: v for k, v in summary.items() if k.startswith(("heldout", "eval", "image_", "toy_"))}}
             checkpoint = save_training_checkpoint(model, optimizer, scheduler, ckpt_dir, train_state, position,
                                                   skipped, truncated, cfg, run_name, dist)
         if stopping and not last:
@@ -446,21 +493,40 @@ def train(cfg: TrainConfig) -> dict:
                     "global_batch": global_batch})
     if dist.is_main:
         if "eval_loss" not in summary:
-            metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
-            summary.update({"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]})
+            summary.update(eval_summary(heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)))
         if cfg.demo:
             summary["heldout_exact_match_after"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
+            summary["toy_vqa_accuracy_after"] = toy_vqa(assistant, cfg)
         dump_json(summary, os.path.join(run_dir, "summary.json"))
         logger.close()
         console.header("done")
-        for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl",
-                  "heldout_exact_match_before", "heldout_exact_match_after", "skipped", "checkpoint"):
+        for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl", "image_ablation_gap",
+                  "heldout_exact_match_before", "heldout_exact_match_after", "toy_vqa_accuracy_before",
+                  "toy_vqa_accuracy_after", "skipped", "checkpoint"):
             if k in summary:
                 console.kv(k, summary[k])
         console.info(f"\nchat with it:  python eval_llava.py --checkpoint {checkpoint}")
         console.info(f"curves:        tensorboard --logdir {cfg.runs_dir}")
     cleanup_dist()
     return summary
+
+
+def toy_vqa(assistant: Assistant, cfg: TrainConfig) -> float:
+    """The demo's VQA check: the toy world's official-schema VQA split, never trained on."""
+    from eval_llava import official_vqa_accuracy
+    from toy_world import VQA_TEMPLATE
+
+    vqa = os.path.join(os.path.dirname(os.path.abspath(cfg.data_root)), "vqa")
+    return official_vqa_accuracy(assistant, os.path.join(vqa, "v2_OpenEnded_mscoco_val2014_questions.json"),
+                                 os.path.join(vqa, "v2_mscoco_val2014_annotations.json"),
+                                 os.path.join(vqa, "val2014"), VQA_TEMPLATE)
+
+
+def eval_summary(metrics: dict) -> dict:
+    out = {"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]}
+    if "eval/image_ablation_gap" in metrics:
+        out["image_ablation_gap"] = metrics["eval/image_ablation_gap"]
+    return out
 
 
 def _run_of(path: str) -> str:

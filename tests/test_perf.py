@@ -1,0 +1,96 @@
+"""Performance features keep the numbers: packing, length grouping, gradient checkpointing,
+and the benchmark (ours vs transformers' LLaVA on the same weights) runs and writes its JSON."""
+
+import json
+
+import pytest
+import torch
+
+from dataset import EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed, read_records
+
+
+def _batch_items(toy, model, tok, fmt, n=6):
+    records, _, root = read_records("sa1b", toy.eval)
+    ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform), ImageLoader(root),
+                       instructions="zh")
+    return [ds[i] for i in range(n)]
+
+
+def _loss_and_grad(model, batch):
+    model.projector.zero_grad(set_to_none=True)
+    ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"],
+                   position_ids=batch.get("position_ids"))
+    (ls / nt).backward()
+    return (ls / nt).item(), int(nt), model.projector.linear_1.weight.grad.clone()
+
+
+def test_packed_batch_gives_the_padded_loss_and_gradient(toy, toy_model):
+    model, tok, fmt = toy_model
+    items = _batch_items(toy, model, tok, fmt)
+    padded, packed = collate(items, tok.pad_token_id), collate_packed(items, tok.pad_token_id)
+    assert packed["input_ids"].shape == (1, sum(len(i["input_ids"]) for i in items))
+    assert padded["input_ids"].numel() > packed["input_ids"].numel()   # the padding is gone
+    loss_a, n_a, grad_a = _loss_and_grad(model, padded)
+    loss_b, n_b, grad_b = _loss_and_grad(model, packed)
+    assert n_a == n_b
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
+    # Without the restarting positions the samples would attend to each other: a different loss.
+    no_pos = dict(packed)
+    no_pos.pop("position_ids")
+    assert _loss_and_grad(model, no_pos)[0] != pytest.approx(loss_a, rel=1e-5)
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradient(toy, toy_model):
+    model, tok, fmt = toy_model
+    batch = collate(_batch_items(toy, model, tok, fmt, 4), tok.pad_token_id)
+    model.train()
+    before = _loss_and_grad(model, batch)
+    calls = []
+    attn = model.llm.get_decoder().layers[0].self_attn
+    handle = attn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _loss_and_grad(model, batch)
+        plain = len(calls)
+        model.enable_gradient_checkpointing()
+        calls.clear()
+        after = _loss_and_grad(model, batch)
+    finally:
+        handle.remove()
+        (getattr(model.llm, "activation_checkpointing_disable", None) or model.llm.gradient_checkpointing_disable)()
+        model.checkpointed_layers = []
+    assert plain == 1 and len(calls) == 2                            # recomputed in backward
+    assert model.llm.training is False                                # frozen parts stay in eval mode
+    assert after[0] == pytest.approx(before[0], rel=1e-6)
+    torch.testing.assert_close(after[2], before[2], rtol=1e-5, atol=1e-7)
+
+
+def test_length_grouping_is_a_seeded_partition_of_similar_lengths():
+    lengths = [int(x) for x in torch.randint(1, 500, (400,), generator=torch.Generator().manual_seed(0))]
+    kw = dict(n=400, seed=1, epoch=0, lengths=lengths, batch_size=8, world_size=2)
+    ranks = [EpochSampler(rank=r, **kw).indices() for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(400))
+    assert ranks[0] == EpochSampler(rank=0, **kw).indices()           # resumable: same order again
+    spread = lambda order: sum(max(lengths[i] for i in order[b:b + 8]) - min(lengths[i] for i in order[b:b + 8])
+                               for b in range(0, len(order), 8))
+    plain = EpochSampler(400, seed=1, epoch=0, rank=0, world_size=2).indices()
+    assert spread(ranks[0]) < spread(plain) / 5
+
+
+def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
+    from scripts.benchmark import main
+
+    out = tmp_path / "bench.json"
+    result = main(["--arch", "tiny", "--batch_size", "2", "--steps", "1", "--warmup", "1", "--json", str(out)])
+    on_disk = json.loads(out.read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    for key in ("samples_per_s", "tokens_per_s", "peak_mem_bytes", "step_ms"):
+        assert on_disk["ours"][key] > 0 and on_disk["reference"][key] > 0, key
+    assert on_disk["ratio"] == pytest.approx(on_disk["ours"]["samples_per_s"] / on_disk["reference"]["samples_per_s"],
+                                             rel=1e-2)
+    assert "mfu" in on_disk and on_disk["mfu"] is None                  # no peak FLOP/s for a CPU
+    # the same weights and batch: LLaVA's own loss equals ours before training
+    assert on_disk["initial_loss"]["ours"] == pytest.approx(on_disk["initial_loss"]["reference"], rel=1e-5)
+    cached = main(["--arch", "tiny", "--batch_size", "2", "--steps", "1", "--warmup", "0", "--cached_features",
+                   "--no_reference"])
+    assert cached["cached_features"] and cached["flops_per_sample"] < on_disk["flops_per_sample"]
