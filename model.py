@@ -281,6 +281,25 @@ class LlavaStage1(nn.Module):
             replies.append(row[:cut])
         return replies
 
+    def step_flops(self, n_images: int, seq_tokens: list[int], n_supervised: int, cached: bool = False) -> float:
+        """Model FLOPs of one training step (2 x multiply-adds of the matmuls stage 1 must do):
+        vision forward 2 P_v N + 4 L_v N^2 d_v per image (none from cached features); projector
+        6 P_proj N per image; LLM forward 2 P T + 4 L T^2 d_attn per sample and the same again
+        for the backward to the inputs (frozen weights get no gradient); LM head 4 V d per
+        supervised token. scripts/benchmark.py and training's MFU both use this count."""
+        lm, n = self.llm.config, self.spec.num_image_tokens
+        count = lambda mod: sum(p.numel() for p in mod.parameters())
+        flops = 6.0 * count(self.projector) * n * n_images
+        if not cached and self.vision is not None:
+            v = self.vision.model.config
+            p_v = sum(p.numel() for name, p in self.vision.model.named_parameters() if "embed" not in name)
+            flops += n_images * (2 * p_v * n + 4 * v.num_hidden_layers * n * n * v.hidden_size)
+        decoder = self.llm.get_decoder()
+        p_lm = count(decoder) - decoder.get_input_embeddings().weight.numel()
+        d_attn = lm.num_attention_heads * (getattr(lm, "head_dim", None) or lm.hidden_size // lm.num_attention_heads)
+        llm_fwd = sum(2 * p_lm * t + 4 * lm.num_hidden_layers * t * t * d_attn for t in seq_tokens)
+        return flops + 2 * llm_fwd + 4 * lm.vocab_size * lm.hidden_size * n_supervised
+
     def summary(self) -> dict[str, Any]:
         def count(m):
             return sum(p.numel() for p in m.parameters()) if m is not None else 0

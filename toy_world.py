@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 COLORS = {"红色": (220, 45, 45), "绿色": (45, 175, 60), "蓝色": (45, 85, 230),
           "黄色": (235, 205, 40), "紫色": (150, 60, 200), "青色": (40, 200, 205)}
@@ -213,7 +213,7 @@ def _prior_batch(tok, fmt, rng: random.Random, batch: int, max_text_len: int = 6
     rows, labels = [], []
     for _ in range(batch):
         color, shape, position = rng.choice(COMBOS)
-        if rng.random() < 0.3:  # a toy VQA question about one attribute
+        if rng.random() < 0.5:  # a toy VQA question about one attribute
             kind = rng.choice(list(VQA_QUESTIONS))
             answer = {"color": color, "shape": shape, "position": position}[kind]
             question = VQA_TEMPLATE.replace("{question}", VQA_QUESTIONS[kind][0])

@@ -385,6 +385,10 @@ def train(cfg: TrainConfig) -> dict:
     # ---- loop
     from tqdm import tqdm
 
+    from utils.dist import peak_flops
+
+    peak = peak_flops(device)[1]
+
     stream = batches(train_ds, cfg, pad_id, dist.rank, dist.world_size, state["epoch"], state["positions"][dist.rank])
     model.train()
     losses: list[float] = state["losses"]
@@ -445,6 +449,12 @@ def train(cfg: TrainConfig) -> dict:
         scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[0],
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
                    "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch, "train/nonfinite_steps": nonfinite}
+        if peak:  # MFU on a GPU of known peak: this rank's model FLOPs over its time
+            lengths = [n for b in micro for n in sample_lengths(b)]
+            flops = model.step_flops(sum(b["size"] for b in micro), lengths,
+                                     sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                                     cached=bool(cfg.features_cache))
+            scalars["train/mfu"] = flops / dt / peak
         if logger:
             logger.log(step, scalars)
         bar.update(1)
@@ -509,6 +519,14 @@ def train(cfg: TrainConfig) -> dict:
         console.info(f"curves:        tensorboard --logdir {cfg.runs_dir}")
     cleanup_dist()
     return summary
+
+
+def sample_lengths(batch: dict) -> list[int]:
+    """Tokens per sample: from the attention mask, or from where positions restart when packed."""
+    if "position_ids" in batch:
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
+        return [b - a for a, b in zip(starts, starts[1:])]
+    return batch["attention_mask"].sum(1).tolist()
 
 
 def toy_vqa(assistant: Assistant, cfg: TrainConfig) -> float:

@@ -14,8 +14,8 @@ Architectures: course (Chinese-CLIP ViT-B/16 + Qwen3-0.6B), align (DINOv3 ViT-B/
 text), llava15 (CLIP-L/14-336 + Qwen3-1.7B), small (a scaled-down CLIP + Qwen3 with the real
 151,936-token vocabulary, for CPU).
 
-MFU = achieved model FLOP/s / peak dense bf16 FLOP/s of the GPU (table PEAK_FLOPS). Model FLOPs
-per sample, counted as 2 x multiply-adds of the matmuls that a stage-1 step must do:
+MFU = achieved model FLOP/s / peak dense bf16 FLOP/s of the GPU (utils/dist.py PEAK_FLOPS). Model
+FLOPs per sample (model.LlavaStage1.step_flops), 2 x multiply-adds of the matmuls a step must do:
   vision forward   2 P_v N_v + 4 L_v N_v^2 d_v            (skipped with --cached_features)
   projector        6 P_proj N                              (forward + weight and input grads)
   LLM forward      2 P_lm T + 4 L T^2 d_attn              (P without embeddings; full-square attention)
@@ -40,11 +40,7 @@ import torch  # noqa: E402
 
 from backbones import VISION_TYPES, arch_config  # noqa: E402
 from model import LlavaStage1, ModelSpec, Projector, VisionTower  # noqa: E402
-
-# Peak dense bf16 tensor FLOP/s (vendor datasheets, without sparsity).
-PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H800": 989e12,
-              "H20": 148e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L20": 119.5e12,
-              "RTX 4090": 165.2e12, "RTX 3090": 71e12, "A10": 125e12, "V100": 125e12}
+from utils.dist import peak_flops  # noqa: E402
 
 IMAGE_TOKEN_ID = 151655  # Qwen's <|image_pad|>
 
@@ -168,18 +164,7 @@ def make_batch(ours: LlavaStage1, batch: int, text_len: int, answer_len: int, de
 
 
 def flops_per_sample(ours: LlavaStage1, text_len: int, answer_len: int, cached: bool) -> float:
-    v, lm = ours.vision.model.config, ours.llm.config
-    n = ours.vision.num_tokens
-    t = 4 + n + text_len
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    p_v = count(ours.vision.model) - sum(p.numel() for n_, p in ours.vision.model.named_parameters() if "embed" in n_)
-    p_lm = count(ours.llm.model) - ours.llm.model.embed_tokens.weight.numel()
-    d_attn = lm.num_attention_heads * getattr(lm, "head_dim", lm.hidden_size // lm.num_attention_heads)
-    vision = 0.0 if cached else 2 * p_v * n + 4 * v.num_hidden_layers * n * n * v.hidden_size
-    proj = 6 * count(ours.projector) * n
-    llm_fwd = 2 * p_lm * t + 4 * lm.num_hidden_layers * t * t * d_attn
-    head = 4 * lm.vocab_size * lm.hidden_size * answer_len
-    return vision + proj + 2 * llm_fwd + head
+    return ours.step_flops(1, [4 + ours.vision.num_tokens + text_len], answer_len, cached)
 
 
 class PeakRSS:
@@ -258,20 +243,6 @@ def step_reference(ref, batch: dict, device: torch.device):
     return step
 
 
-def gpu_peak_flops(device: torch.device) -> tuple[str, float | None]:
-    if device.type != "cuda":
-        return "cpu", None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if all(part.lower() in name.lower() for part in key.split()):
-            if key == "H100 SXM" and "pcie" in name.lower():
-                continue
-            return name, PEAK_FLOPS[key]
-    if "H100" in name:  # "NVIDIA H100 80GB HBM3" is the SXM part
-        return name, PEAK_FLOPS["H100 SXM"]
-    return name, None
-
-
 def _oom(e: Exception) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -289,19 +260,19 @@ def run(arch_name: str, batch_size: int, text_len: int = 64, answer_len: int = 4
     batch = make_batch(ours, batch_size, text_len, answer_len, dev)
     features = ours.encode_images(batch["pixel_values"]).detach() if cached_features else None   # [B, N, D_v]
     flops = flops_per_sample(ours, text_len, answer_len, cached_features)
-    device_name, peak_flops = gpu_peak_flops(dev)
+    device_name, peak = peak_flops(dev)
     seq = batch["input_ids"].shape[1]
 
-    def figures(seconds, peak, loss, f):
+    def figures(seconds, peak_mem, loss, f):
         sps = batch_size / seconds
         return {"samples_per_s": round(sps, 2), "tokens_per_s": round(sps * seq, 1), "step_ms": round(seconds * 1e3, 1),
-                "peak_mem_bytes": int(peak), "loss": round(loss, 5),
-                "mfu": round(sps * f / peak_flops, 4) if peak_flops else None}
+                "peak_mem_bytes": int(peak_mem), "loss": round(loss, 5),
+                "mfu": round(sps * f / peak, 4) if peak else None}
 
     result = {"arch": arch_name, "device": device_name, "batch_size": batch_size, "seq_len": seq,
               "image_tokens": ours.vision.num_tokens, "supervised_tokens": answer_len, "dtype": str(torch_dtype),
               "attn": attn, "cached_features": cached_features, "flops_per_sample": flops,
-              "peak_flops": peak_flops, "steps": steps}
+              "peak_flops": peak, "steps": steps}
     ref = build_reference(ours, attn) if reference else None
     if ref is not None:
         # Same weights, same batch: the two losses must agree before either trains (exactly

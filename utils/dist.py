@@ -33,6 +33,26 @@ def pick_device(flag: str = "auto") -> torch.device:
     return torch.device(flag)
 
 
+# Peak dense bf16 tensor FLOP/s per GPU (vendor datasheets, without sparsity), for MFU.
+PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H800": 989e12,
+              "H20": 148e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L20": 119.5e12,
+              "RTX 4090": 165.2e12, "RTX 3090": 71e12, "A10": 125e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> tuple[str, float | None]:
+    """(device name, peak bf16 FLOP/s or None when unknown, e.g. on CPU)."""
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    low = name.lower()
+    if "h100" in low:  # "NVIDIA H100 80GB HBM3" is the SXM part
+        return name, PEAK_FLOPS["H100 PCIe" if "pcie" in low else "H100 NVL" if "nvl" in low else "H100 SXM"]
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if all(part.lower() in low for part in key.split()):
+            return name, PEAK_FLOPS[key]
+    return name, None
+
+
 def setup(device_flag: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1).
 
