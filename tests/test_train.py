@@ -148,9 +148,20 @@ def test_batch_vqa_on_the_toy_vqa_set(short_run, toy, tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert alone.returncode == 0, alone.stderr
     assert json.loads(alone.stdout)["overall"] == scores["overall"]
-    # A projector aligned on captions alone (100 steps) lets the frozen LM answer the toy questions
-    # well above chance (1/6 colours, 1/4 shapes, 1/3 positions: 25% on average).
-    assert scores["overall"] > 40
+    # A projector aligned on captions alone (100 steps) lets the frozen LM answer the toy questions;
+    # with a fresh projector in its place the same LM does far worse.
+    import torch
+
+    from eval_llava import Assistant, official_vqa_accuracy
+    from model import Projector
+    from toy_world import VQA_TEMPLATE
+
+    assistant = Assistant.from_checkpoint(summary["checkpoint"])
+    spec = assistant.model.spec
+    torch.manual_seed(0)
+    assistant.model.projector = Projector(spec.projector, spec.vision_hidden_size, spec.llm_hidden_size)
+    untrained = official_vqa_accuracy(assistant, q, a, os.path.join(toy.vqa, "val2014"), VQA_TEMPLATE)
+    assert scores["overall"] > untrained + 15
 
 
 def test_batch_captions_on_chat_json_and_on_an_image_folder(short_run, toy, tmp_path):
