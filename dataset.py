@@ -89,9 +89,13 @@ class ImageTransform:
                 img = img.resize((new_w, new_h), _RESAMPLE[self.resample])
             left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
-        x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)       # [H, W, 3]
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))            # [3, H, W]
+        # (x / 255 - mean) / std as one multiply-add per pixel, written channel-first.
+        scale = (1.0 / (255.0 * np.asarray(self.std, np.float32)))[:, None, None]
+        shift = (-np.asarray(self.mean, np.float32) / np.asarray(self.std, np.float32))[:, None, None]
+        out = np.empty((3, img.size[1], img.size[0]), np.float32)              # [3, H, W]
+        np.multiply(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1), scale, out=out, dtype=np.float32)
+        out += shift
+        return out
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -381,13 +385,15 @@ def encode_prompt(tokenizer, fmt: PromptFormat, messages: list[dict]) -> tuple[l
     return ids, mask
 
 
-def encode_conversation(tokenizer, fmt: PromptFormat, messages: list[dict],
-                        max_text_len: int) -> tuple[list[int], list[int]]:
+def encode_conversation(tokenizer, fmt: PromptFormat, messages: list[dict], max_text_len: int,
+                        prompt_cache: dict | None = None) -> tuple[list[int], list[int]]:
     """Training ids and labels for a conversation that ends with an assistant answer.
 
     Prompt = exactly what inference feeds for the same history; target = answer tokens plus
     the end-of-turn token, nothing else (-100 elsewhere). `max_text_len` counts tokens other
     than image slots; an over-long answer loses its tail, never an image slot.
+    `prompt_cache` memoises the rendered prompt: caption data has a handful of distinct
+    prompts (one per instruction), and rendering the chat template is the costliest step.
     """
     if not messages or messages[-1]["role"] != "assistant":
         raise SampleError("bad_conversation", "last turn is not an answer")
@@ -396,7 +402,13 @@ def encode_conversation(tokenizer, fmt: PromptFormat, messages: list[dict],
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
     if placeholders != 1:
         raise SampleError("no_image_placeholder" if placeholders == 0 else "too_many_images")
-    prompt, mask = encode_prompt(tokenizer, fmt, messages[:-1])
+    key = tuple((m["role"], m["content"]) for m in messages[:-1])
+    if prompt_cache is not None and key in prompt_cache:
+        prompt, mask = prompt_cache[key]
+    else:
+        prompt, mask = encode_prompt(tokenizer, fmt, messages[:-1])
+        if prompt_cache is not None and len(prompt_cache) < 10_000:  # bounded: VQA questions rarely repeat
+            prompt_cache[key] = (prompt, mask)
     n_image = len(fmt.image_ids())
     budget = max_text_len - (len(prompt) - n_image)
     if budget <= 0:
@@ -544,6 +556,7 @@ class Stage1Dataset(torch.utils.data.Dataset):
         self.records, self.tokenizer, self.fmt = records, tokenizer, fmt
         self.transform, self.loader = transform, loader
         self.features = features  # a utils.feature_cache.FeatureCache: no decoding, no ViT
+        self._prompts: dict = {}  # encode_conversation's prompt memo (one per worker process)
         self.max_text_len, self.instructions, self.seed = max_text_len, INSTRUCTION_POOLS[instructions], seed
         self.epoch = 0
         self._unexpected = 0
@@ -569,7 +582,7 @@ class Stage1Dataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict:
         try:
             messages = self.messages(idx)
-            ids, labels = encode_conversation(self.tokenizer, self.fmt, messages, self.max_text_len)
+            ids, labels = encode_conversation(self.tokenizer, self.fmt, messages, self.max_text_len, self._prompts)
             if self.features is not None:
                 from utils.feature_cache import image_key
 
