@@ -3,7 +3,6 @@
 
 import io
 import json
-import os
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from dataset import ImageLoader, ImageTransform, Stage1Dataset, read_records
 from eval_llava import heldout_loss

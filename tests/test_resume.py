@@ -163,7 +163,9 @@ def test_accumulated_loss_is_the_mean_over_all_tokens(toy, tmp_path, uneven_chat
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     la, lb = losses(tmp_path / "runs" / "whole"), losses(tmp_path / "runs" / "split")
-    assert all(abs(la[s] - lb[s]) < 1e-6 for s in la)
+    # Equal up to float rounding (padding to 4 vs 8 rows changes matmul shapes); a mean of
+    # per-micro-batch means would not match on this uneven data.
+    assert all(abs(la[s] - lb[s]) < 1e-5 * abs(la[s]) for s in la)
 
 
 def test_non_finite_steps_are_skipped_counted_and_abort_when_persistent(toy, tmp_path, monkeypatch):
