@@ -95,7 +95,7 @@ def resolve_model(name: str, models_dir: str = "models") -> str:
         if os.path.isdir(path) and os.listdir(path):
             return path
         raise MissingModel(f"model '{name}' is not in {models_dir}/. Download it first:\n  "
-                           f"{download_command(name, models_dir)}\n(or pass --download, or point at a local folder)")
+                           f"{download_command(name, models_dir)}\n(or point at a local folder)")
     raise FileNotFoundError(f"'{name}' is neither a local directory nor a known id ({', '.join(REGISTRY)})")
 
 
@@ -372,20 +372,32 @@ def describe(vision: str, llm: str, projector: str = "linear", models_dir: str =
     vcfg = getattr(vcfg, "vision_config", vcfg)  # a dual-tower config: its vision half
     if getattr(lcfg, "model_type", "") == "qwen3_vl":
         lcfg = _qwen3vl_text_config_from(lcfg)
-    from model import Projector, VisionTower
+    from model import Projector
 
-    vtype = vcfg.model_type
     select = feature_select or (REGISTRY[vision].feature_select if vision in REGISTRY else "all")
+    tower = meta_vision_tower(vcfg, feature_layer or -1, select)
+    vmodel = tower.model
     with torch.device("meta"):
-        vmodel = getattr(transformers, VISION_TYPES[vtype][1])(vcfg)
         lmodel = transformers.AutoModelForCausalLM.from_config(lcfg)
-        tower = VisionTower(vmodel, vtype, feature_layer or -1, select)
         proj = Projector(projector, vcfg.hidden_size, lcfg.hidden_size)
     n = lambda m: sum(p.numel() for p in m.parameters())
     params = {"vision": n(vmodel), "projector": n(proj), "llm": n(lmodel)}
     return {"vision": vision, "llm": llm, "image_tokens_per_image": tower.num_tokens,
             "widths": f"D_v={vcfg.hidden_size} -> D_lm={lcfg.hidden_size}", "params": params,
             "trainable": params["projector"], "bf16_weights_gib": round(sum(params.values()) * 2 / 2**30, 2)}
+
+
+def meta_vision_tower(vcfg, feature_layer: int = -1, feature_select: str = "all"):
+    """A VisionTower built from a config on the meta device: sizes and token counts without
+    reading or allocating any weight (summaries, preprocessing settings)."""
+    import transformers
+
+    from model import VisionTower
+
+    vcfg = getattr(vcfg, "vision_config", vcfg)  # a dual-tower config: its vision half
+    with torch.device("meta"):
+        vmodel = getattr(transformers, VISION_TYPES[vcfg.model_type][1])(vcfg)
+        return VisionTower(vmodel, vcfg.model_type, feature_layer, feature_select)
 
 
 def _qwen3vl_text_config_from(cfg):

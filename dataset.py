@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_PLACEHOLDER = "<image>"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what counts as an image in a folder
 IGNORE_INDEX = -100
 
 # Instruction pools for caption data. The course trains with one instruction only.
@@ -466,15 +467,13 @@ def sa1b_shards(data_root: str) -> list[str]:
     return shards
 
 
-def read_sa1b(data_root: str, max_samples: int = 0) -> tuple[list[Record], Counter]:
-    """SA1B-Dense-Caption parquet shards (`url`, `cap_seg`) -> records, skip counts.
-
-    Reads shards in name order and stops at `max_samples` (the course's first-100k subset).
-    `url` may be http(s), file:// or a path relative to `data_root`.
-    """
+def sa1b_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, Any, str]], Counter]:
+    """SA1B-Dense-Caption parquet shards (`url`, `cap_seg`) -> (url, raw cap_seg, caption) of the
+    usable rows in shard order, and skip counts. Stops at `max_samples` usable rows (the course's
+    first-100k subset). Shared by training's reader and scripts/prepare_sa1b.py."""
     import pyarrow.parquet as pq
 
-    records: list[Record] = []
+    rows: list[tuple[str, Any, str]] = []
     skipped: Counter = Counter()
     for shard in sa1b_shards(data_root):
         try:
@@ -485,15 +484,24 @@ def read_sa1b(data_root: str, max_samples: int = 0) -> tuple[list[Record], Count
         if missing:
             raise ValueError(f"{shard}: missing column(s) {sorted(missing)}; have {table.column_names}")
         for url, cap in zip(table.column("url").to_pylist(), table.column("cap_seg").to_pylist()):
-            if max_samples and len(records) >= max_samples:
-                return records, skipped
+            if max_samples and len(rows) >= max_samples:
+                return rows, skipped
             try:
                 if not isinstance(url, str) or not url.strip():
                     raise SampleError("bad_record", "empty url")
-                records.append(Record(image=url.strip(), caption=parse_cap_seg(cap)))
+                rows.append((url.strip(), cap, parse_cap_seg(cap)))
             except SampleError as e:
                 skipped[e.reason] += 1
-    return records, skipped
+    return rows, skipped
+
+
+def read_sa1b(data_root: str, max_samples: int = 0) -> tuple[list[Record], Counter]:
+    """SA1B-Dense-Caption shards -> records, skip counts.
+
+    `url` may be http(s), file:// or a path relative to `data_root`.
+    """
+    rows, skipped = sa1b_rows(data_root, max_samples)
+    return [Record(image=url, caption=caption) for url, _, caption in rows], skipped
 
 
 def read_chat_json(chat_json: str, max_samples: int = 0) -> tuple[list[Record], Counter]:
@@ -654,21 +662,27 @@ def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-padded training batch; skipped samples leave only their reason behind."""
+def _images_and_counts(batch: list[dict]) -> tuple[list[dict], dict]:
+    """The usable samples, and what every batch carries: skip reasons, sizes, stacked images."""
     good = [b for b in batch if "skip" not in b]
     out: dict[str, Any] = {"skipped": Counter(b["skip"] for b in batch if "skip" in b), "size": len(good),
                            "truncated": sum(b.get("truncated", False) for b in good)}
+    if good:
+        out["index"] = [b["index"] for b in good]
+        for key in ("pixel_values", "image_features"):  # [B, 3, H, W] images or [B, N, D_v] cached features
+            if key in good[0]:
+                out[key] = torch.from_numpy(np.stack([b[key] for b in good]))
+    return good, out
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-padded training batch; skipped samples leave only their reason behind."""
+    good, out = _images_and_counts(batch)
     if not good:
         return out
-    ids = pad([b["input_ids"] for b in good], pad_id)
-    out["input_ids"] = ids                                           # [B, T]
-    out["labels"] = pad([b["labels"] for b in good], IGNORE_INDEX)   # [B, T]
+    out["input_ids"] = pad([b["input_ids"] for b in good], pad_id)              # [B, T]
+    out["labels"] = pad([b["labels"] for b in good], IGNORE_INDEX)               # [B, T]
     out["attention_mask"] = pad([[1] * len(b["input_ids"]) for b in good], 0)
-    for key in ("pixel_values", "image_features"):  # [B, 3, H, W] images or [B, N, D_v] cached features
-        if key in good[0]:
-            out[key] = torch.from_numpy(np.stack([b[key] for b in good]))
-    out["index"] = [b["index"] for b in good]
     return out
 
 
@@ -676,8 +690,7 @@ def collate_packed(batch: list[dict], pad_id: int) -> dict:
     """Padding-free batch: all samples in one row [1, sum T] with position_ids restarting at 0
     per sample. No pad token is computed; with flash-attention 2 the kernel runs variable
     lengths, with SDPA/eager transformers builds a block-diagonal causal mask."""
-    out = collate(batch, pad_id)
-    good = [b for b in batch if "skip" not in b]
+    good, out = _images_and_counts(batch)
     if not good:
         return out
     out["input_ids"] = torch.tensor([sum((b["input_ids"] for b in good), [])])               # [1, sum T]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import (IMAGE_PLACEHOLDER, ImageLoader, ImageTransform, PromptFormat, SampleError, Stage1Dataset,
+from dataset import (IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, ImageLoader, ImageTransform, PromptFormat, SampleError, Stage1Dataset,
                      caption_messages, collate, collate_prompts, encode_prompt, read_chat_json, read_sa1b,
                      to_device)
 from model import LlavaStage1, load_checkpoint
@@ -242,9 +242,6 @@ def chat(assistant: Assistant, gen: dict, stdin=sys.stdin) -> None:
 
 
 # --------------------------------------------------------------------------- batch modes
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-
 
 def answer_all(assistant: Assistant, items: list[tuple[str, list[dict]]], root: str, batch_size: int,
                max_new_tokens: int, desc: str) -> tuple[list[str | None], Counter]:

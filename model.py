@@ -168,6 +168,7 @@ class LlavaStage1(nn.Module):
         self.spec = spec
         self.image_token_id = image_token_id
         self.checkpointed_layers: list[nn.Module] = []
+        self._param_counts: tuple[int, int, int] | None = None
 
     def train(self, mode: bool = True) -> "LlavaStage1":
         super().train(mode)
@@ -288,17 +289,25 @@ class LlavaStage1(nn.Module):
         for the backward to the inputs (frozen weights get no gradient); LM head 4 V d per
         supervised token. scripts/benchmark.py and training's MFU both use this count."""
         lm, n = self.llm.config, self.spec.num_image_tokens
-        count = lambda mod: sum(p.numel() for p in mod.parameters())
-        flops = 6.0 * count(self.projector) * n * n_images
+        p_proj, p_v, p_lm = self._matmul_params()
+        flops = 6.0 * p_proj * n * n_images
         if not cached and self.vision is not None:
             v = self.vision.model.config
-            p_v = sum(p.numel() for name, p in self.vision.model.named_parameters() if "embed" not in name)
             flops += n_images * (2 * p_v * n + 4 * v.num_hidden_layers * n * n * v.hidden_size)
-        decoder = self.llm.get_decoder()
-        p_lm = count(decoder) - decoder.get_input_embeddings().weight.numel()
         d_attn = lm.num_attention_heads * (getattr(lm, "head_dim", None) or lm.hidden_size // lm.num_attention_heads)
         llm_fwd = sum(2 * p_lm * t + 4 * lm.num_hidden_layers * t * t * d_attn for t in seq_tokens)
         return flops + 2 * llm_fwd + 4 * lm.vocab_size * lm.hidden_size * n_supervised
+
+    def _matmul_params(self) -> tuple[int, int, int]:
+        """(projector, vision without embeddings, LLM decoder without embeddings) parameter
+        counts; counted once, since training asks every step."""
+        if self._param_counts is None:
+            decoder = self.llm.get_decoder()
+            p_v = 0 if self.vision is None else sum(
+                p.numel() for name, p in self.vision.model.named_parameters() if "embed" not in name)
+            self._param_counts = (sum(p.numel() for p in self.projector.parameters()), p_v,
+                                  sum(p.numel() for p in decoder.parameters()) - decoder.get_input_embeddings().weight.numel())
+        return self._param_counts
 
     def summary(self) -> dict[str, Any]:
         def count(m):

@@ -202,10 +202,7 @@ def _cosine(peak: float, step: int, total: int, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-_ENCODED: dict = {}
-
-
-def _prior_batch(tok, fmt, rng: random.Random, batch: int, max_text_len: int = 64):
+def _prior_batch(tok, fmt, rng: random.Random, batch: int, prompts: dict, max_text_len: int = 64):
     """Stage-1 prompts whose image slots hold the attribute words in random slots."""
     from dataset import INSTRUCTION_POOLS, caption_messages, encode_conversation
 
@@ -220,10 +217,8 @@ def _prior_batch(tok, fmt, rng: random.Random, batch: int, max_text_len: int = 6
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         else:
             messages = caption_messages(caption_of(color, shape, position), rng.choice(pool))
-        key = (id(tok), fmt.num_image_tokens, max_text_len, *(m["content"] for m in messages))
-        if key not in _ENCODED:  # ~400 distinct conversations: render each chat template once
-            _ENCODED[key] = encode_conversation(tok, fmt, messages, max_text_len)
-        ids, lab = (list(x) for x in _ENCODED[key])
+        # `prompts` memoises the ~10 distinct prompts: the chat template is rendered once each.
+        ids, lab = encode_conversation(tok, fmt, messages, max_text_len, prompts)
         slots = [i for i, t in enumerate(ids) if t == fmt.image_token_id]
         words = [tok.encode(w, add_special_tokens=False)[0] for w in (color, shape, position)]
         for pos, word in zip(rng.sample(slots, len(words)), words):
@@ -251,11 +246,12 @@ def build_llm(out_dir: str, tok, size: ToySize, num_image_tokens: int, log=print
     fmt = PromptFormat.build(tok, "<|image_pad|>", num_image_tokens, chat_template_kwargs={"enable_thinking": False})
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.0, betas=(0.9, 0.98))
     rng = random.Random(size.seed)
+    prompts: dict = {}
     lm.train()
     for step in range(size.lm_steps):
         for g in opt.param_groups:
             g["lr"] = _cosine(3e-3, step, size.lm_steps, warmup=50)
-        ids, labels, mask = _prior_batch(tok, fmt, rng, 64)
+        ids, labels, mask = _prior_batch(tok, fmt, rng, 64, prompts)
         loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -291,7 +291,9 @@ def train(cfg: TrainConfig) -> dict:
         raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
     try:
         vision_path, llm_path = resolve_models(cfg)
-    except (MissingModel, FileNotFoundError) as e:
+    except MissingModel as e:
+        raise SystemExit(f"{e}\n(or pass --download to fetch it first)") from None
+    except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
     run_name = cfg.run_name or (_run_of(cfg.resume) if cfg.resume not in ("", "auto") else "") \
         or time.strftime("stage1_%Y%m%d_%H%M%S")

@@ -40,7 +40,8 @@ class _Images(torch.utils.data.Dataset):
     """Unique image sources -> (position, pixels) or (position, skip reason)."""
 
     def __init__(self, sources: list[tuple[str, str]], transform, draft: int):
-        self.sources, self.transform, self.draft = sources, transform, draft
+        self.sources, self.transform = sources, transform
+        self.loaders = {root: ImageLoader(root, draft=draft) for root in {r for _, r in sources}}
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -48,7 +49,7 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         src, root = self.sources[i]
         try:
-            return i, self.transform(ImageLoader(root, draft=self.draft)(src))
+            return i, self.transform(self.loaders[root](src))
         except SampleError as e:
             return i, e.reason
         except Exception as e:  # noqa: BLE001 - one odd file must not end the job

@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from backbones import MissingModel, load_llm, load_tokenizer, resolve_model  # noqa: E402
+from backbones import load_llm, load_tokenizer, resolve_model  # noqa: E402
+from utils.dist import pick_device  # noqa: E402
 from dataset import find_end_of_turn  # noqa: E402
 
 
@@ -154,10 +155,9 @@ def main(argv: list[str] | None = None) -> ChatSession:
 
     try:
         path = resolve_model(args.llm, args.models_dir)
-    except (MissingModel, FileNotFoundError) as e:
-        # backbones' hint mentions train_stage1's --download flag, which this script has not.
-        raise SystemExit(str(e).split("\n(or pass --download")[0]) from None
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    except FileNotFoundError as e:  # MissingModel included: its message holds the download command
+        raise SystemExit(str(e)) from None
+    device = pick_device(args.device)
     # bf16 halves memory on a GPU; CPUs are faster and exact in fp32.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     attn = pick_attn(args.attn)

@@ -30,11 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from backbones import (MODELSCOPE_CLIP, MissingModel, detect_vision_type, from_pretrained_strict,  # noqa: E402
+from backbones import (MODELSCOPE_CLIP, detect_vision_type, from_pretrained_strict,  # noqa: E402
                        load_modelscope_chinese_clip, read_json, resolve_model)
-from dataset import CLIP_MEAN, CLIP_STD, ImageTransform, SampleError, decode_image  # noqa: E402
+from dataset import CLIP_MEAN, CLIP_STD, IMAGE_EXTENSIONS, ImageTransform, SampleError, decode_image  # noqa: E402
+from utils.dist import pick_device  # noqa: E402
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length (cn_clip's default context_length)
 
 
@@ -139,9 +139,9 @@ def _features(out) -> torch.Tensor:
 
 
 def list_images(folder: str) -> list[str]:
-    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTS))
+    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in {folder}/")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}/")
     return files
 
 
@@ -277,10 +277,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     try:
         path = resolve_model(args.model, args.models_dir)
-    except (MissingModel, FileNotFoundError) as e:
-        # backbones' hint mentions train_stage1's --download flag, which this script has not.
-        raise SystemExit(str(e).split("\n(or pass --download")[0]) from None
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    except FileNotFoundError as e:  # MissingModel included: its message holds the download command
+        raise SystemExit(str(e)) from None
+    device = str(pick_device(args.device))
     clip = load_chinese_clip(path, device)
     paths = list_images(args.images)
     image_emb, paths, skipped = embed_images(clip, paths, args.batch_size)

@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from backbones import load_tokenizer, resolve_model  # noqa: E402
+from backbones import arch_config, load_tokenizer, meta_vision_tower, resolve_model, vision_defaults  # noqa: E402
 from dataset import (INSTRUCTION_POOLS, ImageLoader, PromptFormat, SampleError, Stage1Dataset,  # noqa: E402
                      collate, decode_image, encode_conversation, read_records)
-from model import load_vision_tower, tower_transform  # noqa: E402
+from model import tower_transform  # noqa: E402
 
 
 def measure(data_format: str, data_root: str, chat_json: str, llm: str, vision_tower: str, n: int = 500,
@@ -35,7 +35,8 @@ def measure(data_format: str, data_root: str, chat_json: str, llm: str, vision_t
     records, skipped, root = read_records(data_format, data_root, chat_json, n)
     tok = load_tokenizer(resolve_model(llm, models_dir))
     vpath = resolve_model(vision_tower, models_dir)
-    tower = load_vision_tower(vpath)  # only its config is used here: size and token count
+    # Only sizes are needed here (input size, token count): no weights are read.
+    tower = meta_vision_tower(arch_config(vpath), -1, vision_defaults(vision_tower, vpath)["feature_select"])
     transform = tower_transform(vpath, tower)
     fmt = PromptFormat.build(tok, "<|image_pad|>", tower.num_tokens, False, {"enable_thinking": False})
     loader = ImageLoader(root, draft=transform.size if draft else None)

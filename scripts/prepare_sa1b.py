@@ -36,35 +36,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image  # noqa: E402
 
-from dataset import ImageLoader, SampleError, decode_image, parse_cap_seg, sa1b_shards  # noqa: E402
+from dataset import ImageLoader, SampleError, sa1b_rows  # noqa: E402
 from utils.config import atomic_write_text  # noqa: E402
 
 
 def read_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, str]], Counter]:
-    """(url, original cap_seg) of usable rows, in shard order; bad rows counted by reason.
-
-    Same row selection as dataset.read_sa1b, so `--max_samples 100000` is the course's subset.
-    """
-    import pyarrow.parquet as pq
-
-    rows: list[tuple[str, str]] = []
-    skipped: Counter = Counter()
-    for shard in sa1b_shards(data_root):
-        try:
-            table = pq.read_table(shard, columns=["url", "cap_seg"])
-        except Exception as e:  # pyarrow raises several types for truncated or odd files
-            raise ValueError(f"{shard}: unreadable parquet shard or missing url/cap_seg column ({e})") from None
-        for url, cap in zip(table.column("url").to_pylist(), table.column("cap_seg").to_pylist()):
-            if max_samples and len(rows) >= max_samples:
-                return rows, skipped
-            try:
-                if not isinstance(url, str) or not url.strip():
-                    raise SampleError("bad_record", "empty url")
-                parse_cap_seg(cap)
-                rows.append((url.strip(), cap if isinstance(cap, str) else json.dumps(cap, ensure_ascii=False)))
-            except SampleError as e:
-                skipped[e.reason] += 1
-    return rows, skipped
+    """(url, original cap_seg as a string) of usable rows, selected exactly as training selects
+    them (dataset.sa1b_rows), so `--max_samples 100000` is the course's subset."""
+    rows, skipped = sa1b_rows(data_root, max_samples)
+    return [(url, cap if isinstance(cap, str) else json.dumps(cap, ensure_ascii=False)) for url, cap, _ in rows], skipped
 
 
 def image_relpath(url: str) -> str:
@@ -88,11 +68,7 @@ def prepare_one(url: str, out: str, loader: ImageLoader, short_side: int, qualit
     if os.path.isfile(path):
         return "exists", rel, os.path.getsize(path)
     try:
-        if url.startswith(("http://", "https://")):
-            img = decode_image(loader.fetch(url), draft=short_side)
-        else:
-            img = loader(url)  # local path or file://; loader.draft == short_side
-        img = shrink(img, short_side)
+        img = shrink(loader(url), short_side)  # URL or local path; draft-decoded to >= short_side
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         img.save(tmp, "JPEG", quality=quality)
