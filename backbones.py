@@ -24,36 +24,43 @@ class ModelInfo:
     kind: str                       # vision | llm
     hf: str                         # Hugging Face repo id
     modelscope: str | None          # ModelScope repo id (None: not mirrored there)
-    feature_layer: int = -1         # vision defaults
-    feature_select: str = "all"
-    feature_post_norm: bool = False
+    family: str = ""                # vision: a key of FEATURE_DEFAULTS
     gated: bool = False             # needs an HF token (DINOv3)
     note: str = ""
 
 
-# Defaults per tower follow each model's usual stage-1 recipe:
+# The one table of feature defaults per tower family, used by training, the feature cache,
+# the dataset preview and `describe` alike (flags a user types win). Each follows the family's
+# usual stage-1 recipe:
 #   Chinese CLIP (the course): last layer, all 197 tokens, ln_post on all of them, no proj.
 #   CLIP (LLaVA-1.5): layer -2, patch tokens only, no final norm.
 #   SigLIP: no CLS; last layer with post-layernorm (= its last_hidden_state).
 #   DINOv3: last layer after its final norm, patch tokens only: CLS and the 4 registers
 #   are dropped (registers are global "sink" tokens without a place in the image).
+FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "chinese_clip": dict(feature_layer=-1, feature_select="all", feature_post_norm=True),
+    "clip": dict(feature_layer=-2, feature_select="patch", feature_post_norm=False),
+    "siglip": dict(feature_layer=-1, feature_select="all", feature_post_norm=True),
+    "dinov3": dict(feature_layer=-1, feature_select="patch", feature_post_norm=True),
+}
+
 REGISTRY: dict[str, ModelInfo] = {
     "clip-vit-b16-zh": ModelInfo("vision", "OFA-Sys/chinese-clip-vit-base-patch16", "iic/multi-modal_clip-vit-base-patch16_zh",
-                                 -1, "all", True, note="ModelScope format by default (the course); 197 tokens x 768"),
-    "clip-vit-b16": ModelInfo("vision", "openai/clip-vit-base-patch16", "openai-mirror/clip-vit-base-patch16", -2, "patch",
+                                 "chinese_clip", note="ModelScope format by default (the course); 197 tokens x 768"),
+    "clip-vit-b16": ModelInfo("vision", "openai/clip-vit-base-patch16", "openai-mirror/clip-vit-base-patch16", "clip",
                               note="196 tokens x 768"),
     "clip-vit-l14-336": ModelInfo("vision", "openai/clip-vit-large-patch14-336", "openai-mirror/clip-vit-large-patch14-336",
-                                  -2, "patch", note="LLaVA-1.5's tower; 576 tokens x 1024"),
-    "siglip-b16-224": ModelInfo("vision", "google/siglip-base-patch16-224", "google/siglip-base-patch16-224", -1, "all", True,
+                                  "clip", note="LLaVA-1.5's tower; 576 tokens x 1024"),
+    "siglip-b16-224": ModelInfo("vision", "google/siglip-base-patch16-224", "google/siglip-base-patch16-224", "siglip",
                                 note="196 tokens x 768"),
     "siglip-so400m-384": ModelInfo("vision", "google/siglip-so400m-patch14-384", "google/siglip-so400m-patch14-384",
-                                   -1, "all", True, note="729 tokens x 1152"),
+                                   "siglip", note="729 tokens x 1152"),
     "dinov3-vits16": ModelInfo("vision", "facebook/dinov3-vits16-pretrain-lvd1689m", "facebook/dinov3-vits16-pretrain-lvd1689m",
-                               -1, "patch", True, gated=True, note="196 tokens x 384"),
+                               "dinov3", gated=True, note="196 tokens x 384"),
     "dinov3-vitb16": ModelInfo("vision", "facebook/dinov3-vitb16-pretrain-lvd1689m", "facebook/dinov3-vitb16-pretrain-lvd1689m",
-                               -1, "patch", True, gated=True, note="196 tokens x 768"),
+                               "dinov3", gated=True, note="196 tokens x 768"),
     "dinov3-vitl16": ModelInfo("vision", "facebook/dinov3-vitl16-pretrain-lvd1689m", "facebook/dinov3-vitl16-pretrain-lvd1689m",
-                               -1, "patch", True, gated=True, note="196 tokens x 1024"),
+                               "dinov3", gated=True, note="196 tokens x 1024"),
     "qwen3-0.6b": ModelInfo("llm", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B", note="D_lm 1024"),
     "qwen3-1.7b": ModelInfo("llm", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B", note="D_lm 2048"),
     "qwen3vl-2b-text": ModelInfo("llm", "Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-2B-Instruct",
@@ -99,17 +106,11 @@ def resolve_model(name: str, models_dir: str = "models") -> str:
     raise FileNotFoundError(f"'{name}' is neither a local directory nor a known id ({', '.join(REGISTRY)})")
 
 
-def vision_defaults(name: str, path: str) -> dict[str, Any]:
-    """Feature defaults for a tower: from the registry for an id, from its family for a folder."""
-    if name in REGISTRY:
-        info = REGISTRY[name]
-        return dict(feature_layer=info.feature_layer, feature_select=info.feature_select,
-                    feature_post_norm=info.feature_post_norm)
-    family = VISION_TYPES[detect_vision_type(path)][0]
-    return {"chinese_clip": dict(feature_layer=-1, feature_select="all", feature_post_norm=True),
-            "clip": dict(feature_layer=-2, feature_select="patch", feature_post_norm=False),
-            "siglip": dict(feature_layer=-1, feature_select="all", feature_post_norm=True),
-            "dinov3": dict(feature_layer=-1, feature_select="patch", feature_post_norm=True)}[family]
+def vision_defaults(name: str, path: str | None = None) -> dict[str, Any]:
+    """Feature defaults for a tower (FEATURE_DEFAULTS of its family): the registry names the
+    family of an id, the files of a folder name theirs."""
+    family = REGISTRY[name].family if name in REGISTRY else VISION_TYPES[detect_vision_type(path or name)][0]
+    return dict(FEATURE_DEFAULTS[family])
 
 
 # --------------------------------------------------------------------------- on-disk formats
@@ -177,11 +178,44 @@ def from_pretrained_strict(cls, path: str, what: str, **kwargs) -> nn.Module:
     return model
 
 
+# Chinese-CLIP's head width when vision_model_config.json does not say (its CLIP() defaults to 64;
+# its checkpoint loader uses 80 for ViT-H/14's 1280 width and 104 for 1664).
+MODELSCOPE_HEAD_WIDTH = {1280: 80, 1664: 104}
+
+
+def modelscope_clip_architecture(path: str, sd: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The tower's shape in Chinese-CLIP's own config names (vision_width, vision_layers,
+    vision_patch_size, image_resolution, vision_head_width).
+
+    Everything but the head width can be read off the tensors; the head width cannot (attention
+    weights are [3W, W] for any head count), and a wrong one gives silently wrong features. So
+    ModelScope's vision_model_config.json is read when the folder has it and must agree with
+    the tensors; without it, Chinese-CLIP's own rule applies."""
+    width, _, patch, _ = sd["conv1.weight"].shape
+    grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
+    found = {"vision_width": int(width), "vision_patch_size": int(patch), "image_resolution": int(grid * patch),
+             "vision_layers": 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))}
+    cfg_path = os.path.join(path, "vision_model_config.json")
+    declared = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    wrong = [f"{k} {declared[k]} in the file but {v} in the weights" for k, v in found.items()
+             if k in declared and declared[k] != v]
+    if wrong:
+        raise ValueError(f"{cfg_path} does not describe {path}/pytorch_model.bin: {'; '.join(wrong)}")
+    head = int(declared.get("vision_head_width", MODELSCOPE_HEAD_WIDTH.get(found["vision_width"], 64)))
+    if head <= 0 or found["vision_width"] % head:
+        source = f"vision_head_width {head} in {cfg_path}" if "vision_head_width" in declared else \
+            f"the default head width {head} (no vision_head_width in {cfg_path})"
+        raise ValueError(f"{path}: vision width {found['vision_width']} is not a multiple of {source}; "
+                         "give the tower's real head width in vision_model_config.json")
+    return {**found, "vision_head_width": head}
+
+
 def load_modelscope_chinese_clip(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """ModelScope's own Chinese-CLIP checkpoint (original key names: visual.conv1,
     visual.transformer.resblocks.N.attn.in_proj_weight, visual.ln_post, visual.proj, bert.*)
-    -> transformers' ChineseCLIPVisionModel. The architecture is read off the tensor shapes;
-    `visual.proj` (the contrastive head) and the text tower are not part of the tower.
+    -> transformers' ChineseCLIPVisionModel. The architecture comes from the tensor shapes and
+    vision_model_config.json (the head width); `visual.proj` (the contrastive head) and the
+    text tower are not part of the tower.
 
     Read with weights_only=True: no pickle code runs from a downloaded file.
     """
@@ -197,12 +231,13 @@ def load_modelscope_chinese_clip(path: str, dtype: torch.dtype = torch.float32) 
             sd[k[len("visual."):]] = v
     if "conv1.weight" not in sd:
         raise ValueError(f"{path}/pytorch_model.bin: no visual.* weights of a Chinese-CLIP VisualTransformer")
-    width, _, patch, _ = sd["conv1.weight"].shape
-    n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
-    grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
-    cfg = ChineseCLIPVisionConfig(hidden_size=width, intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                                  num_hidden_layers=n_layers, num_attention_heads=width // 64,  # Chinese-CLIP: heads = width / 64
-                                  image_size=grid * patch, patch_size=patch, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    arch = modelscope_clip_architecture(path, sd)
+    cfg = ChineseCLIPVisionConfig(hidden_size=arch["vision_width"], num_hidden_layers=arch["vision_layers"],
+                                  intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                                  num_attention_heads=arch["vision_width"] // arch["vision_head_width"],
+                                  image_size=arch["image_resolution"], patch_size=arch["vision_patch_size"],
+                                  hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    n_layers = arch["vision_layers"]
     out = {"embeddings.class_embedding": sd["class_embedding"],
            "embeddings.patch_embedding.weight": sd["conv1.weight"],
            "embeddings.position_embedding.weight": sd["positional_embedding"],
@@ -365,7 +400,8 @@ def detect_kind(path: str) -> str:
 def describe(vision: str, llm: str, projector: str = "linear", models_dir: str = "models",
              feature_layer: int | None = None, feature_select: str | None = None) -> dict[str, Any]:
     """Feature-token accounting from configs alone (meta device, nothing loaded or downloaded):
-    image tokens, widths, parameters per part, bf16 weight memory."""
+    image tokens, widths, parameters per part, bf16 weight memory. Unset feature flags take
+    the tower family's defaults, as training does."""
     import transformers
 
     vcfg, lcfg = arch_config(vision, models_dir), arch_config(llm, models_dir)
@@ -374,8 +410,9 @@ def describe(vision: str, llm: str, projector: str = "linear", models_dir: str =
         lcfg = _qwen3vl_text_config_from(lcfg)
     from model import Projector
 
-    select = feature_select or (REGISTRY[vision].feature_select if vision in REGISTRY else "all")
-    tower = meta_vision_tower(vcfg, feature_layer or -1, select)
+    defaults = FEATURE_DEFAULTS[VISION_TYPES[vcfg.model_type][0]]
+    tower = meta_vision_tower(vcfg, defaults["feature_layer"] if feature_layer is None else feature_layer,
+                              feature_select or defaults["feature_select"])
     vmodel = tower.model
     with torch.device("meta"):
         lmodel = transformers.AutoModelForCausalLM.from_config(lcfg)

@@ -39,14 +39,15 @@ class VisualTransformer(nn.Module):
     """Chinese-CLIP's / OpenAI CLIP's original vision tower, written independently of
     transformers: the reference the ModelScope key mapping is checked against."""
 
-    def __init__(self, image=32, patch=8, width=128, layers=2, out_dim=16):
+    def __init__(self, image=32, patch=8, width=128, layers=2, out_dim=16, head_width=64):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(width) * width ** -0.5)
         self.positional_embedding = nn.Parameter(torch.randn((image // patch) ** 2 + 1, width) * width ** -0.5)
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = nn.Module()
-        self.transformer.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, width // 64) for _ in range(layers)])
+        self.transformer.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, width // head_width)
+                                                     for _ in range(layers)])
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, out_dim))
 
@@ -60,11 +61,12 @@ class VisualTransformer(nn.Module):
         return self.ln_post(x)
 
 
-def write_modelscope_clip(path, wrap_module=True):
+def write_modelscope_clip(path, wrap_module=True, width=128, head_width=64, config="write"):
     """ModelScope's layout: configuration.json + pytorch_model.bin holding the whole Chinese
-    CLIP (visual.* and bert.*) under the original key names."""
+    CLIP (visual.* and bert.*) under the original key names, and vision_model_config.json
+    (config="write"; "omit" leaves it out, a dict is written as given)."""
     torch.manual_seed(0)
-    ref = VisualTransformer().eval()
+    ref = VisualTransformer(width=width, head_width=head_width).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # non-trivial LayerNorm affine too
@@ -78,8 +80,11 @@ def write_modelscope_clip(path, wrap_module=True):
     (path / "configuration.json").write_text(json.dumps({
         "framework": "pytorch", "task": "multi-modal-embedding", "pipeline": {"type": "multi-modal-embedding"},
         "model": {"type": "clip-multi-modal-embedding"}}))
-    (path / "vision_model_config.json").write_text(json.dumps(
-        {"embed_dim": 16, "image_resolution": 32, "vision_layers": 2, "vision_width": 128, "vision_patch_size": 8}))
+    if config == "write":  # Chinese-CLIP's model_configs: vision_head_width only where it is not 64 (ViT-H/14)
+        config = {"embed_dim": 16, "image_resolution": 32, "vision_layers": 2, "vision_width": width,
+                  "vision_patch_size": 8, **({"vision_head_width": head_width} if head_width != 64 else {})}
+    if isinstance(config, dict):
+        (path / "vision_model_config.json").write_text(json.dumps(config))
     return ref
 
 
@@ -95,6 +100,36 @@ def test_modelscope_chinese_clip_matches_the_original_architecture(tmp_path, wra
     with torch.no_grad():
         expected = ref.course_features(x)
     torch.testing.assert_close(tower(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("width, head_width", [(320, 80), (48, 16)])
+def test_modelscope_clip_reads_the_head_width_from_vision_model_config(tmp_path, width, head_width):
+    """ViT-H/14 has 80-wide heads, not 64: the head count comes from vision_model_config.json,
+    and the features equal the original architecture's (a narrow tower used to crash)."""
+    ref = write_modelscope_clip(tmp_path / "ms", width=width, head_width=head_width)
+    tower = load_vision_tower(str(tmp_path / "ms"), -1, "all", True)
+    assert tower.model.config.num_attention_heads == width // head_width
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref.course_features(x)
+    torch.testing.assert_close(tower(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_modelscope_clip_config_that_contradicts_the_weights_is_refused(tmp_path):
+    write_modelscope_clip(tmp_path / "a", width=128, config={"vision_width": 768, "vision_layers": 2,
+                                                              "vision_patch_size": 8, "image_resolution": 32})
+    with pytest.raises(ValueError, match="vision_width 768 in the file but 128 in the weights"):
+        load_vision_tower(str(tmp_path / "a"))
+    # No config and a width the default head width (64) does not divide: a clear error, not a crash.
+    write_modelscope_clip(tmp_path / "b", width=48, head_width=16, config="omit")
+    with pytest.raises(ValueError, match="width 48 is not a multiple of the default head width 64"):
+        load_vision_tower(str(tmp_path / "b"))
+    # No config, Chinese-CLIP's widths of 64-wide heads: read off the tensors as before.
+    ref = write_modelscope_clip(tmp_path / "c", width=128, config="omit")
+    with torch.no_grad():
+        x = torch.randn(1, 3, 32, 32)
+        torch.testing.assert_close(load_vision_tower(str(tmp_path / "c"), -1, "all", True)(x), ref.course_features(x),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_modelscope_layout_without_visual_weights_is_refused(tmp_path):
