@@ -1,4 +1,4 @@
-"""VQA v2 (questions + annotations + COCO images) -> LLaVA `chat.json` + image folder.
+r"""VQA v2 (questions + annotations + COCO images) -> LLaVA `chat.json` + image folder.
 
 The align plan's converter, done right: questions and annotations are joined on
 `question_id`, every dropped item is counted by reason, each image is copied (or symlinked)
@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 from utils import console
 from utils.align_plan import LLAVA_V15_CHAT
+from utils.config import HelpFormatter
 
 IMAGE_PLACEHOLDER = "<image>"  # the same literal dataset.py turns into image slots
 DEFAULT_TEMPLATE = "Answer the question based on the image.\n<image>\nQuestion: {question}"
@@ -442,8 +443,7 @@ def _template_arg(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert VQA v2 to a LLaVA chat.json + image folder, or validate one.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     for split in ("train", "val"):
         p.add_argument(f"--questions-{split}", help=f"v2_OpenEnded_mscoco_{split}2014_questions.json")
         p.add_argument(f"--annotations-{split}", help=f"v2_mscoco_{split}2014_annotations.json")

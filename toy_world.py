@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from utils.config import HelpFormatter
 
 RECIPE_VERSION = 3
 
@@ -417,7 +418,7 @@ def ensure_toy_world(size: str | ToySize = "demo", models_root: str = "models/to
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Build (or reuse) the offline toy world and print its paths.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--size", default="demo", choices=sorted(SIZES), help="named size")
     p.add_argument("--models_root", default="models/toy", help="where the tiny models go")
     p.add_argument("--data_root", default="data/toy", help="where the toy data goes")

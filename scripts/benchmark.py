@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from utils.config import HelpFormatter  # noqa: E402
 from backbones import VISION_TYPES, arch_config  # noqa: E402
 from model import LlavaStage1, ModelSpec, Projector, VisionTower  # noqa: E402
 from utils.dist import peak_flops  # noqa: E402
@@ -339,7 +340,7 @@ def print_table(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--arch", default="small", choices=list(ARCHS), help="architecture (see above)")
     p.add_argument("--batch_size", type=int, default=8, help="samples per step (both models)")
     p.add_argument("--text_len", type=int, default=64, help="text tokens per sample besides the image slots")

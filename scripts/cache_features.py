@@ -1,4 +1,4 @@
-"""Run the frozen vision tower once over a dataset and store its features for training.
+r"""Run the frozen vision tower once over a dataset and store its features for training.
 
 Stage 1 never changes the tower, so its output for an image is the same on every epoch, for
 every question about that image (VQA has ~5 per image) and in every learning-rate sweep.
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from utils.config import HelpFormatter  # noqa: E402
 from backbones import resolve_model, vision_defaults  # noqa: E402
 from dataset import ImageLoader, SampleError, read_records  # noqa: E402
 from model import load_vision_tower, tower_transform  # noqa: E402
@@ -137,7 +138,7 @@ def cache_features(vision_tower: str, sources: list[tuple[str, str, str, str]], 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--vision_tower", required=True, help="registry id or local tower folder")
     p.add_argument("--models_dir", default="models", help="where registry ids live")
     p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format of the data")

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from utils.config import HelpFormatter  # noqa: E402
 from backbones import load_llm, load_tokenizer, resolve_model  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
 from dataset import find_end_of_turn  # noqa: E402
@@ -140,7 +141,7 @@ def run(session: ChatSession) -> None:
 
 
 def main(argv: list[str] | None = None) -> ChatSession:
-    p = argparse.ArgumentParser(description="Multi-turn chat with the LLM alone, streaming.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--llm", default="qwen3-0.6b", help="registry id (in --models_dir) or a local model folder")
     p.add_argument("--models_dir", default="models", help="where registry ids live: <models_dir>/<id>")
     p.add_argument("--thinking", action="store_true", help="let Qwen3 think first (enable_thinking=True)")

@@ -25,8 +25,13 @@ import importlib.util
 import json
 import platform as _platform
 import re
+import os
 import sys
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.config import HelpFormatter  # noqa: E402
 
 FLASH_VERSION = "2.8.3"
 RELEASE_URL = "https://github.com/Dao-AILab/flash-attention/releases/download/v{version}/{name}"
@@ -171,7 +176,7 @@ def report(info: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=f"Print the flash-attn {FLASH_VERSION} prebuilt wheel for this machine.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(argv)
     info = detect()

@@ -34,6 +34,7 @@ from backbones import (MODELSCOPE_CLIP, detect_vision_type, from_pretrained_stri
                        load_modelscope_chinese_clip, read_json, resolve_model)
 from dataset import CLIP_MEAN, CLIP_STD, IMAGE_EXTENSIONS, ImageTransform, SampleError, decode_image  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
+from utils.config import HelpFormatter  # noqa: E402
 
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length (cn_clip's default context_length)
 
@@ -262,7 +263,7 @@ def answer(clip: ChineseClip, image_emb: np.ndarray, paths: list[str], query: st
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description="Chinese-CLIP text -> image retrieval over a folder.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="clip-vit-b16-zh", help="registry id (in --models_dir) or a local folder, "
                    "HF or ModelScope layout")
     p.add_argument("--models_dir", default="models", help="where registry ids live: <models_dir>/<id>")

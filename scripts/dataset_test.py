@@ -1,4 +1,4 @@
-"""Loader throughput: samples/s overall and per stage (read, decode, resize, tokenize).
+r"""Loader throughput: samples/s overall and per stage (read, decode, resize, tokenize).
 
 Tells you whether the GPU will wait on data before you rent one. Per-stage figures are
 measured on one process over the first --n samples; the overall figure runs the real
@@ -27,6 +27,7 @@ from backbones import arch_config, load_tokenizer, meta_vision_tower, resolve_mo
 from dataset import (INSTRUCTION_POOLS, ImageLoader, PromptFormat, SampleError, Stage1Dataset,  # noqa: E402
                      collate, decode_image, encode_conversation, read_records)
 from model import tower_transform  # noqa: E402
+from utils.config import HelpFormatter  # noqa: E402
 
 
 def measure(data_format: str, data_root: str, chat_json: str, llm: str, vision_tower: str, n: int = 500,
@@ -93,7 +94,7 @@ def measure(data_format: str, data_root: str, chat_json: str, llm: str, vision_t
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format")
     p.add_argument("--data_root", default="", help="dataset folder")
     p.add_argument("--chat_json", default="", help="chat format: chat.json path")

@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backbones import PRESETS, REGISTRY  # noqa: E402
+from utils.config import HelpFormatter  # noqa: E402
 
 
 def read_hf_token(spec: str | None) -> str | None:
@@ -77,7 +78,7 @@ def download(model_id: str, models_dir: str = "models", source: str = "modelscop
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Download registry models for train_stage1.py.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("ids", nargs="*", help=f"registry ids: {', '.join(REGISTRY)}")
     p.add_argument("--preset", choices=list(PRESETS), help="download both models of a --model preset")
     p.add_argument("--models_dir", default="models", help="destination folder; each id goes to <models_dir>/<id>")

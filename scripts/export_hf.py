@@ -38,6 +38,7 @@ if ROOT not in sys.path:  # `python scripts/export_hf.py` from the repository ro
 from backbones import VISION_TYPES, read_json  # noqa: E402
 from dataset import IMAGE_PLACEHOLDER, ImageTransform, PromptFormat  # noqa: E402
 from model import LlavaStage1, ModelSpec, checkpoint_file, load_checkpoint, read_checkpoint_meta  # noqa: E402
+from utils.config import HelpFormatter  # noqa: E402
 
 # PIL resampling filters by the names ImageTransform stores.
 RESAMPLE_IDS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
@@ -309,19 +310,6 @@ Stage-1 models describe images in the style of their training data; they are not
 
 # --------------------------------------------------------------------------- export
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, its safetensors file, or a run folder (its newest complete checkpoint)."""
-    try:
-        return checkpoint_file(path)
-    except FileNotFoundError:
-        from utils.checkpoint import find_latest
-
-        latest = find_latest(path) if os.path.isdir(path) else None
-        if latest is None:
-            raise
-        return checkpoint_file(latest)
-
-
 def target_dtype(name: str, spec: ModelSpec) -> torch.dtype:
     """auto: the dtype the LLM checkpoint was stored in (a bf16 model stays bf16), else float32."""
     if name != "auto":
@@ -393,7 +381,7 @@ def export(checkpoint: str, out: str, dtype: str = "auto", overwrite: bool = Fal
     """Export `checkpoint` to the folder `out`; raises NotExportable before writing anything."""
     from utils import console
 
-    path = resolve_checkpoint(checkpoint)
+    path = checkpoint_file(checkpoint)
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise NotExportable(f"{out} exists; pass --overwrite to replace it")
@@ -425,8 +413,7 @@ def export(checkpoint: str, out: str, dtype: str = "auto", overwrite: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Export a stage-1 checkpoint as a transformers LLaVA folder "
-                                            "(LlavaForConditionalGeneration + AutoProcessor, no custom code).")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, its projector.safetensors, or a run folder")
     p.add_argument("--out", required=True, help="output folder (written as OUT.partial, then renamed)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weight dtype; auto: the LLM's stored dtype")

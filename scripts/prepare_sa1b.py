@@ -1,4 +1,4 @@
-"""Prepare SA1B-Dense-Caption once: download every image, decode, shrink, store locally.
+r"""Prepare SA1B-Dense-Caption once: download every image, decode, shrink, store locally.
 
 The course fetches each image from its URL inside the training loop, on every epoch, and
 decodes a full-size SA-1B photo (~1500x2250) to feed a 224-pixel tower. This script does that
@@ -38,6 +38,7 @@ from PIL import Image  # noqa: E402
 
 from dataset import ImageLoader, SampleError, sa1b_rows  # noqa: E402
 from utils.config import atomic_write_text  # noqa: E402
+from utils.config import HelpFormatter  # noqa: E402
 
 
 def read_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, str]], Counter]:
@@ -156,7 +157,7 @@ def prepare(data_root: str, out: str, max_samples: int = 0, short_side: int = 25
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="SA1B-Dense-Caption folder: {root}/data/*.parquet or *.parquet")
     p.add_argument("--out", required=True, help="output folder (images/, data/, failures.jsonl, report.json)")
     p.add_argument("--max_samples", type=int, default=0, help="first N usable rows (the course uses 100000); 0 = all")

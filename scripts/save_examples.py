@@ -23,6 +23,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset import IMAGE_PLACEHOLDER, ImageLoader, Record, SampleError, read_records  # noqa: E402
+from utils.config import HelpFormatter  # noqa: E402
 
 OUR_FILES = re.compile(r"^\d{5}\.(jpg|txt)$")
 
@@ -109,7 +110,7 @@ def save_examples(data_format: str, data_root: str = "", chat_json: str = "", ou
 
 
 def main(argv: list[str] | None = None) -> tuple[int, Counter]:
-    p = argparse.ArgumentParser(description="Save the first N samples of a dataset as NNNNN.jpg + NNNNN.txt.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format")
     p.add_argument("--data_root", default="data/toy/train", help="dataset folder (sa1b: {root}/data/*.parquet)")
     p.add_argument("--chat_json", default="", help="chat.json path (chat format; default {data_root}/chat.json)")

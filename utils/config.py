@@ -22,6 +22,18 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` for every script: each option's default shown once, the description's line
+    breaks kept. argparse appends "(default: X)" unless the help text already says what the
+    default is (then a second one would contradict or repeat it) or there is none (None, "")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, "") or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -29,8 +41,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         tp = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "")
-        kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})"}
+        # argparse formats help text with %: a literal one ("~30%") must be doubled.
+        kwargs: dict[str, Any] = {"default": default, "help": f.metadata.get("help", "").replace("%", "%%")}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -49,15 +61,23 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def explicit_flags(argv: list[str]) -> set[str]:
-    """Names of the flags a user typed (`--lr 1e-3` and `--lr=1e-3` -> {'lr'}).
-    Presets fill in only what the user did not set."""
-    out = set()
-    for a in argv:
-        if a.startswith("--"):
-            name = a[2:].split("=", 1)[0]
-            out.add(name[3:] if name.startswith("no_") else name)
-    return out
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations of the flags a user typed, as argparse itself reads them: `--lr 1e-3`,
+    `--lr=1e-3`, a unique prefix (`--feature_post`) and a negation (`--no-feature_post_norm`)
+    all count. Presets and the demo fill in only what the user did not set.
+
+    The argv is parsed once more with every default suppressed: what is left in the
+    namespace is exactly what was typed."""
+    actions = [a for a in parser._actions if a.dest != "help"]
+    saved = [a.default for a in actions]
+    for a in actions:
+        a.default = argparse.SUPPRESS
+    try:
+        typed, _ = parser.parse_known_args(argv)
+    finally:
+        for a, default in zip(actions, saved):
+            a.default = default
+    return set(vars(typed))
 
 
 def print_config(obj: Any, title: str = "config") -> None:

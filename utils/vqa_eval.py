@@ -50,6 +50,8 @@ import sys
 import tempfile
 from typing import Any, Iterable
 
+from utils.config import HelpFormatter
+
 # The tables below are the reference's, entry for entry (including keys such as "Im" that can
 # never match after lowercasing): changing one changes the metric.
 CONTRACTIONS: dict[str, str] = {
@@ -293,7 +295,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line entry point; prints the scores as JSON and returns them."""
-    ap = argparse.ArgumentParser(description="Official VQA v2 accuracy of a results file.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--questions", default=None,
                     help="official questions JSON (optional; only used to check question ids)")
     ap.add_argument("--annotations", required=True,
