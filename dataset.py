@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from utils.config import HelpFormatter
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what counts as an image in a folder
@@ -51,7 +52,47 @@ class SampleError(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
+
+
+def describe_skips(counts: Counter, examples: dict[str, str] | None = None, limit: int = 4) -> str:
+    """'missing_image 37, e.g. /data/x.jpg; corrupt_image 2, e.g. ...': skip counts, most
+    frequent first, each with an example when one is known."""
+    parts = []
+    for reason, n in counts.most_common(limit):
+        example = (examples or {}).get(reason)
+        parts.append(f"{reason} {n}" + (f", e.g. {example}" if example else ""))
+    rest = len(counts) - len(parts)
+    return "; ".join(parts) + (f"; {rest} more reason(s)" if rest > 0 else "") if parts else "none"
+
+
+@dataclass
+class SkipTally:
+    """What the loader tried: skip counts by reason (one example each, for messages; records
+    skipped while reading are counted here too), samples used and skipped in batches, and
+    answers cut by --max_text_len. Training keeps one per rank."""
+
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    used: int = 0
+    unusable: int = 0           # samples the loader tried and skipped (reading skips not included)
+    truncated: int = 0
+
+    def add(self, batch: dict) -> None:
+        self.skipped.update(batch["skipped"])
+        self.unusable += sum(batch["skipped"].values())
+        for reason, example in batch.get("skip_examples", {}).items():
+            self.examples.setdefault(reason, example)
+        self.used += batch["size"]
+        self.truncated += batch["truncated"]
+
+    def add_skip(self, item: dict) -> None:
+        """One skipped sample, as Stage1Dataset returns it ({"skip": reason, "detail": ...})."""
+        self.add({"skipped": Counter([item["skip"]]), "skip_examples": {item["skip"]: item.get("detail", "")},
+                  "size": 0, "truncated": 0})
+
+    def describe(self) -> str:
+        return describe_skips(self.skipped, self.examples)
 
 
 # --------------------------------------------------------------------------- images
@@ -598,14 +639,14 @@ class Stage1Dataset(torch.utils.data.Dataset):
             else:
                 image = {"pixel_values": self.transform(self.loader(self.records[idx].image))}
         except SampleError as e:
-            return {"skip": e.reason, "index": idx}
+            return {"skip": e.reason, "detail": e.detail or self.records[idx].image, "index": idx}
         except KeyError as e:  # MissingFeatures: the image failed when caching, or is not in the cache
-            return {"skip": getattr(e, "reason", "not_in_feature_cache"), "index": idx}
+            return {"skip": getattr(e, "reason", "not_in_feature_cache"), "detail": self.records[idx].image, "index": idx}
         except Exception as e:  # noqa: BLE001 - bad data must never end a run; say what it was
             if self._unexpected < 3:
                 print(f"! sample {idx} ({self.records[idx].image}): unexpected {type(e).__name__}: {e}", flush=True)
             self._unexpected += 1
-            return {"skip": f"unexpected_{type(e).__name__}", "index": idx}
+            return {"skip": f"unexpected_{type(e).__name__}", "detail": f"{self.records[idx].image}: {e}", "index": idx}
         truncated = labels[-1] != self.fmt.end_of_turn_id
         return {"input_ids": ids, "labels": labels, **image, "index": idx, "truncated": truncated}
 
@@ -666,7 +707,9 @@ def _images_and_counts(batch: list[dict]) -> tuple[list[dict], dict]:
     """The usable samples, and what every batch carries: skip reasons, sizes, stacked images."""
     good = [b for b in batch if "skip" not in b]
     out: dict[str, Any] = {"skipped": Counter(b["skip"] for b in batch if "skip" in b), "size": len(good),
-                           "truncated": sum(b.get("truncated", False) for b in good)}
+                           "truncated": sum(b.get("truncated", False) for b in good),
+                           # one example per reason (a path, a URL): what a report names
+                           "skip_examples": {b["skip"]: b.get("detail", "") for b in reversed(batch) if "skip" in b}}
     if good:
         out["index"] = [b["index"] for b in good]
         for key in ("pixel_values", "image_features"):  # [B, 3, H, W] images or [B, N, D_v] cached features
@@ -715,24 +758,43 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor
 def main() -> None:
     import argparse
 
+    from backbones import resolve_model, vision_defaults
     from model import ModelSpec, build_model
 
-    p = argparse.ArgumentParser(description="Read a dataset and print its first sample as the model sees it.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format")
     p.add_argument("--data_root", default="", help="dataset directory")
     p.add_argument("--chat_json", default="", help="chat.json path (chat format)")
-    p.add_argument("--llm", required=True, help="local LLM directory (tokenizer and chat template)")
-    p.add_argument("--vision_tower", required=True, help="local vision tower directory")
+    p.add_argument("--image_root", default="", help="chat format: image folder for --chat_json (as in training)")
+    p.add_argument("--llm", required=True, help="LLM id or local directory (tokenizer and chat template)")
+    p.add_argument("--vision_tower", required=True, help="vision tower id or local directory")
+    p.add_argument("--models_dir", default="models", help="where registry ids live")
+    p.add_argument("--feature_layer", type=int, default=None, help="as in training (default: the tower's)")
+    p.add_argument("--feature_select", default=None, choices=["all", "patch"], help="as in training (default: the tower's)")
+    p.add_argument("--feature_post_norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="as in training (default: the tower's)")
     p.add_argument("--max_samples", type=int, default=0, help="read at most this many records (0 = all)")
     args = p.parse_args()
     records, skipped, root = read_records(args.data_format, args.data_root, args.chat_json, args.max_samples)
-    model, tok = build_model(ModelSpec(vision_tower=args.vision_tower, llm=args.llm))
+    root = args.image_root or root
+    features = vision_defaults(args.vision_tower, resolve_model(args.vision_tower, args.models_dir))
+    features.update({k: getattr(args, k) for k in features if getattr(args, k) is not None})
+    model, tok = build_model(ModelSpec(vision_tower=args.vision_tower, llm=args.llm, **features),
+                             models_dir=args.models_dir)
     spec = model.spec
     fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
     ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(spec.image_transform), ImageLoader(root))
-    print(f"{len(records)} records, skipped while reading: {dict(skipped)}")
-    item = ds[0]
-    print(item if "skip" in item else tok.decode(item["input_ids"]))
+    print(f"{len(records)} records, skipped while reading: {dict(skipped)}; {spec.num_image_tokens} image slots "
+          f"(layer {spec.feature_layer}, {spec.feature_select} tokens, post-norm {spec.feature_post_norm})")
+    tally = SkipTally()
+    for i in range(min(len(ds), 200)):
+        item = ds[i]
+        if "skip" not in item:
+            print(tok.decode(item["input_ids"]))
+            break
+        tally.add_skip(item)
+    if tally.unusable:
+        print(f"skipped {tally.unusable} record(s) looking for a usable sample: {tally.describe()}")
 
 
 if __name__ == "__main__":

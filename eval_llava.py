@@ -22,6 +22,8 @@ import glob
 import json
 import math
 import os
+import re
+import shlex
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -34,9 +36,10 @@ from PIL import Image
 from dataset import (IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, ImageLoader, ImageTransform, PromptFormat, SampleError, Stage1Dataset,
                      caption_messages, collate, collate_prompts, encode_prompt, read_chat_json, read_sa1b,
                      to_device)
-from model import LlavaStage1, load_checkpoint
+from model import LlavaStage1, checkpoint_file, load_checkpoint
 from utils import console
 from utils.metrics import RunLogger
+from utils.config import HelpFormatter
 
 
 @dataclass
@@ -200,18 +203,44 @@ def with_image_placeholder(messages: list[dict]) -> list[dict]:
     return out
 
 
-def looks_like_image(text: str) -> bool:
-    return text.startswith(("http://", "https://", "file://")) or os.path.isfile(text)
+def image_reference(line: str) -> str | None:
+    """The image a chat line names (a path, expanded, or a URL), or None when it is a question.
+
+    A line is an image when it is a single word after shell-style unquoting (terminals quote
+    drag-and-dropped paths, or escape their spaces) and that word is a URL, is quoted, starts
+    with / ~ ./ ../, contains a /, ends with an image extension, or names an existing file.
+    A missing file is then reported as such, never sent to the model as a question."""
+    text = line.strip()
+    if text.startswith(("http://", "https://", "file://")) and not any(c.isspace() for c in text):
+        return text
+    try:
+        words = shlex.split(text)
+    except ValueError:  # an unbalanced quote ("what's this?"): a question
+        return None
+    if len(words) != 1 or not words[0]:
+        return None
+    word, quoted = words[0], text[0] in "'\"" or "\\" in text
+    path = os.path.expanduser(word)
+    if (quoted or word.startswith(("/", "~", "./", "../")) or "/" in word
+            or word.lower().endswith(IMAGE_EXTENSIONS) or os.path.isfile(path)):
+        return path
+    return None
 
 
 def chat(assistant: Assistant, gen: dict, stdin=sys.stdin) -> None:
     """The course's terminal loop: an image path/URL loads an image and resets the dialogue,
-    text asks about it, `clear` empties the history, `exit`/`quit` leave."""
-    console.info("Type an image path or http(s) URL to load it; then ask. 'clear' resets, 'exit' quits.")
+    text asks about it, `clear` empties the history, `exit`/`quit` leave. Ctrl-C during a reply
+    stops it (the turn is dropped from the history); Ctrl-C at the prompt leaves."""
+    console.info("Type an image path or http(s) URL to load it; then ask. 'clear' resets, 'exit' quits, "
+                 "Ctrl-C stops a reply.")
     image, messages = None, []
     while True:
         print("\n你: ", end="", flush=True)
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            print()
+            break
         if not line:  # EOF
             break
         line = line.strip()
@@ -223,11 +252,13 @@ def chat(assistant: Assistant, gen: dict, stdin=sys.stdin) -> None:
             messages = []
             console.success("history cleared (the image stays)")
             continue
-        if looks_like_image(line):
+        source = image_reference(line)
+        if source is not None:
             try:
-                image = assistant.loader(line)
+                image = assistant.loader(source)
             except SampleError as e:
-                console.error(f"could not load the image: {e}")
+                console.error(f"file not found: {source}" if e.reason == "missing_image"
+                              else f"could not load the image: {e}")
                 continue
             messages = []
             console.success(f"image loaded ({image.size[0]}x{image.size[1]}); dialogue reset")
@@ -237,7 +268,13 @@ def chat(assistant: Assistant, gen: dict, stdin=sys.stdin) -> None:
             continue
         messages.append({"role": "user", "content": line})
         print("助手: ", end="", flush=True)
-        reply = assistant.reply(image, messages, stream=True, **gen)
+        try:
+            reply = assistant.reply(image, messages, stream=True, **gen)
+        except KeyboardInterrupt:
+            messages.pop()  # an unanswered question must not shape the next reply
+            print()
+            console.warn("reply stopped; the question was dropped from the history")
+            continue
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -246,12 +283,10 @@ def chat(assistant: Assistant, gen: dict, stdin=sys.stdin) -> None:
 def answer_all(assistant: Assistant, items: list[tuple[str, list[dict]]], root: str, batch_size: int,
                max_new_tokens: int, desc: str) -> tuple[list[str | None], Counter]:
     """(image source, prompt messages) -> replies in order; None where the image failed (counted)."""
-    from tqdm import tqdm
-
     loader = ImageLoader(root, draft=assistant.transform.size)
     replies: list[str | None] = [None] * len(items)
     skipped: Counter = Counter()
-    with tqdm(total=len(items), desc=desc, unit="q", file=sys.stderr) as bar:
+    with console.progress(len(items), desc, unit="q") as bar:
         for start in range(0, len(items), batch_size):
             chunk, index = [], []
             for k in range(start, min(start + batch_size, len(items))):
@@ -284,7 +319,7 @@ def run_vqa(assistant: Assistant, chat_json: str, image_root: str, out_dir: str,
         if reply is not None:  # a failed image is a missing prediction: it scores 0 and is counted
             predictions.append({"question_id": qid, "answer": reply})
     scores = {**evaluate(references, predictions), "skipped_records": dict(bad), "skipped_images": dict(skipped)}
-    return _write_results(out_dir, "vqa", predictions, scores)
+    return _write_results(out_dir, output_name("vqa", chat_json), predictions, scores)
 
 
 def official_vqa_accuracy(assistant: Assistant, questions_json: str, annotations_json: str, image_dir: str,
@@ -335,7 +370,16 @@ def run_captions(assistant: Assistant, source: str, prompt: str, out_dir: str, b
     scores = score_captions({k: [p["reference"]] for k, p in scored.items()},
                             {k: p["caption"] for k, p in scored.items()}) if scored else {"n": 0}
     scores.update({"images": len(items), "captioned": len(predictions), "skipped_images": dict(skipped)})
-    return _write_results(out_dir, "captions", predictions, scores)
+    return _write_results(out_dir, output_name("captions", source), predictions, scores)
+
+
+def output_name(kind: str, source: str) -> str:
+    """Result files are named after their input, so evaluating another set never overwrites
+    them: captions on data/toy/eval/chat.json -> captions_eval_chat_{predictions,scores}.json."""
+    path = os.path.abspath(source).rstrip(os.sep)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = f"{os.path.basename(os.path.dirname(path))}_{stem}" if os.path.isfile(path) else stem
+    return f"{kind}_" + re.sub(r"[^\w.-]+", "_", name)
 
 
 def _write_results(out_dir: str, name: str, predictions: list, scores: dict) -> dict:
@@ -349,8 +393,9 @@ def _write_results(out_dir: str, name: str, predictions: list, scores: dict) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Chat with a stage-1 checkpoint, or answer once.")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory or its projector.safetensors")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="a run folder (checkpoints/<run>: its latest checkpoint), "
+                                                      "a step folder, or a projector.safetensors")
     p.add_argument("--vision_tower", default=None, help="override the tower path stored in the checkpoint")
     p.add_argument("--llm", default=None, help="override the LLM path stored in the checkpoint")
     p.add_argument("--image", default=None, help="one-shot mode: image path or URL")
@@ -388,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     one_shot = args.image is not None or args.prompt is not None
     if one_shot and (args.image is None or args.prompt is None):
         p.error("one-shot mode needs both --image and --prompt")
+    console.quiet_bars_in_log_files()
     if one_shot or args.vqa or args.captions:
         console.set_stream(sys.stderr)  # stdout carries the reply (or the scores JSON) alone
     try:
@@ -405,7 +451,7 @@ def _run(args: argparse.Namespace, one_shot: bool) -> None:
                                           args.trust_remote_code)
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.vqa or args.captions:
-        ckpt = os.path.abspath(args.checkpoint).rstrip("/")
+        ckpt = os.path.dirname(os.path.abspath(checkpoint_file(args.checkpoint)))   # the step folder
         out_dir = args.out_dir or os.path.join("runs", "eval", "_".join(ckpt.split(os.sep)[-2:]))
         if args.vqa:
             root = args.image_root or os.path.dirname(os.path.abspath(args.vqa))
@@ -426,4 +472,8 @@ def _run(args: argparse.Namespace, one_shot: bool) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # while loading, or in a batch mode: leave without a traceback
+        print(file=sys.stderr)
+        sys.exit(130)

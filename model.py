@@ -31,8 +31,10 @@ from safetensors.torch import save_file
 from backbones import (MODELSCOPE_CLIP, PRESETS, REGISTRY, VISION_TYPES, describe, detect_vision_type,
                        from_pretrained_strict, knows_vision_markers, load_llm, load_modelscope_chinese_clip,
                        load_tokenizer, resolve_model)
+from utils.checkpoint import WEIGHTS_FILE, find_latest
+from utils.config import HelpFormatter
 
-CHECKPOINT_FILE = "projector.safetensors"
+CHECKPOINT_FILE = WEIGHTS_FILE          # projector.safetensors
 METADATA_KEY = "llava_stage1"
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
@@ -405,12 +407,17 @@ def save_checkpoint(model: LlavaStage1, directory: str, extra: dict | None = Non
 
 
 def checkpoint_file(path: str) -> str:
-    """Accept a checkpoint directory or its safetensors file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return path
+    """The safetensors file of a checkpoint given as the file itself, its step folder, or a run
+    folder (checkpoints/<run>: the checkpoint its `latest` pointer names, else the newest)."""
+    found = path
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
+        found = find_latest(path) or path
+    if os.path.isdir(found):
+        found = os.path.join(found, CHECKPOINT_FILE)
+    if not os.path.isfile(found):
+        raise FileNotFoundError(f"no checkpoint at {path}: give a run folder (checkpoints/<run>), one of its "
+                                f"step folders, or a {CHECKPOINT_FILE}")
+    return found
 
 
 def read_checkpoint_meta(path: str) -> dict:
@@ -455,8 +462,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", vision_tower:
 def main() -> None:
     from utils import console
 
-    p = argparse.ArgumentParser(description="Model summary from configs (nothing is downloaded or loaded): "
-                                            "image tokens per image, widths, parameters per part, bf16 memory.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--summary", action="store_true", help="print the summary (the default action)")
     p.add_argument("--model", choices=list(PRESETS), help="a preset")
     p.add_argument("--vision_tower", help="registry id or local folder (overrides the preset's)")

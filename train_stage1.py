@@ -2,9 +2,9 @@
 a frozen LLM on image-caption (or VQA) data.
 
     python train_stage1.py --demo          # offline toy world on CPU, ~2-3 minutes the first time
-    python train_stage1.py --model clip-zh-qwen3-0.6b --batch_size 16 \
+    python train_stage1.py --model clip-zh-qwen3-0.6b --batch_size 16 \\
         --data_root /data/sa1b_train --eval_data_root /data/sa1b_eval
-    torchrun --standalone --nproc-per-node 8 train_stage1.py --model dinov3-qwen3vltext-align \
+    torchrun --standalone --nproc-per-node 8 train_stage1.py --model dinov3-qwen3vltext-align \\
         --data_format chat --data_root /data/llava-laion-cc-sbu-558k
     # the Prismatic align plan's own command line works too (see utils/align_plan.py)
 
@@ -22,7 +22,10 @@ import argparse
 import contextlib
 import functools
 import math
+import multiprocessing
+import platform
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -33,17 +36,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dataset import (EpochSampler, INSTRUCTION_POOLS, ImageLoader, ImageTransform, PromptFormat, Stage1Dataset,
-                     collate, collate_packed, read_records, to_device)
+from dataset import (IGNORE_INDEX, INSTRUCTION_POOLS, EpochSampler, ImageLoader, ImageTransform, PromptFormat, SkipTally,
+                     Stage1Dataset, collate, collate_packed, read_records, to_device)
 from eval_llava import Assistant, caption_exact_match, heldout_loss, log_sample_replies
 from backbones import PRESETS, MissingModel, resolve_model, vision_defaults
 from model import ModelSpec, Projector, build_model, load_projector_weights, read_checkpoint_meta, save_checkpoint
 from utils import console
+from utils.alarms import Alarms
 from utils.align_plan import translate_align_flags
 from utils.checkpoint import (capture_rng, find_latest, is_complete, load_state, restore_rng, save_state, save_step,
                               step_dirs)
-from utils.config import add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config, redacted
-from utils.dist import all_reduce_sum, barrier, cleanup as cleanup_dist, setup as setup_dist
+from utils.config import (HelpFormatter, add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config,
+                          redacted)
+from utils.dist import (all_reduce_sum, available_cpus, barrier, cleanup as cleanup_dist, memory_gib, peak_flops,
+                        setup as setup_dist)
 from utils.metrics import RunLogger
 
 
@@ -87,7 +93,10 @@ class TrainConfig:
     instructions: str = _f("course", "caption instruction pool", choices=list(INSTRUCTION_POOLS))
     image_cache: str = _f("", "URL images: keep downloaded bytes here so later epochs never refetch")
     features_cache: str = _f("", "train from vision features cached by scripts/cache_features.py (no decoding, no ViT)")
-    num_workers: int = _f(4, "DataLoader worker processes")
+    num_workers: int = _f(min(4, available_cpus()), f"DataLoader worker processes (default: min(4, cores) = "
+                                                      f"{min(4, available_cpus())} here)")
+    max_empty_batches: int = _f(100, "stop the run after this many batches in a row without one usable sample "
+                                     "(it also stops after a full pass without one); 0 = only after a full pass")
     # ---- optimisation
     batch_size: int = _f(16, "samples per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step (derived when --global_batch_size is set)")
@@ -105,18 +114,20 @@ class TrainConfig:
     runs_dir: str = _f("runs", "where run logs go")
     trackers: str = _f("jsonl,tensorboard", "log sinks, comma-separated: jsonl, tensorboard")
     checkpoints_dir: str = _f("checkpoints", "where checkpoints go")
-    log_interval: int = _f(10, "steps between printed log lines")
-    eval_interval: int = _f(200, "steps between held-out evaluations")
+    log_interval: int = _f(10, "steps between printed log lines (0 = none; metrics.jsonl still gets every step)")
+    eval_interval: int = _f(200, "steps between held-out evaluations, plus one before training "
+                                 "(0 = only once, at the end)")
     eval_samples: int = _f(500, "held-out samples per evaluation (0 = all)")
     sample_replies: int = _f(4, "held-out images answered and logged at each evaluation")
-    save_interval: int = _f(100, "steps between checkpoints (the align plan's 100)")
+    save_interval: int = _f(100, "steps between checkpoints (the align plan's 100; 0 = only at the end and on a stop)")
     keep_last: int = _f(3, "keep the newest K step checkpoints (0 = all)")
     resume: str = _f("", "'auto': continue from the newest complete checkpoint of --run_name; or a checkpoint path")
     overwrite: bool = _f(False, "delete an existing run of the same name and start over")
     max_nonfinite: int = _f(10, "abort after this many non-finite losses/gradients in a row (each is skipped)")
     trust_remote_code: bool = _f(False, "allow model folders to run their own Python code (off: never)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    train_strategy: str = _f("ddp", "several processes: DDP over the projector (frozen parts replicated, never wrapped)",
+    train_strategy: str = _f("ddp", "several processes: DDP over the projector, the frozen tower and LLM replicated "
+                                    "on every GPU; the align plan's FSDP values are refused (not implemented)",
                              choices=["ddp", "fsdp-shard-grad-op", "fsdp-full-shard"])
     demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes)")
 
@@ -128,13 +139,34 @@ DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, l
                      num_workers=1, data_format="sa1b", projector="linear", feature_layer=-1,
                      feature_select="all", feature_post_norm=True)
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dataclass_args(parser, TrainConfig)
+    return parser
+
+
+# Flags counted in steps or samples: 0 has a meaning (off, all, derive), a negative one has none.
+NON_NEGATIVE = ("max_samples", "max_text_len", "num_workers", "max_empty_batches", "grad_accum", "global_batch_size",
+                "epochs", "max_steps", "log_interval", "eval_interval", "eval_samples", "sample_replies",
+                "save_interval", "keep_last", "max_nonfinite")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = build_parser()
     argv = translate_align_flags(sys.argv[1:] if argv is None else list(argv))
     cfg = from_namespace(TrainConfig, parser.parse_args(argv))
-    explicit = explicit_flags(argv)
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            parser.error(f"--{name} {getattr(cfg, name)}: must be >= 0")
+    for name in ("batch_size", "grad_accum", "max_text_len"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name} {getattr(cfg, name)}: must be >= 1")
+    if cfg.train_strategy != "ddp":
+        parser.error(f"--train_strategy {cfg.train_strategy}: FSDP sharding is not implemented. Several processes "
+                     "run DDP: the projector's gradients are synchronised and the frozen tower and LLM are replicated "
+                     "on every GPU (bf16 weights: ~1.3 GiB for the course's pair, ~3.4 GiB for the align plan's). "
+                     "Use --train_strategy ddp (or leave it out).")
+    explicit = explicit_flags(parser, argv)
     if cfg.model:
         for key, value in PRESETS[cfg.model].items():
             if key not in explicit:
@@ -157,21 +189,41 @@ def setup_demo(cfg: TrainConfig, explicit: set[str]) -> None:
 
 def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
     """Registry ids -> local folders (downloading first with --download); fill the tower's
-    feature defaults for the flags left unset."""
-    paths = []
+    feature defaults for the flags left unset. Every missing model is named at once, with the
+    one command that downloads them all."""
+    paths, missing = {}, []
     for name in (cfg.vision_tower, cfg.llm):
         try:
-            paths.append(resolve_model(name, cfg.models_dir))
+            paths[name] = resolve_model(name, cfg.models_dir)
         except MissingModel:
-            if not cfg.download:
-                raise
-            from scripts.download_models import download
+            missing.append(name)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
+    if missing and not cfg.download:
+        preset = PRESETS.get(cfg.model, {})
+        whole_preset = preset and set(missing) == {preset["vision_tower"], preset["llm"]}
+        what = f"--preset {cfg.model}" if whole_preset else " ".join(missing)
+        raise SystemExit(f"not downloaded yet: {', '.join(missing)} (looked in {cfg.models_dir}/). Download with:\n"
+                         f"  python scripts/download_models.py {what} --models_dir {cfg.models_dir}\n"
+                         "or add --download to fetch them before training, or point --vision_tower/--llm at local "
+                         "folders.")
+    if missing:
+        from scripts.download_models import download
 
-            paths.append(download(name, cfg.models_dir, hf_token=cfg.hf_token))
-    for key, value in vision_defaults(cfg.vision_tower, paths[0]).items():
+        for name in missing:
+            paths[name] = download(name, cfg.models_dir, hf_token=cfg.hf_token)
+    vision_path, llm_path = paths[cfg.vision_tower], paths[cfg.llm]
+    for key, value in vision_defaults(cfg.vision_tower, vision_path).items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
-    return paths[0], paths[1]
+    return vision_path, llm_path
+
+
+def name_the_models_message() -> str:
+    presets = "\n".join(f"  --model {name:<26} {p['vision_tower']} + {p['projector']} + {p['llm']}"
+                        for name, p in PRESETS.items())
+    return ("name the frozen models: a preset,\n" + presets + "\nor --vision_tower/--llm (registry ids or local "
+            "folders; `python model.py --list` lists the ids), or run --demo for the offline toy world")
 
 
 # --------------------------------------------------------------------------- data
@@ -217,20 +269,42 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: Ima
     return train_ds, eval_ds, skipped
 
 
-def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: int, epoch: int = 0, start: int = 0):
-    """Endless (epoch, batches consumed in this epoch, batch) stream. Each epoch reshuffles with
-    (seed, epoch); `start` skips batches already trained on, so a resume continues exactly."""
+def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: int, tally: SkipTally,
+            epoch: int = 0, start: int = 0):
+    """Endless (epoch, batches consumed in this epoch, batch) stream of batches that hold at least
+    one usable sample. Each epoch reshuffles with (seed, epoch); `start` skips batches already
+    trained on, so a resume continues exactly. `tally` counts what every batch skipped.
+
+    A run that cannot make progress stops here and says why, instead of looping for ever:
+    too few records for one batch, or no usable sample in a whole pass or in
+    --max_empty_batches batches in a row (a wrong --image_root, a dead URL list)."""
     lengths = ds.text_lengths() if cfg.group_by_length else None
+    per_pass = math.ceil(len(ds) / world) // cfg.batch_size      # drop_last: whole batches only
+    if per_pass == 0:
+        raise SystemExit(f"{len(ds)} training records make no full batch of {cfg.batch_size}"
+                         + (f" on each of {world} processes" if world > 1 else "") + ": lower --batch_size")
+    limit = min(per_pass, cfg.max_empty_batches or per_pass)
+    empty = 0
     while True:
         ds.set_epoch(epoch)
         sampler = EpochSampler(len(ds), cfg.seed, epoch, rank, world, start=start * cfg.batch_size,
                                lengths=lengths, batch_size=cfg.batch_size)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-            collate_fn=functools.partial(collate_packed if cfg.pack else collate, pad_id=pad_id), pin_memory=torch.cuda.is_available(), drop_last=True,
+            collate_fn=functools.partial(collate_packed if cfg.pack else collate, pad_id=pad_id),
+            pin_memory=torch.cuda.is_available(), drop_last=True,
             prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=_ignore_sigint)
         for i, batch in enumerate(loader, start=start + 1):
-            yield epoch, i, batch
+            tally.add(batch)
+            if batch["size"]:
+                empty = 0
+                yield epoch, i, batch
+                continue
+            empty += 1
+            if empty >= limit:
+                where = "in a whole pass over" if limit == per_pass else f"in {empty} batches in a row of"
+                raise SystemExit(f"no usable samples {where} the {len(ds):,} training records: {tally.describe()}. "
+                                 "Check --data_root / --image_root / --chat_json.")
         epoch, start = epoch + 1, 0
 
 
@@ -279,22 +353,18 @@ def prepare_run_folder(cfg: TrainConfig, run_name: str, ckpt_dir: str, run_dir: 
 
 # --------------------------------------------------------------------------- training
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
+    """One stage-1 run; `argv` (the command line it was parsed from) only shapes the resume hint."""
     dist = setup_dist(cfg.device)
     device = dist.device
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if not (cfg.vision_tower and cfg.llm):
-        raise SystemExit("name the frozen models: --model PRESET, or --vision_tower/--llm (ids or folders), or --demo")
+        raise SystemExit(name_the_models_message())
     if not cfg.data_root and not cfg.chat_json:
         raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
-    try:
-        vision_path, llm_path = resolve_models(cfg)
-    except MissingModel as e:
-        raise SystemExit(f"{e}\n(or pass --download to fetch it first)") from None
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    vision_path, llm_path = resolve_models(cfg)
     run_name = cfg.run_name or (_run_of(cfg.resume) if cfg.resume not in ("", "auto") else "") \
         or time.strftime("stage1_%Y%m%d_%H%M%S")
     run_dir, ckpt_dir = os.path.join(cfg.runs_dir, run_name), os.path.join(cfg.checkpoints_dir, run_name)
@@ -346,7 +416,7 @@ def train(cfg: TrainConfig) -> dict:
         s = model.spec
         features_key = cache_key(s.vision_path, s.feature_layer, s.feature_select, s.feature_post_norm,
                                  s.image_transform, s.num_image_tokens, s.vision_hidden_size)
-    train_ds, eval_ds, skipped = load_datasets(cfg, tokenizer, fmt, assistant.transform, features_key)
+    train_ds, eval_ds, read_skips = load_datasets(cfg, tokenizer, fmt, assistant.transform, features_key)
     global_batch = cfg.batch_size * grad_accum * dist.world_size
     steps_per_epoch = max(len(train_ds) // global_batch, 1)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -354,8 +424,8 @@ def train(cfg: TrainConfig) -> dict:
     console.kv("train / eval records", f"{len(train_ds):,} / {len(eval_ds):,}")
     console.kv("global batch", f"{global_batch} = {cfg.batch_size} x {grad_accum} accum x {dist.world_size} procs")
     console.kv("steps", f"{total_steps} ({steps_per_epoch} per epoch)")
-    if skipped:
-        console.warn(f"skipped while reading: {dict(skipped)}")
+    if read_skips:
+        console.warn(f"skipped while reading: {dict(read_skips)}")
     if dist.is_main:
         show_first_sample(train_ds, tokenizer)
 
@@ -374,8 +444,15 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from:
         state = restore_training_state(resume_from, model, optimizer, scheduler, dist)
         console.success(f"resumed from {resume_from} at step {state['step']}")
-    skipped.update(state["skipped"] if dist.is_main else {})
+    # Rank 0 holds the run's totals: reading skips once (every rank reads the same records),
+    # and on resume the checkpoint's totals, which include them already.
+    tally = SkipTally(skipped=Counter(state["skipped"] if resume_from else read_skips if dist.is_main else {}),
+                      truncated=state.get("truncated", 0))
     logger = RunLogger(run_dir, tuple(cfg.trackers.split(",")), purge_after=state["step"]) if dist.is_main else None
+    # The loss must have moved once warmup is over; the gap must have left zero by the second eval.
+    alarms = Alarms(logger if dist.is_main else None, flat_after=min(max(100, 2 * warmup), total_steps),
+                    gap_after=min(2 * cfg.eval_interval or total_steps, total_steps),
+                    eval_loss_before=state["summary"].get("eval_loss_before"))
 
     summary: dict = {"run": run_name, "run_dir": run_dir, **state["summary"]}
     if cfg.demo and dist.is_main and "heldout_exact_match_before" not in summary:
@@ -383,38 +460,35 @@ def train(cfg: TrainConfig) -> dict:
         summary["toy_vqa_accuracy_before"] = toy_vqa(assistant, cfg)
         console.kv("held-out exact match (before)", f"{summary['heldout_exact_match_before']:.3f}")
         console.kv("toy VQA accuracy (before)", f"{summary['toy_vqa_accuracy_before']:.1f}")
+        logger.log(0, {"demo/heldout_exact_match": summary["heldout_exact_match_before"],
+                       "demo/toy_vqa_accuracy": summary["toy_vqa_accuracy_before"]})
+    if dist.is_main and cfg.eval_interval and state["step"] == 0:
+        metrics = evaluate(model, eval_ds, cfg, logger, 0, write=console.info)  # the curve's "before" point
+        alarms.eval(0, metrics)
+        summary["eval_loss_before"] = metrics["eval/loss"]
 
     # ---- loop
-    from tqdm import tqdm
-
-    from utils.dist import peak_flops
-
     peak = peak_flops(device)[1]
-
-    stream = batches(train_ds, cfg, pad_id, dist.rank, dist.world_size, state["epoch"], state["positions"][dist.rank])
+    stream = batches(train_ds, cfg, pad_id, dist.rank, dist.world_size, tally, state["epoch"],
+                     state["positions"][dist.rank])
     model.train()
     losses: list[float] = state["losses"]
     nonfinite, in_a_row = state["nonfinite_steps"], 0
-    truncated = state.get("truncated", 0)
     checkpoint = ""
     stop = StopRequest()
     t_start = time.time()
-    # In a terminal the bar redraws in place; in a log file it would add a line per step.
-    bar = tqdm(total=total_steps, initial=state["step"], desc="stage 1", unit="step", disable=not dist.is_main,
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 60.0)
+    # In a terminal a bar redraws in place; in a log file only the periodic log lines appear.
+    bar = console.progress(total_steps, "stage 1", "step", initial=state["step"], show=dist.is_main, every=0)
     for step in range(state["step"] + 1, total_steps + 1):
         t0 = time.time()
         # Micro-batches of this step, fetched first so the loss can be normalised by the
         # supervised-token count of the whole global step (a mean over tokens, not batches).
         micro = []
-        while len(micro) < grad_accum:
+        for _ in range(grad_accum):
             epoch, position, batch = next(stream)
-            skipped.update(batch["skipped"])
-            truncated += batch["truncated"]
-            if batch["size"]:
-                micro.append(to_device(batch, device))
+            micro.append(to_device(batch, device))
         # One all-reduce carries the step's counts and whether any rank was asked to stop.
-        counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
                                sum(b["size"] for b in micro), sum(int(b["attention_mask"].sum()) for b in micro),
                                float(stop.requested)], dtype=torch.float64, device=device)
         n_tokens, n_samples, n_seq_tokens, stopping = all_reduce_sum(counts).tolist()
@@ -441,86 +515,142 @@ def train(cfg: TrainConfig) -> dict:
                          f"({in_a_row} in a row, limit {cfg.max_nonfinite})")
             if in_a_row >= cfg.max_nonfinite:
                 raise SystemExit(f"{in_a_row} non-finite steps in a row at step {step}: lower --lr, check the data "
-                                 f"(skipped: {dict(skipped)}), or resume from {find_latest(ckpt_dir)}")
+                                 f"(skipped: {dict(tally.skipped)}), or resume from {find_latest(ckpt_dir)}")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # ---- log
         dt = time.time() - t0
         losses.append(loss)
+        alarms.step(step, losses, float(grad_norm))
         scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[0],
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
                    "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch, "train/nonfinite_steps": nonfinite}
         if peak:  # MFU on a GPU of known peak: this rank's model FLOPs over its time
             lengths = [n for b in micro for n in sample_lengths(b)]
             flops = model.step_flops(sum(b["size"] for b in micro), lengths,
-                                     sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                                     sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
                                      cached=bool(cfg.features_cache))
             scalars["train/mfu"] = flops / dt / peak
+        alarms.data(step, tally.unusable, tally.used)
+        if cfg.log_interval and step % cfg.log_interval == 0:
+            scalars.update(periodic_scalars(device, tally))
         if logger:
             logger.log(step, scalars)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['train/lr']:.2e}", sps=f"{scalars['train/samples_per_s']:.1f}")
-        if step % cfg.log_interval == 0 and dist.is_main:
-            window = losses[-cfg.log_interval:]
-            tqdm.write(f"step {step}/{total_steps} | loss {sum(window) / len(window):.4f} | lr {scalars['train/lr']:.2e} "
-                       f"| grad {float(grad_norm):.3f} | {scalars['train/samples_per_s']:.1f} samples/s")
+        if cfg.log_interval and step % cfg.log_interval == 0 and dist.is_main:
+            bar.write(log_line(step, total_steps, losses[-cfg.log_interval:], scalars, tally, alarms.active))
 
         # ---- evaluate and checkpoint (rank 0 evaluates; the others wait in the next all-reduce)
         last = step == total_steps
         if dist.is_main and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-            metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
-            gap = metrics.get("eval/image_ablation_gap")
-            tqdm.write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}"
-                       + (f" | image-ablation gap {gap:+.4f}" if gap is not None else ""))
-            logger.log(step, metrics)
+            metrics = evaluate(model, eval_ds, cfg, logger, step, write=bar.write)
+            alarms.eval(step, metrics)
             log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step)
             summary.update(eval_summary(metrics))
-        if step % cfg.save_interval == 0 or last or stopping:
+        if (cfg.save_interval and step % cfg.save_interval == 0) or last or stopping:
             train_state = {"step": step, "epoch": epoch, "losses": losses, "nonfinite_steps": nonfinite,
                            "summary": {k: v for k, v in summary.items() if k.startswith(("heldout", "eval", "image_", "toy_"))}}
             checkpoint = save_training_checkpoint(model, optimizer, scheduler, ckpt_dir, train_state, position,
-                                                  skipped, truncated, cfg, run_name, dist)
+                                                  tally, cfg, run_name, dist)
         if stopping and not last:
             bar.close()
             if dist.is_main:
-                argv = " ".join(sys.argv[1:]) or "..."
-                console.warn(f"stopped at step {step}; checkpoint {checkpoint}. Continue with:\n"
-                             f"  python train_stage1.py {argv} --run_name {run_name} --resume auto")
+                console.warn(f"stopped at step {step}; checkpoint {checkpoint}. Continue with:\n  "
+                             + resume_command(argv or [], run_name, dist.world_size))
             cleanup_dist()
             return {**summary, "interrupted": True, "steps": step, "checkpoint": checkpoint}
     bar.close()
 
     # ---- summary
     elapsed = time.time() - t_start
-    parts = gather((dict(skipped), truncated), dist)  # every rank skipped and truncated its own samples
+    parts = gather((dict(tally.skipped), tally.truncated), dist)  # every rank skipped and truncated its own samples
     skipped = sum((Counter(p[0]) for p in parts), Counter())
     truncated = sum(p[1] for p in parts)
-    window = losses[-min(cfg.log_interval, len(losses)):]
+    window = losses[-min(cfg.log_interval or 10, len(losses)):]
     summary.update({"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(window) / len(window),
                     "skipped": dict(skipped), "truncated_answers": truncated, "nonfinite_steps": nonfinite,
                     "checkpoint": checkpoint,
                     "train_seconds": round(elapsed, 1),
                     "samples_per_s": round(total_steps * global_batch / elapsed, 2), "world_size": dist.world_size,
-                    "global_batch": global_batch})
+                    "global_batch": global_batch, "peak_mem_gib": round(memory_gib(device)[1], 3)})
     if dist.is_main:
         if "eval_loss" not in summary:
-            summary.update(eval_summary(heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)))
+            metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
+            alarms.eval(total_steps, metrics)
+            summary.update(eval_summary(metrics))
         if cfg.demo:
             summary["heldout_exact_match_after"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
             summary["toy_vqa_accuracy_after"] = toy_vqa(assistant, cfg)
+            logger.log(total_steps, {"demo/heldout_exact_match": summary["heldout_exact_match_after"],
+                                     "demo/toy_vqa_accuracy": summary["toy_vqa_accuracy_after"]})
+        summary["alarms"] = alarms.fired
         dump_json(summary, os.path.join(run_dir, "summary.json"))
         logger.close()
         console.header("done")
         for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl", "image_ablation_gap",
                   "heldout_exact_match_before", "heldout_exact_match_after", "toy_vqa_accuracy_before",
-                  "toy_vqa_accuracy_after", "skipped", "checkpoint"):
+                  "toy_vqa_accuracy_after", "skipped", "peak_mem_gib", "checkpoint"):
             if k in summary:
                 console.kv(k, summary[k])
+        for a in alarms.fired:
+            console.warn(f"ALARM ({a['kind']}, step {a['step']}): {a['message']}")
         console.info(f"\nchat with it:  python eval_llava.py --checkpoint {checkpoint}")
         console.info(f"curves:        tensorboard --logdir {cfg.runs_dir}")
     cleanup_dist()
     return summary
+
+
+def evaluate(model, eval_ds: Stage1Dataset, cfg: TrainConfig, logger: RunLogger, step: int, write) -> dict:
+    """Held-out loss, perplexity and image-ablation gap: printed, logged, returned."""
+    metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
+    gap = metrics.get("eval/image_ablation_gap")
+    write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}"
+          + (f" | image-ablation gap {gap:+.4f}" if gap is not None else ""))
+    logger.log(step, metrics)
+    return metrics
+
+
+def periodic_scalars(device: torch.device, tally: SkipTally) -> dict:
+    """Memory and data health, logged at each log interval (not worth a syscall every step)."""
+    mem, peak_mem = memory_gib(device)
+    out = {"train/mem_gib": mem, "train/peak_mem_gib": peak_mem, "data/skipped": tally.unusable,
+           "data/skip_rate": tally.unusable / max(tally.unusable + tally.used, 1)}
+    out.update({f"data/skipped/{reason}": n for reason, n in tally.skipped.items()})
+    return out
+
+
+def log_line(step: int, total: int, window: list[float], s: dict, tally: SkipTally, alarms: list[str]) -> str:
+    line = (f"step {step}/{total} | loss {sum(window) / len(window):.4f} | lr {s['train/lr']:.2e} "
+            f"| grad {s['train/grad_norm']:.3f} | {s['train/samples_per_s']:.1f} samples/s "
+            f"| mem {s['train/mem_gib']:.2f} GiB (peak {s['train/peak_mem_gib']:.2f})")
+    if tally.unusable:
+        line += f" | skipped {tally.unusable} ({s['data/skip_rate']:.1%})"
+    if alarms:
+        line += f" | ALARM: {', '.join(alarms)}"
+    return line
+
+
+def resume_command(argv: list[str], run_name: str, world_size: int) -> str:
+    """This run's command line with --resume auto: a typed --resume is replaced, the run name
+    added unless it was typed, a token typed in place of a token file hidden."""
+    kept, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--resume" or a.startswith("--resume="):
+            i += 1 if "=" in a else 2
+            continue
+        if a == "--hf_token" and i + 1 < len(argv):
+            kept += [a, redacted({"hf_token": argv[i + 1]})["hf_token"]]
+            i += 2
+            continue
+        kept.append(f"--hf_token={redacted({'hf_token': a[11:]})['hf_token']}" if a.startswith("--hf_token=") else a)
+        i += 1
+    named = any(a.split("=")[0] in ("--run_name", "--run_id") for a in kept)
+    launcher = f"torchrun --standalone --nproc-per-node {world_size}" if world_size > 1 else "python"
+    return f"{launcher} train_stage1.py " + shlex.join([*kept, *([] if named else ["--run_name", run_name]),
+                                                        "--resume", "auto"])
 
 
 def sample_lengths(batch: dict) -> list[int]:
@@ -566,11 +696,11 @@ def gather(obj, dist) -> list:
 
 
 def save_training_checkpoint(model, optimizer, scheduler, ckpt_dir: str, state: dict, position: int,
-                             skipped: Counter, truncated: int, cfg: TrainConfig, run_name: str, dist) -> str:
+                             tally: SkipTally, cfg: TrainConfig, run_name: str, dist) -> str:
     """Projector + everything needed to continue bit-exactly: optimizer, schedule, step, data
     position and RNG of every rank. Rank 0 writes; the others contribute their part."""
-    per_rank = gather({"position": position, "rng": capture_rng(), "skipped": dict(skipped),
-                       "truncated": truncated}, dist)
+    per_rank = gather({"position": position, "rng": capture_rng(), "skipped": dict(tally.skipped),
+                       "truncated": tally.truncated}, dist)
     if not dist.is_main:
         return ""
     total_skipped = sum((Counter(p["skipped"]) for p in per_rank), Counter())
@@ -604,26 +734,60 @@ def restore_training_state(path: str, model, optimizer, scheduler, dist) -> dict
     return state
 
 
-def show_first_sample(ds: Stage1Dataset, tokenizer) -> None:
+def show_first_sample(ds: Stage1Dataset, tokenizer, tries: int = 50) -> None:
     """Print the first usable sample as the LLM sees it and its supervised target: the
-    quickest way to catch a template or masking bug (the course does the same)."""
-    for i in range(min(len(ds), 50)):
+    quickest way to catch a template or masking bug (the course does the same). When none of
+    the first `tries` records can be used, say why."""
+    seen = SkipTally()
+    for i in range(min(len(ds), tries)):
         item = ds[i]
         if "skip" in item:
+            seen.add_skip(item)
             continue
-        target = [t for t in item["labels"] if t != -100]
+        target = [t for t in item["labels"] if t != IGNORE_INDEX]
         text = tokenizer.decode(item["input_ids"])
         n_slots = len(ds.fmt.image_ids())
         slot = tokenizer.decode([ds.fmt.image_token_id]) if ds.fmt.image_token_id < len(tokenizer) else "<image slot>"
         console.header("first sample")
         console.info("prompt + target:\n" + text.replace(slot * n_slots, f"{slot} x {n_slots}"))
         console.info(f"supervised target ({len(target)} tokens): {tokenizer.decode(target)!r}")
+        if seen.unusable:
+            console.warn(f"the {seen.unusable} record(s) before it were skipped: {seen.describe()}")
         return
+    console.warn(f"first sample: none of the first {seen.unusable} training records can be used: {seen.describe()}")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(parse_args(argv))
+    started = time.time()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    console.quiet_bars_in_log_files()
+    cfg = parse_args(argv)
+    summary = train(cfg, argv)
+    if cfg.demo and not summary.get("interrupted"):
+        # Toy-world build included: what a new user waits for, measured on this machine.
+        console.kv("demo wall time", f"{console.duration(time.time() - started)} on {machine_name()}")
+    return summary
+
+
+def machine_name() -> str:
+    """'2 x AMD EPYC' or 'NVIDIA H200': where the demo's figures were measured."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{available_cpus()} x {model} (CPU)"
 
 
 if __name__ == "__main__":
-    sys.exit(130 if main().get("interrupted") else 0)
+    try:
+        sys.exit(130 if main().get("interrupted") else 0)
+    except KeyboardInterrupt:  # a second Ctrl-C: quit at once, without a traceback
+        # DataLoader workers stuck in slow I/O would each hold the exit for seconds: stop them first.
+        for child in multiprocessing.active_children():
+            child.terminate()
+        console.error("interrupted: nothing saved since the last checkpoint")
+        sys.exit(130)

@@ -26,10 +26,24 @@ def test_missing_id_stops_with_the_exact_download_command(tmp_path):
         resolve_model("no-such-model", str(tmp_path))
 
 
-def test_training_without_the_models_prints_the_download_command(tmp_path, capsys):
+def test_training_without_the_models_names_all_of_them_and_one_download_command(tmp_path, toy):
     with pytest.raises(SystemExit) as err:
         train_stage1.main(["--model", "clip-zh-qwen3-0.6b", "--models_dir", str(tmp_path), "--data_root", str(tmp_path)])
-    assert "scripts/download_models.py clip-vit-b16-zh" in str(err.value)
+    message = str(err.value)
+    assert "clip-vit-b16-zh, qwen3-0.6b" in message                       # both missing models, not the first
+    assert f"python scripts/download_models.py --preset clip-zh-qwen3-0.6b --models_dir {tmp_path}" in message
+    # Only part of the preset missing (the tower given as a folder): the missing id by name.
+    with pytest.raises(SystemExit) as err:
+        train_stage1.main(["--model", "clip-zh-qwen3-0.6b", "--vision_tower", toy.vision, "--models_dir", str(tmp_path),
+                           "--data_root", str(tmp_path)])
+    assert f"python scripts/download_models.py qwen3-0.6b --models_dir {tmp_path}" in str(err.value)
+
+
+def test_training_without_models_lists_the_presets():
+    with pytest.raises(SystemExit) as err:
+        train_stage1.main(["--data_root", "x"])
+    for name, preset in PRESETS.items():
+        assert f"--model {name}" in str(err.value) and preset["llm"] in str(err.value)
 
 
 @pytest.fixture
@@ -130,3 +144,33 @@ def test_summary_of_every_preset_from_bundled_configs(tmp_path):
     assert describe("siglip-so400m-384", "qwen3vl-4b-text", models_dir=str(tmp_path))["image_tokens_per_image"] == 729
     for model_id in REGISTRY:
         assert os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{model_id}.json"))
+
+
+def test_one_feature_table_for_describe_training_and_the_dataset_preview(toy, tmp_path):
+    """A local CLIP folder: describe, training and dataset.py's preview all take the family's
+    defaults (layer -2, patch tokens), so all three count the same image slots."""
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from backbones import describe, vision_defaults
+    from model import ModelSpec, build_model
+    from tests.conftest import ROOT
+    from tests.test_backbones import VC
+
+    clip = str(tmp_path / "clip")
+    CLIPVisionModel(CLIPVisionConfig(**VC)).save_pretrained(clip)
+    assert vision_defaults(clip) == {"feature_layer": -2, "feature_select": "patch", "feature_post_norm": False}
+    model, _ = build_model(ModelSpec(clip, toy.llm, **vision_defaults(clip)))
+    assert describe(clip, toy.llm)["image_tokens_per_image"] == model.spec.num_image_tokens == 16
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(f"{toy.train}/chat.json", tmp_path / "elsewhere" / "chat.json")  # images stay in toy.train
+    cmd = [sys.executable, "dataset.py", "--data_format", "chat", "--chat_json", str(tmp_path / "elsewhere" / "chat.json"),
+           "--llm", toy.llm, "--vision_tower", clip, "--max_samples", "5"]
+    res = subprocess.run(cmd + ["--image_root", toy.train], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "16 image slots (layer -2, patch tokens" in res.stdout and res.stdout.count("<|image_pad|>") == 16
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # no --image_root: says why
+    assert "skipped 5 record(s) looking for a usable sample: missing_image 5" in res.stdout

@@ -134,17 +134,21 @@ def test_batch_vqa_on_the_toy_vqa_set(short_run, toy, tmp_path):
                           "--out_dir", str(tmp_path / "eval"), "--batch_size", "16"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    predictions = json.loads((tmp_path / "eval" / "vqa_predictions.json").read_text())
+    from eval_llava import output_name
+
+    name = output_name("vqa", str(val))
+    assert name == "vqa_vqa_chat_val"
+    predictions = json.loads((tmp_path / "eval" / f"{name}_predictions.json").read_text())
     questions = json.loads(open(q).read())["questions"]
     assert sorted(p["question_id"] for p in predictions) == sorted(x["question_id"] for x in questions)
     assert all(isinstance(p["answer"], str) for p in predictions)
-    scores = json.loads((tmp_path / "eval" / "vqa_scores.json").read_text())
+    scores = json.loads((tmp_path / "eval" / f"{name}_scores.json").read_text())
     assert scores == json.loads(res.stdout)
     assert scores["n_scored"] == len(questions) and scores["n_missing_predictions"] == 0
     # The scores are the official metric on the official files, as --vqa_eval computes them alone.
     assert scores["overall"] == evaluate(json.loads(open(a).read()), predictions)["overall"]
     alone = subprocess.run([sys.executable, "eval_llava.py", "--vqa_eval", "--questions", q, "--annotations", a,
-                            "--predictions", str(tmp_path / "eval" / "vqa_predictions.json")],
+                            "--predictions", str(tmp_path / "eval" / f"{name}_predictions.json")],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert alone.returncode == 0, alone.stderr
     assert json.loads(alone.stdout)["overall"] == scores["overall"]
@@ -177,18 +181,23 @@ def test_batch_captions_on_chat_json_and_on_an_image_folder(short_run, toy, tmp_
             (folder / f"{i:05d}.txt").write_text(r["conversations"][1]["value"], encoding="utf-8")
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    from eval_llava import output_name
+
+    out = tmp_path / "eval"   # both inputs into one folder: each keeps its own files
     for source in (folder, chat):
         for img in records:
             if source == chat:
                 os.makedirs(tmp_path / os.path.dirname(img["image"]), exist_ok=True)
                 shutil.copy(os.path.join(toy.eval, img["image"]), tmp_path / img["image"])
-        out = tmp_path / f"eval_{source.name}"
         res = subprocess.run([sys.executable, "eval_llava.py", "--checkpoint", summary["checkpoint"], "--captions",
                               str(source), "--out_dir", str(out), "--max_new_tokens", "24"],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr
-        scores = json.loads((out / "captions_scores.json").read_text())
-        predictions = json.loads((out / "captions_predictions.json").read_text())
+        name = output_name("captions", str(source))
+        scores = json.loads((out / f"{name}_scores.json").read_text())
+        predictions = json.loads((out / f"{name}_predictions.json").read_text())
         assert len(predictions) == 12 and scores["captioned"] == 12
         assert scores["n"] == (6 if source == folder else 12)
         assert 0 <= scores["bleu4"] <= 1 and scores["cider_d"] >= 0
+    assert sorted(os.listdir(out)) == sorted(f"{output_name('captions', str(s))}_{kind}.json"
+                                             for s in (folder, chat) for kind in ("predictions", "scores"))

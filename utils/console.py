@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 _stream: TextIO | None = None  # None: sys.stdout at call time (pytest's capsys swaps it)
@@ -58,19 +59,76 @@ def header(title: str, width: int = 72) -> None:
         print(_color("1;36", f"\n{'=' * width}\n{title}\n{'=' * width}"), file=_out(), flush=True)
 
 
-def rule(width: int = 72) -> None:
-    if _is_main():
-        print("-" * width, file=_out(), flush=True)
-
-
 def kv(key: str, value: Any, width: int = 24) -> None:
     if _is_main():
         print(f"  {key:<{width}} {value}", file=_out(), flush=True)
 
 
-def human(n: float) -> str:
-    """1234567 -> '1.23M' (parameter and token counts)."""
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))
+
+def duration(seconds: float) -> str:
+    """75.2 -> '1m15s'."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class _Lines:
+    """Progress for a log file: a plain line every `every` seconds (0: silent) and one at the
+    end, never a bar redraw. Same calls as the tqdm bar it stands in for."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int, every: float, show: bool):
+        self.n, self.total, self.desc, self.unit, self.every, self.show = initial, total, desc, unit, every, show
+        self._t0 = self._last = time.time()
+        self._start = initial
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.time()
+        if self.every and now - self._last >= self.every:
+            self._last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        if self.show:
+            rate = (self.n - self._start) / max(now - self._t0, 1e-9)
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s)", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **_kw) -> None:
+        pass
+
+    def write(self, msg: str) -> None:
+        info(msg)
+
+    def close(self) -> None:
+        if self.every and self.n > self._start:
+            self._line(time.time())
+        self.every = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def quiet_bars_in_log_files() -> None:
+    """In a log file, library progress bars (transformers' weight loading and shard writing)
+    are redraw noise too: turn them off when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def progress(total: int, desc: str, unit: str = "it", initial: int = 0, show: bool = True, every: float = 30.0):
+    """A tqdm bar on stderr when it is a terminal. In a log file a bar's redraws would be most
+    of the file and glue themselves onto other lines, so there it is a plain line every `every`
+    seconds instead (every=0: none, for loops that print their own periodic lines).
+    `write(msg)` prints a line without breaking the bar."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not (show and _is_main()),
+                   dynamic_ncols=True, file=sys.stderr)
+        bar.write = lambda msg: tqdm.write(msg, file=_out()) if _is_main() else None
+        return bar
+    return _Lines(total, desc, unit, initial, every, show and _is_main())

@@ -26,6 +26,27 @@ class DistInfo:
         return self.world_size > 1
 
 
+def available_cpus() -> int:
+    """Cores this process may use (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def memory_gib(device: torch.device) -> tuple[float, float]:
+    """(now, peak) memory in GiB: the CUDA allocator's on a GPU, this process's resident set
+    (RSS) on a CPU. What the periodic log line and summary.json report."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    with open("/proc/self/statm") as fh:
+        now = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return now / 2**30, max(now, peak) / 2**30
+
+
 def pick_device(flag: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU. Any torch device string is accepted."""
     if flag == "auto":

@@ -1,0 +1,120 @@
+"""The terminal chat as a user types into it: image paths in every spelling a terminal produces,
+missing files, Ctrl-C during a reply and at the prompt; a run folder as --checkpoint."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from dataset import ImageLoader
+from eval_llava import chat, image_reference
+from tests.conftest import ROOT
+
+
+class FakeAssistant:
+    """The chat loop's two needs: a loader and a reply; records what the model was asked."""
+
+    def __init__(self, interrupt_on: str = ""):
+        self.loader = ImageLoader()
+        self.asked: list[tuple[tuple, list[str]]] = []
+        self.interrupt_on = interrupt_on
+
+    def reply(self, image, messages, stream=False, **gen):
+        if messages[-1]["content"] == self.interrupt_on:
+            raise KeyboardInterrupt  # Ctrl-C while the reply streams
+        self.asked.append((image.size, [m["content"] for m in messages]))
+        return f"answer {len(self.asked)}"
+
+
+class Lines:
+    """stdin that ends with Ctrl-C at the prompt instead of EOF."""
+
+    def __init__(self, lines):
+        self.lines = list(lines)
+
+    def readline(self):
+        if not self.lines:
+            raise KeyboardInterrupt
+        return self.lines.pop(0) + "\n"
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("data/toy/eval/images/nope.png", "data/toy/eval/images/nope.png"),
+    ("~/x.png", os.path.expanduser("~/x.png")),
+    ("'/tmp/a b/c.png'", "/tmp/a b/c.png"),                 # drag-and-drop, quoted
+    ("/tmp/a\\ b/c.png", "/tmp/a b/c.png"),                 # drag-and-drop, escaped space
+    ("./photo", "./photo"),
+    ("https://example.com/a.jpg", "https://example.com/a.jpg"),
+    ("描述这张图片", None),
+    ("what's in the picture?", None),                      # an apostrophe is not a quote
+    ("is the circle left/right?", None),
+])
+def test_what_counts_as_an_image_reference(line, expected):
+    assert image_reference(line) == expected
+
+
+def test_missing_paths_are_reported_and_never_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "a b").mkdir()
+    Image.new("RGB", (20, 10)).save(tmp_path / "a b" / "c.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "first.png")
+    assistant = FakeAssistant(interrupt_on="stop me")
+    chat(assistant, {}, stdin=Lines([
+        str(tmp_path / "first.png"), "描述这张图片",
+        "data/toy/eval/images/nope.png", "~/x.png",             # missing: said so, not questions
+        f"'{tmp_path / 'a b' / 'c.png'}'",                      # a quoted path with a space: a new image
+        "stop me",                                              # Ctrl-C during the reply
+        "这是什么",
+    ]))                                                         # then Ctrl-C at the prompt: chat returns
+    out = capsys.readouterr()
+    assert assistant.asked == [((8, 8), ["描述这张图片"]), ((20, 10), ["这是什么"])]  # the stopped turn left no trace
+    assert "file not found: data/toy/eval/images/nope.png" in out.err
+    assert f"file not found: {tmp_path / 'x.png'}" in out.err
+    assert "reply stopped" in out.out
+    assert out.out.count("dialogue reset") == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(toy, tmp_path_factory):
+    """A 4-step run: a run folder with a `latest` pointer, as training leaves it."""
+    import train_stage1
+
+    out = tmp_path_factory.mktemp("chat_run")
+    train_stage1.main(["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train,
+                       "--eval_data_root", toy.eval, "--max_steps", "4", "--batch_size", "4", "--num_workers", "0",
+                       "--eval_interval", "0", "--eval_samples", "4", "--sample_replies", "0", "--save_interval", "2",
+                       "--run_name", "c", "--runs_dir", str(out / "runs"), "--checkpoints_dir", str(out / "ck")])
+    return out / "ck" / "c"
+
+
+def test_a_run_folder_is_a_checkpoint(tiny_run, toy, tmp_path, capsys):
+    import eval_llava
+    from model import checkpoint_file
+
+    image = os.path.join(toy.eval, "images", "000000.png")
+    replies = []
+    for ckpt in (tiny_run, tiny_run / "step_000004", tiny_run / "step_000004" / "projector.safetensors"):
+        eval_llava.main(["--checkpoint", str(ckpt), "--image", image, "--prompt", "描述这张图片", "--max_new_tokens", "8"])
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] == replies[2] and replies[0].strip()   # the run folder means its latest
+    assert checkpoint_file(str(tiny_run)) == str(tiny_run / "step_000004" / "projector.safetensors")
+    with pytest.raises(FileNotFoundError, match="give a run folder"):
+        checkpoint_file(str(tmp_path))
+
+
+def test_ctrl_c_at_the_prompt_leaves_without_a_traceback(tiny_run):
+    proc = subprocess.Popen([sys.executable, "eval_llava.py", "--checkpoint", str(tiny_run)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while not seen.endswith("你: ".encode()):                    # the prompt is up: the loop waits for input
+        chunk = proc.stdout.read(1)
+        assert chunk, proc.stderr.read().decode()[-2000:]
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err

@@ -1,0 +1,153 @@
+"""Command lines as a new user meets them: every script's --help, flags that win over presets
+and the demo, refused values, intervals of 0, the resume hint."""
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import train_stage1
+from tests.conftest import ROOT
+
+SCRIPTS = ["train_stage1.py", "eval_llava.py", "convert_vqa.py", "model.py", "dataset.py", "toy_world.py",
+           *sorted(f"scripts/{n}" for n in os.listdir(os.path.join(ROOT, "scripts"))
+                   if n.endswith(".py") and n != "__init__.py")]
+
+
+class _Parser(Exception):
+    """Carries the parser a script builds out of its main(), before anything else runs."""
+
+
+def parser_of(script: str) -> argparse.ArgumentParser:
+    module = importlib.import_module(script[:-3].replace("/", "."))
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *a, **kw):
+        raise _Parser(self)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        module.main() if script in ("model.py", "dataset.py", "toy_world.py") else module.main([])
+    except _Parser as e:
+        return e.args[0]
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    raise AssertionError(f"{script}: main() did not parse arguments")
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """--help text -> {option string: its whole entry}."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (-{1,2}[\w-]+)", line)
+        if m:
+            current = m.group(1)
+            entries[current] = line
+        elif current and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["-m utils.vqa_eval"])
+def test_every_script_help_exits_0_and_shows_each_default_once(script):
+    cmd = [sys.executable, *script.split()] if script.startswith("-m") else [sys.executable, script]
+    res = subprocess.run([*cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("usage:")
+    entries = help_entries(res.stdout)
+    parser = parser_of("utils/vqa_eval.py" if script.startswith("-m") else script)
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        entry = entries[action.option_strings[0]]
+        mentions = entry.lower().count("default")
+        assert mentions <= 1, f"{script} {action.option_strings[0]}: default shown {mentions} times: {entry}"
+        if action.default not in (None, "", argparse.SUPPRESS):
+            assert mentions == 1, f"{script} {action.option_strings[0]}: default {action.default!r} not shown: {entry}"
+
+
+@pytest.fixture
+def no_toy_build(monkeypatch, toy):
+    """--demo without building the demo world: the test world's paths stand in."""
+    import toy_world
+
+    monkeypatch.setattr(toy_world, "ensure_toy_world", lambda *a, **kw: toy)
+
+
+def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeypatch, no_toy_build):
+    booleans = [f.name for f in dataclasses.fields(train_stage1.TrainConfig)
+                if f.type in ("bool", "bool | None") and f.name != "demo"]
+    assert {"feature_post_norm", "image_wrap", "pack", "compile", "overwrite"} <= set(booleans)
+    # A preset and the demo that switch every boolean on: a typed --no-X must still win.
+    preset = "clip-zh-qwen3-0.6b"
+    monkeypatch.setitem(train_stage1.PRESETS, preset, {**train_stage1.PRESETS[preset], **{n: True for n in booleans}})
+    monkeypatch.setattr(train_stage1, "DEMO_DEFAULTS", {**train_stage1.DEMO_DEFAULTS, **{n: True for n in booleans}})
+    for name in booleans:
+        for base in (["--model", preset], ["--demo"]):
+            assert getattr(train_stage1.parse_args([*base, f"--no-{name}"]), name) is False, (base, name)
+            assert getattr(train_stage1.parse_args(base), name) is True, (base, name)
+    # The demo's own default (ln_post on every token, the course's recipe) loses to the typed flag,
+    # as the export's refusal message tells users to do.
+    monkeypatch.setattr(train_stage1, "DEMO_DEFAULTS", dict(train_stage1.DEMO_DEFAULTS, feature_post_norm=True))
+    assert train_stage1.parse_args(["--demo", "--no-feature_post_norm"]).feature_post_norm is False
+    assert train_stage1.parse_args(["--demo", "--feature_post"]).feature_post_norm is True   # a unique prefix
+    cfg = train_stage1.parse_args(["--demo", "--lr=5e-4", "--batch_size", "8"])
+    assert (cfg.lr, cfg.batch_size, cfg.max_steps) == (5e-4, 8, train_stage1.DEMO_DEFAULTS["max_steps"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--save_interval", "-1"], "--save_interval -1: must be >= 0"),
+    (["--log_interval", "-5"], "--log_interval -5: must be >= 0"),
+    (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    (["--train_strategy", "fsdp-shard-grad-op"], "Several processes run DDP"),
+    (["--stage", "align", "--model.align_train_strategy", "fsdp-full-shard"], "FSDP sharding is not implemented"),
+])
+def test_values_that_cannot_work_are_refused_when_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        train_stage1.parse_args(argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_intervals_of_zero_mean_off(toy, tmp_path, capsys):
+    summary = train_stage1.main([
+        "--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train, "--eval_data_root", toy.eval,
+        "--max_steps", "12", "--batch_size", "4", "--num_workers", "0", "--eval_samples", "8", "--sample_replies", "0",
+        "--log_interval", "0", "--save_interval", "0", "--eval_interval", "0", "--run_name", "z",
+        "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck")])
+    out = capsys.readouterr().out
+    assert summary["steps"] == 12 and "step 12/12" not in out and "eval @" not in out   # no log lines, no evals
+    assert sorted(os.listdir(tmp_path / "ck" / "z")) == ["latest", "step_000012"]      # only the final save
+    assert "eval_loss" in summary and summary["checkpoint"].endswith("step_000012")   # evaluated once, at the end
+
+
+def test_resume_hint_repeats_the_command_with_the_run_name_once():
+    hint = train_stage1.resume_command(["--demo", "--run_name", "a", "--lr", "1e-3"], "a", 1)
+    assert hint == "python train_stage1.py --demo --run_name a --lr 1e-3 --resume auto"
+    hint = train_stage1.resume_command(["--demo", "--resume", "checkpoints/x/step_000004", "--hf_token", "hf_abc"],
+                                       "x", 2)
+    assert hint == ("torchrun --standalone --nproc-per-node 2 train_stage1.py --demo --hf_token '<redacted>' "
+                    "--run_name x --resume auto")
+    assert train_stage1.resume_command(["--trackers", '["jsonl"]', "--run_id", "r"], "r", 1) == \
+        "python train_stage1.py --trackers '[\"jsonl\"]' --run_id r --resume auto"
+
+
+def test_demo_logs_its_before_and_after_figures_and_prints_its_wall_time(no_toy_build, tmp_path, capsys):
+    summary = train_stage1.main(["--demo", "--max_steps", "10", "--batch_size", "8", "--num_workers", "0",
+                                 "--eval_interval", "5", "--eval_samples", "16", "--sample_replies", "0",
+                                 "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck")])
+    out = capsys.readouterr().out
+    assert re.search(r"demo wall time +\d+s on \d+ x .+ \(CPU\)", out)
+    rows = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
+    demo = {r["step"]: r for r in rows if "demo/heldout_exact_match" in r}
+    assert sorted(demo) == [0, 10]
+    assert demo[0]["demo/heldout_exact_match"] == summary["heldout_exact_match_before"]
+    assert demo[10]["demo/toy_vqa_accuracy"] == summary["toy_vqa_accuracy_after"]

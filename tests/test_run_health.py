@@ -1,0 +1,202 @@
+"""A run that cannot make progress stops and says why; a failing run says so while it runs;
+Ctrl-C never ends in a traceback; a redirected log holds lines, not progress-bar redraws."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import train_stage1
+from tests.conftest import ROOT
+
+
+def base_args(toy, out, name="h", steps=30, *extra):
+    return ["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train, "--eval_data_root", toy.eval,
+            "--max_steps", str(steps), "--batch_size", "8", "--num_workers", "0", "--eval_samples", "16",
+            "--sample_replies", "0", "--run_name", name, "--runs_dir", str(out / "runs"),
+            "--checkpoints_dir", str(out / "ck"), *extra]
+
+
+def run_cli(argv, timeout=300, **kw):
+    """train_stage1.py in a subprocess: a regression to an endless loop fails by timeout, not a hang."""
+    return subprocess.run([sys.executable, "train_stage1.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def chat_args(toy, out, image_root, *extra):
+    return ["--vision_tower", toy.vision, "--llm", toy.llm, "--data_format", "chat",
+            "--chat_json", os.path.join(toy.train, "chat.json"), "--image_root", image_root,
+            "--eval_data_root", toy.eval, "--eval_chat_json", os.path.join(toy.eval, "chat.json"),
+            "--max_steps", "20", "--batch_size", "8", "--num_workers", "0", "--eval_samples", "8",
+            "--sample_replies", "0", "--run_name", "e", "--runs_dir", str(out / "runs"),
+            "--checkpoints_dir", str(out / "ck"), *extra]
+
+
+# --------------------------------------------------------------------------- no progress possible
+
+def test_no_usable_sample_in_a_whole_pass_stops_with_the_reasons(toy, tmp_path):
+    res = run_cli(chat_args(toy, tmp_path, str(tmp_path / "wrong_root")))
+    assert res.returncode == 1, res.stdout[-2000:]
+    err = res.stderr.strip().splitlines()[-1]
+    n = len(json.load(open(os.path.join(toy.train, "chat.json"))))
+    assert err.startswith(f"no usable samples in a whole pass over the {n:,} training records: missing_image {n}, "
+                          f"e.g. {tmp_path / 'wrong_root' / 'images'}")
+    # The first-sample preview says why it shows nothing.
+    assert "first sample: none of the first 50 training records can be used: missing_image 50" in res.stdout
+    assert not os.path.exists(tmp_path / "ck" / "e")                  # no checkpoint of a run that never trained
+
+
+def test_a_long_run_of_empty_batches_stops_early(toy, tmp_path):
+    res = run_cli(chat_args(toy, tmp_path, str(tmp_path / "wrong_root"), "--max_empty_batches", "3"))
+    assert res.returncode == 1
+    assert "no usable samples in 3 batches in a row of the" in res.stderr
+
+
+def test_fewer_records_than_one_batch_stop_with_advice(toy, tmp_path):
+    few = tmp_path / "few"
+    few.mkdir()
+    records = json.load(open(os.path.join(toy.train, "chat.json")))[:3]
+    (few / "chat.json").write_text(json.dumps(records, ensure_ascii=False))
+    with pytest.raises(SystemExit, match="3 training records make no full batch of 8: lower --batch_size"):
+        train_stage1.main(chat_args(toy, tmp_path, toy.train, "--chat_json", str(few / "chat.json")))
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+class _Gate(BaseHTTPRequestHandler):
+    """Serves the toy images; after the first request every request waits for `open`."""
+
+    root = ""
+    served = 0
+    open = threading.Event()
+    asked = threading.Event()
+
+    def do_GET(self):
+        cls = type(self)
+        cls.served += 1
+        if cls.served > 1:
+            cls.asked.set()
+            cls.open.wait(60)
+        try:
+            body = open(os.path.join(cls.root, self.path.lstrip("/")), "rb").read()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (OSError, ConnectionError):
+            pass
+
+    def log_message(self, *a):
+        pass
+
+
+def test_second_ctrl_c_while_waiting_for_data_quits_without_a_traceback(toy, tmp_path):
+    """The data stalls (a slow image server) while the loop waits: the first Ctrl-C promises a
+    save after the step, the second quits at once, in words, without a traceback."""
+    _Gate.root, _Gate.served = toy.train, 0
+    _Gate.open.clear()
+    _Gate.asked.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    records = json.load(open(os.path.join(toy.train, "chat.json")))[:64]
+    for r in records:
+        r["image"] = f"http://127.0.0.1:{server.server_port}/{r['image']}"
+    (tmp_path / "chat.json").write_text(json.dumps(records, ensure_ascii=False))
+    argv = chat_args(toy, tmp_path, str(tmp_path), "--chat_json", str(tmp_path / "chat.json"), "--num_workers", "2",
+                     "--eval_interval", "0")
+    proc = subprocess.Popen([sys.executable, "train_stage1.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert _Gate.asked.wait(120), "the loader never asked for a training image"   # workers are waiting
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stdout:
+            if "finishing this step" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        _Gate.open.set()
+        proc.kill()
+        server.shutdown()
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted: nothing saved since the last checkpoint" in out
+    assert "Traceback" not in out
+
+
+# --------------------------------------------------------------------------- logs in a file
+
+def test_a_redirected_log_has_lines_not_bar_redraws(toy, tmp_path):
+    log = tmp_path / "train.log"
+    with open(log, "w") as fh:
+        res = subprocess.run([sys.executable, "train_stage1.py", *base_args(toy, tmp_path, "f", 40, "--log_interval",
+                                                                            "10", "--eval_interval", "20")],
+                             cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = log.read_text()
+    assert res.returncode == 0, text[-2000:]
+    assert "\r" not in text                                           # no redraws at all
+    steps = [line for line in text.splitlines() if "step " in line and "/40 |" in line]
+    assert [line.split()[1] for line in steps] == ["10/40", "20/40", "30/40", "40/40"]
+    assert all(line.startswith("step ") for line in steps)           # nothing glued in front
+    assert all("| mem " in line for line in steps)                   # memory in every periodic line
+    assert len(text) < 12_000
+
+
+# --------------------------------------------------------------------------- alarms
+
+def test_healthy_short_run_is_silent_and_logs_memory_and_a_step_0_eval(toy, tmp_path):
+    summary = train_stage1.main(base_args(toy, tmp_path, "ok", 60, "--eval_interval", "30", "--lr", "3e-3"))
+    assert summary["alarms"] == []
+    assert summary["peak_mem_gib"] > 0.05
+    rows = [json.loads(line) for line in open(tmp_path / "runs" / "ok" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [0, 30, 60]          # the curve has a "before"
+    assert all("train/mem_gib" in r and "data/skip_rate" in r for r in rows if r["step"] % 10 == 0 and "train/loss" in r)
+    assert summary["eval_loss_before"] > summary["eval_loss"]
+
+
+def test_zero_learning_rate_raises_the_flat_loss_alarm(toy, tmp_path, capsys):
+    summary = train_stage1.main(base_args(toy, tmp_path, "lr0", 20, "--lr", "0", "--eval_interval", "10"))
+    kinds = [a["kind"] for a in summary["alarms"]]
+    assert "flat_loss" in kinds and "grad_zero" not in kinds
+    assert "! ALARM at step 10: held-out loss" in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(tmp_path / "runs" / "lr0" / "metrics.jsonl")]
+    assert any(r.get("alarm/flat_loss") == 1.0 for r in rows)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "runs" / "lr0"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "alarm/flat_loss" in acc.Tags()["scalars"] and any(t.startswith("alarms") for t in acc.Tags()["tensors"])
+
+
+def test_projector_output_scaled_to_zero_raises_grad_and_gap_alarms(toy, tmp_path, monkeypatch):
+    from model import Projector
+
+    real = Projector.forward
+    monkeypatch.setattr(Projector, "forward", lambda self, x: 0.0 * real(self, x))
+    summary = train_stage1.main(base_args(toy, tmp_path, "zero", 20, "--eval_interval", "10"))
+    by_kind = {a["kind"]: a for a in summary["alarms"]}
+    assert by_kind["grad_zero"]["step"] == 1
+    assert by_kind["image_gap"]["step"] == 20 and "image slots" in by_kind["image_gap"]["message"]
+    assert summary["image_ablation_gap"] == 0.0
+
+
+def test_a_high_skip_rate_raises_the_skip_alarm(toy, tmp_path):
+    records = json.load(open(os.path.join(toy.train, "chat.json")))
+    for r in records[::5]:                                           # every fifth image missing: 20%
+        r["image"] = "images/missing.png"
+    (tmp_path / "chat.json").write_text(json.dumps(records, ensure_ascii=False))
+    summary = train_stage1.main(chat_args(toy, tmp_path, toy.train, "--chat_json", str(tmp_path / "chat.json"),
+                                          "--log_interval", "5"))
+    alarm = next(a for a in summary["alarms"] if a["kind"] == "skip_rate")
+    assert "samples skipped" in alarm["message"] and summary["skipped"]["missing_image"] > 0
+    rows = [json.loads(line) for line in open(tmp_path / "runs" / "e" / "metrics.jsonl")]
+    logged = [r for r in rows if "data/skipped/missing_image" in r]
+    assert logged and logged[0]["step"] == 5 and 0.1 < logged[-1]["data/skip_rate"] < 0.3
