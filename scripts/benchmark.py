@@ -6,13 +6,25 @@ projector is frozen in both; each computes its own loss (ours: logits at supervi
 only; the reference: LLaVA's own, over [B, T, vocab]). One timed step = forward + backward +
 AdamW step on the projector, at the same batch and the same token ids.
 
-    python scripts/benchmark.py --arch small --batch_size 8 --steps 5          # CPU, a few minutes
-    python scripts/benchmark.py --arch course --batch_size 64 --cached_features --json bench.json   # GPU
-    python scripts/benchmark.py --arch course --cached_features --sweep         # largest batch that fits
+Like for like: both compute the same function, checked on the loss before training. LLaVA
+cannot apply the tower's final norm to the features (the course's ln_post) nor drop DINOv3's
+registers, so a comparison runs both without the norm and with every token (printed as
+"like for like"); --no_reference times ours exactly as the arch defines it.
+
+What the lean loss buys is memory: the reference materialises [B, T, V] logits (and their
+gradient), ours [M, V] at the M supervised tokens. At the same batch the two run at about the
+same speed when the LLM dominates; the difference is the largest batch that fits, which
+--sweep finds for each model (then compares both at the smaller of the two).
+
+    python scripts/benchmark.py --arch course --batch_size 4 --steps 3 --device cpu     # real size, CPU: minutes
+    python scripts/benchmark.py --arch course --sweep --json course.json                 # GPU: bf16, SDPA
+    python scripts/benchmark.py --arch align --sweep --json align.json
+    python scripts/benchmark.py --arch small --batch_size 8                              # a quick CPU look
 
 Architectures: course (Chinese-CLIP ViT-B/16 + Qwen3-0.6B), align (DINOv3 ViT-B/16 + Qwen3-VL-2B
 text), llava15 (CLIP-L/14-336 + Qwen3-1.7B), small (a scaled-down CLIP + Qwen3 with the real
-151,936-token vocabulary, for CPU).
+151,936-token vocabulary: a tiny decoder, so the LM head dominates and the lean loss looks far
+better than at real size), tiny / tiny_align (seconds, for tests).
 
 MFU = achieved model FLOP/s / peak dense bf16 FLOP/s of the GPU (utils/dist.py PEAK_FLOPS). Model
 FLOPs per sample (model.LlavaStage1.step_flops), 2 x multiply-adds of the matmuls a step must do:
@@ -22,6 +34,8 @@ FLOPs per sample (model.LlavaStage1.step_flops), 2 x multiply-adds of the matmul
   LLM backward     the same again: gradients reach the inputs only, never frozen weights
   LM head          4 V d M                                 (forward + input grad at M supervised tokens)
 The reference does more work (all T positions through the LM head), which is not credited.
+On a CPU, peak memory is the process's resident set, sampled; both models share one process,
+so the second one measured (the reference) starts from what the first left allocated.
 """
 
 from __future__ import annotations
@@ -32,7 +46,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -66,7 +81,13 @@ ARCHS = {
                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                        tie_word_embeddings=True),
                   "linear", -1, "all", False),
-    # a few-second sanity size for tests
+    # few-second sizes for tests: a CLIP pair, and the align plan's shape (DINOv3 with registers)
+    "tiny_align": Arch(dict(model_type="dinov3_vit", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, image_size=32, patch_size=8, num_register_tokens=4),
+                       dict(model_type="qwen3", vocab_size=1000, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            tie_word_embeddings=True),
+                       "mlp2x_gelu", -1, "patch", True),
     "tiny": Arch(dict(model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=64, image_size=32, patch_size=8),
                  dict(model_type="qwen3", vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -92,11 +113,12 @@ def build_ours(arch: Arch, dtype: torch.dtype, attn: str, device: torch.device, 
     torch.manual_seed(seed)
     vcfg, lcfg = _config(arch.vision), _config(arch.llm)
     lcfg._attn_implementation = attn
-    vmodel = getattr(transformers, VISION_TYPES[vcfg.model_type][1])(vcfg)
+    with torch.device(device):  # random init where the model runs: seconds on a GPU for billions of weights
+        vmodel = getattr(transformers, VISION_TYPES[vcfg.model_type][1])(vcfg)
+        llm = transformers.AutoModelForCausalLM.from_config(lcfg, attn_implementation=attn)
+        projector = Projector(arch.projector, vcfg.hidden_size, lcfg.hidden_size)
     vision = VisionTower(vmodel, vcfg.model_type, arch.feature_layer, arch.feature_select, arch.feature_post_norm)
-    llm = transformers.AutoModelForCausalLM.from_config(lcfg, attn_implementation=attn)
     llm.requires_grad_(False).eval()
-    projector = Projector(arch.projector, vcfg.hidden_size, lcfg.hidden_size)
     spec = ModelSpec(vision_tower="random", llm="random", projector=arch.projector, feature_layer=arch.feature_layer,
                      feature_select=arch.feature_select, feature_post_norm=arch.feature_post_norm,
                      num_image_tokens=vision.num_tokens, vision_hidden_size=vcfg.hidden_size,
@@ -248,21 +270,61 @@ def _oom(e: Exception) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run(arch_name: str, batch_size: int, text_len: int = 64, answer_len: int = 48, dtype: str = "auto",
-        attn: str = "sdpa", cached_features: bool = False, steps: int = 10, warmup: int = 2, device: str = "auto",
-        reference: bool = True) -> dict:
+def comparable(arch: Arch) -> tuple[Arch, list[str]]:
+    """The nearest architecture LlavaForConditionalGeneration computes exactly, and what changed.
+
+    LLaVA feeds hidden_states[layer] to its projector without the tower's final norm, and its
+    "default" selection drops exactly one token. A comparison must run the same function in both
+    (the initial losses are checked), so the course's ln_post is left out of both, and DINOv3's
+    CLS + 4 registers are kept by both. Neither changes the FLOPs beyond a LayerNorm or 5 tokens."""
+    changes = []
+    if arch.feature_post_norm:
+        arch = replace(arch, feature_post_norm=False)
+        changes.append("features without the tower's final norm (LLaVA has no such option)")
+    vcfg = _config(arch.vision)
+    prefix = {"clip": 1, "chinese_clip": 1, "siglip": 0}.get(VISION_TYPES[vcfg.model_type][0],
+                                                             1 + getattr(vcfg, "num_register_tokens", 0))
+    if arch.feature_select == "patch" and prefix > 1:
+        arch = replace(arch, feature_select="all")
+        changes.append(f"all tokens kept, {prefix} prefix tokens included (LLaVA's default drops only one)")
+    return arch, changes
+
+
+@dataclass
+class Models:
+    """Both models of one comparison, built once and timed at any batch size."""
+
+    arch: str
+    ours: LlavaStage1
+    ref: Any                 # LlavaForConditionalGeneration sharing ours' weights, or None
+    changes: list[str]       # what `comparable` changed so that both compute the same function
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build(arch_name: str, dtype: str = "auto", attn: str = "sdpa", device: str = "auto",
+          reference: bool = True) -> Models:
     from utils.dist import pick_device
 
     dev = pick_device(device)
     torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
                    "fp32": torch.float32}[dtype]
-    arch = ARCHS[arch_name]
+    arch, changes = comparable(ARCHS[arch_name]) if reference else (ARCHS[arch_name], [])
     ours = build_ours(arch, torch_dtype, attn, dev)
+    return Models(arch_name, ours, build_reference(ours, attn) if reference else None, changes, dev, torch_dtype)
+
+
+def run(m: Models, batch_size: int, text_len: int = 64, answer_len: int = 48, cached_features: bool = False,
+        steps: int = 10, warmup: int = 2, measure: tuple[str, ...] = ("ours", "reference")) -> dict:
+    """Time `measure` ("ours", "reference" or both) at one batch size. With the reference, both
+    compute the same function (see comparable), checked on the loss before training."""
+    ours, ref, dev = m.ours, m.ref if "reference" in measure else None, m.device
     batch = make_batch(ours, batch_size, text_len, answer_len, dev)
     features = ours.encode_images(batch["pixel_values"]).detach() if cached_features else None   # [B, N, D_v]
     flops = flops_per_sample(ours, text_len, answer_len, cached_features)
     device_name, peak = peak_flops(dev)
     seq = batch["input_ids"].shape[1]
+    vocab = ours.llm.config.vocab_size
 
     def figures(seconds, peak_mem, loss, f):
         sps = batch_size / seconds
@@ -270,103 +332,117 @@ def run(arch_name: str, batch_size: int, text_len: int = 64, answer_len: int = 4
                 "peak_mem_bytes": int(peak_mem), "loss": round(loss, 5),
                 "mfu": round(sps * f / peak, 4) if peak else None}
 
-    result = {"arch": arch_name, "device": device_name, "batch_size": batch_size, "seq_len": seq,
-              "image_tokens": ours.vision.num_tokens, "supervised_tokens": answer_len, "dtype": str(torch_dtype),
-              "attn": attn, "cached_features": cached_features, "flops_per_sample": flops,
-              "peak_flops": peak, "steps": steps}
-    ref = build_reference(ours, attn) if reference else None
+    result = {"arch": m.arch, "device": device_name, "batch_size": batch_size, "seq_len": seq,
+              "image_tokens": ours.vision.num_tokens, "supervised_tokens": answer_len, "dtype": str(m.dtype),
+              "attn": ours.llm.config._attn_implementation, "cached_features": cached_features,
+              "flops_per_sample": flops, "peak_flops": peak, "steps": steps, "comparison": m.changes,
+              # What the lean loss saves (computed, not measured): one fp32 copy of the logits the
+              # loss reads, [B, T, V] in the reference against [M, V] at supervised tokens in ours.
+              "logits_bytes": {"ours": batch_size * answer_len * vocab * 4, "reference": batch_size * seq * vocab * 4}}
     if ref is not None:
-        # Same weights, same batch: the two losses must agree before either trains (exactly
-        # when LLaVA can express our token selection, i.e. no final-norm on the features).
+        # Same weights, same batch, same function: the two losses agree before either trains.
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             ls, nt = ours(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
             ref_loss = ref(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                            attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         result["initial_loss"] = {"ours": float(ls / nt), "reference": float(ref_loss)}
-    result["ours"] = figures(*time_steps(step_ours(ours, batch, features, dev), dev, steps, warmup), flops)
-    if ref is not None:
-        ref_flops = flops_per_sample(ours, text_len, answer_len, False)
-        del ours
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        tol = 2e-2 if m.dtype == torch.bfloat16 else 1e-4
+        if abs(float(ls / nt) - float(ref_loss)) > tol * abs(float(ref_loss)):
+            raise RuntimeError(f"ours and the reference disagree before training ({result['initial_loss']}): "
+                               "they would not be timing the same computation")
+    for who in measure:
+        step = step_ours(ours, batch, features, dev) if who == "ours" else step_reference(ref, batch, dev)
+        f = flops if who == "ours" else flops_per_sample(ours, text_len, answer_len, False)
         try:
-            result["reference"] = figures(*time_steps(step_reference(ref, batch, dev), dev, steps, warmup), ref_flops)
-            result["ratio"] = round(result["ours"]["samples_per_s"] / result["reference"]["samples_per_s"], 3)
+            result[who] = figures(*time_steps(step, dev, steps, warmup), f)
         except Exception as e:  # noqa: BLE001
             if not _oom(e):
                 raise
-            result["reference"] = {"error": "out of memory at this batch"}
-            result["ratio"] = None
-    result["mfu"] = result["ours"]["mfu"]
+            result[who] = {"error": "out of memory at this batch"}
+        finally:
+            del step
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    if "samples_per_s" in result.get("ours", {}) and "samples_per_s" in result.get("reference", {}):
+        result["ratio"] = round(result["ours"]["samples_per_s"] / result["reference"]["samples_per_s"], 3)
+    result["mfu"] = result.get("ours", {}).get("mfu")
     return result
 
 
-def sweep(arch_name: str, start: int, limit: int, **kw) -> dict:
-    """Double the batch until ours runs out of memory (or reaches `limit`); report the largest."""
+def sweep(m: Models, start: int, limit: int, who: str, **kw) -> dict:
+    """Double the batch until `who` ("ours" or "reference") runs out of memory or reaches
+    `limit`: the largest batch that fits, and the throughput there. The lean loss's gain shows
+    here: no [B, T, V] logits, so a larger batch fits."""
     best, b, tried = None, start, []
     while b <= limit:
-        try:
-            r = run(arch_name, b, reference=False, **kw)
-            tried.append({"batch_size": b, "samples_per_s": r["ours"]["samples_per_s"], "mfu": r["ours"]["mfu"]})
-            best = b
-        except Exception as e:  # noqa: BLE001
-            if not _oom(e):
-                raise
-            tried.append({"batch_size": b, "error": "out of memory"})
+        r = run(m, b, measure=(who,), **kw)
+        if "error" in r[who]:
+            tried.append({"batch_size": b, "error": r[who]["error"]})
             break
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        tried.append({"batch_size": b, "samples_per_s": r[who]["samples_per_s"], "mfu": r[who]["mfu"],
+                      "peak_mem_bytes": r[who]["peak_mem_bytes"]})
+        best = tried[-1]
         b *= 2
-    return {"largest_batch": best, "tried": tried}
+    return {"largest_batch": best["batch_size"] if best else None,
+            "samples_per_s_at_largest": best["samples_per_s"] if best else None, "tried": tried}
 
 
 def print_table(r: dict) -> None:
     rows = [("", "ours", "reference")]
-    ref = r.get("reference", {})
+    ours, ref = r.get("ours", {}), r.get("reference", {})
     for key in ("samples_per_s", "tokens_per_s", "step_ms", "peak_mem_bytes", "mfu", "loss"):
         fmt = (lambda x: f"{x / 2**30:.2f} GiB") if key == "peak_mem_bytes" else str
-        rows.append((key, fmt(r["ours"][key]) if r["ours"].get(key) is not None else "-",
+        rows.append((key, fmt(ours[key]) if ours.get(key) is not None else "-",
                      fmt(ref[key]) if ref.get(key) is not None else ref.get("error", "-")))
+    rows.append(("logits (fp32)", *(f"{r['logits_bytes'][k] / 2**30:.2f} GiB" for k in ("ours", "reference"))))
     print(f"\narch {r['arch']} on {r['device']} | batch {r['batch_size']} | seq {r['seq_len']} "
           f"({r['image_tokens']} image + text) | {r['dtype']} | {r['attn']} | cached features {r['cached_features']}")
     for a, b, c in rows:
         print(f"  {a:<16}{b:>18}{c:>22}")
+    for change in r.get("comparison", []):
+        print(f"  like for like: {change}")
     if r.get("ratio"):
         print(f"  ours / reference samples/s: {r['ratio']:.2f}x")
     if r.get("initial_loss"):
         print(f"  loss before training, same weights: ours {r['initial_loss']['ours']:.5f} | "
               f"reference {r['initial_loss']['reference']:.5f}")
+    for who, s in r.get("sweep", {}).items():
+        print(f"  sweep {who}: largest batch {s['largest_batch']} at {s['samples_per_s_at_largest']} samples/s")
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--arch", default="small", choices=list(ARCHS), help="architecture (see above)")
-    p.add_argument("--batch_size", type=int, default=8, help="samples per step (both models)")
+    p.add_argument("--arch", default="course", choices=list(ARCHS), help="architecture (see above)")
+    p.add_argument("--batch_size", type=int, default=8, help="samples per step (both models); the sweep's start")
     p.add_argument("--text_len", type=int, default=64, help="text tokens per sample besides the image slots")
     p.add_argument("--answer_len", type=int, default=48, help="supervised tokens per sample (caption + end of turn)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="frozen weights (auto: bf16 on GPU)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention backend")
-    p.add_argument("--cached_features", action="store_true", help="ours trains from cached features (no ViT)")
+    p.add_argument("--cached_features", action="store_true", help="ours trains from cached features (no ViT; "
+                                                                   "the reference still runs its tower)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--no_reference", action="store_true", help="measure ours only")
-    p.add_argument("--sweep", action="store_true", help="find the largest batch that fits (ours), then compare there")
+    p.add_argument("--no_reference", action="store_true", help="measure ours only, with the arch exactly as defined")
+    p.add_argument("--sweep", action="store_true", help="find the largest batch each model fits, then compare both "
+                                                        "at the smaller of the two")
     p.add_argument("--sweep_limit", type=int, default=1024, help="largest batch the sweep tries")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
-    kw = dict(text_len=args.text_len, answer_len=args.answer_len, dtype=args.dtype, attn=args.attn,
-              cached_features=args.cached_features, steps=args.steps, warmup=args.warmup, device=args.device)
-    batch = args.batch_size
-    sweep_result = None
+    kw = dict(text_len=args.text_len, answer_len=args.answer_len, cached_features=args.cached_features,
+              steps=args.steps, warmup=args.warmup)
+    measure = ("ours",) if args.no_reference else ("ours", "reference")
+    models = build(args.arch, args.dtype, args.attn, args.device, reference=not args.no_reference)
+    batch, sweeps = args.batch_size, {}
     if args.sweep:
-        sweep_result = sweep(args.arch, args.batch_size, args.sweep_limit, **kw)
-        print(json.dumps(sweep_result))
-        batch = sweep_result["largest_batch"] or args.batch_size
-    result = run(args.arch, batch, reference=not args.no_reference, **kw)
-    if sweep_result:
-        result["sweep"] = sweep_result
+        for who in measure:
+            sweeps[who] = sweep(models, args.batch_size, args.sweep_limit, who, **kw)
+            print(json.dumps({who: sweeps[who]}), flush=True)
+        fits = [s["largest_batch"] for s in sweeps.values() if s["largest_batch"]]
+        batch = min(fits) if fits else args.batch_size
+    result = run(models, batch, measure=measure, **kw)
+    if sweeps:
+        result["sweep"] = sweeps
     print_table(result)
     if args.json:
         from utils.config import atomic_write_text

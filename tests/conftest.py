@@ -1,5 +1,8 @@
 """Shared fixtures: the toy world at test size (built once per session, in a temp dir) and a
-Llama-style tokenizer with a BOS token, trained in-process."""
+Llama-style tokenizer with a BOS token, trained in-process.
+
+Tests marked `device` run on LLAVA_TEST_DEVICE (default cpu): scripts/gpu_check.sh runs them
+with LLAVA_TEST_DEVICE=cuda on a GPU machine; CI and a laptop never need one."""
 
 from __future__ import annotations
 
@@ -13,6 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+
+DEVICE = os.environ.get("LLAVA_TEST_DEVICE", "cpu")
+
+
+def tolerance(device: str | torch.device = DEVICE) -> dict:
+    """assert_close tolerances: float32 on a CPU; a GPU rounds differently (TF32 convolutions,
+    bf16 frozen weights under autocast)."""
+    return dict(rtol=1e-5, atol=1e-5) if torch.device(device).type == "cpu" else dict(rtol=2e-2, atol=2e-2)
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +44,14 @@ def toy():
 
 @pytest.fixture(scope="session")
 def toy_model(toy):
-    """(model, tokenizer, prompt format) on the test world, projector freshly initialised."""
+    """(model, tokenizer, prompt format) on the test world, projector freshly initialised, on
+    the test device."""
     from dataset import PromptFormat
     from model import ModelSpec, build_model
 
     torch.manual_seed(0)
     spec = ModelSpec(vision_tower=toy.vision, llm=toy.llm, projector="mlp2x_gelu", feature_post_norm=True)
-    model, tok = build_model(spec)
+    model, tok = build_model(spec, DEVICE)
     fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
     return model, tok, fmt
 

@@ -94,6 +94,28 @@ def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     cached = main(["--arch", "tiny", "--batch_size", "2", "--steps", "1", "--warmup", "0", "--cached_features",
                    "--no_reference"])
     assert cached["cached_features"] and cached["flops_per_sample"] < on_disk["flops_per_sample"]
+    assert "reference" not in cached and cached["comparison"] == []
+
+
+def test_benchmark_compares_equal_computations_and_sweeps_both_models():
+    """The align plan's shape (final norm on features, DINOv3's registers dropped) is not what
+    LLaVA computes: the comparison runs both without the norm and with every token, and the
+    losses before training agree. The sweep finds each model's largest batch."""
+    from scripts.benchmark import ARCHS, main
+
+    assert ARCHS["tiny_align"].feature_post_norm and ARCHS["tiny_align"].feature_select == "patch"
+    r = main(["--arch", "tiny_align", "--batch_size", "1", "--steps", "1", "--warmup", "0", "--sweep",
+              "--sweep_limit", "4"])
+    assert len(r["comparison"]) == 2 and r["image_tokens"] == 16 + 5
+    assert r["initial_loss"]["ours"] == pytest.approx(r["initial_loss"]["reference"], rel=1e-5)
+    for who in ("ours", "reference"):
+        assert [t["batch_size"] for t in r["sweep"][who]["tried"]] == [1, 2, 4]
+        assert r["sweep"][who]["largest_batch"] == 4
+    assert r["batch_size"] == 4                                        # compared where both fit
+    assert r["logits_bytes"] == {"ours": 4 * 48 * 1000 * 4, "reference": 4 * r["seq_len"] * 1000 * 4}
+    # Ours alone keeps the arch as defined: the norm and the patch-only selection.
+    alone = main(["--arch", "tiny_align", "--batch_size", "1", "--steps", "1", "--warmup", "0", "--no_reference"])
+    assert alone["image_tokens"] == 16 and alone["comparison"] == []
 
 
 def test_step_flops_counts_each_part(toy, toy_model):

@@ -146,18 +146,17 @@ def test_summary_of_every_preset_from_bundled_configs(tmp_path):
         assert os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{model_id}.json"))
 
 
-def test_one_feature_table_for_describe_training_and_the_dataset_preview(toy, tmp_path):
+def test_one_feature_table_for_describe_training_and_the_dataset_preview(toy, tmp_path, monkeypatch, capsys):
     """A local CLIP folder: describe, training and dataset.py's preview all take the family's
     defaults (layer -2, patch tokens), so all three count the same image slots."""
     import shutil
-    import subprocess
     import sys
 
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
+    import dataset
     from backbones import describe, vision_defaults
     from model import ModelSpec, build_model
-    from tests.conftest import ROOT
     from tests.test_backbones import VC
 
     clip = str(tmp_path / "clip")
@@ -167,10 +166,12 @@ def test_one_feature_table_for_describe_training_and_the_dataset_preview(toy, tm
     assert describe(clip, toy.llm)["image_tokens_per_image"] == model.spec.num_image_tokens == 16
     (tmp_path / "elsewhere").mkdir()
     shutil.copy(f"{toy.train}/chat.json", tmp_path / "elsewhere" / "chat.json")  # images stay in toy.train
-    cmd = [sys.executable, "dataset.py", "--data_format", "chat", "--chat_json", str(tmp_path / "elsewhere" / "chat.json"),
-           "--llm", toy.llm, "--vision_tower", clip, "--max_samples", "5"]
-    res = subprocess.run(cmd + ["--image_root", toy.train], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "16 image slots (layer -2, patch tokens" in res.stdout and res.stdout.count("<|image_pad|>") == 16
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # no --image_root: says why
-    assert "skipped 5 record(s) looking for a usable sample: missing_image 5" in res.stdout
+    argv = ["dataset.py", "--data_format", "chat", "--chat_json", str(tmp_path / "elsewhere" / "chat.json"),
+            "--llm", toy.llm, "--vision_tower", clip, "--max_samples", "5"]
+    monkeypatch.setattr(sys, "argv", argv + ["--image_root", toy.train])
+    dataset.main()
+    out = capsys.readouterr().out
+    assert "16 image slots (layer -2, patch tokens" in out and out.count("<|image_pad|>") == 16
+    monkeypatch.setattr(sys, "argv", argv)                                   # no --image_root: it says why
+    dataset.main()
+    assert "skipped 5 record(s) looking for a usable sample: missing_image 5" in capsys.readouterr().out

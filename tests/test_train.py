@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import DEVICE, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +20,12 @@ def short_run(toy, tmp_path_factory):
     argv = ["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train, "--eval_data_root", toy.eval,
             "--max_steps", "100", "--batch_size", "16", "--num_workers", "0", "--instructions", "zh",
             "--eval_interval", "50", "--eval_samples", "48", "--save_interval", "50", "--sample_replies", "2",
-            "--run_name", "t", "--runs_dir", str(out / "runs"), "--checkpoints_dir", str(out / "checkpoints")]
+            "--run_name", "t", "--runs_dir", str(out / "runs"), "--checkpoints_dir", str(out / "checkpoints"),
+            "--device", DEVICE]
     return train_stage1.main(argv), out
 
 
+@pytest.mark.device
 def test_short_run_lowers_the_loss_and_writes_its_files(short_run):
     summary, out = short_run
     on_disk = json.loads((out / "runs" / "t" / "summary.json").read_text())
@@ -39,6 +41,7 @@ def test_short_run_lowers_the_loss_and_writes_its_files(short_run):
     assert os.path.isfile(os.path.join(on_disk["checkpoint"], "projector.safetensors"))
     assert os.path.isfile(out / "checkpoints" / "t" / "step_000050" / "projector.safetensors")
     assert json.loads((out / "runs" / "t" / "config.json").read_text())["max_steps"] == 100
+    assert on_disk["alarms"] == [] and on_disk["peak_mem_gib"] > 0     # a healthy run raises no alarm
 
 
 def test_tensorboard_events_hold_the_scalars(short_run):
@@ -52,11 +55,12 @@ def test_tensorboard_events_hold_the_scalars(short_run):
     assert len(acc.Scalars("train/loss")) == 100
 
 
+@pytest.mark.device
 def test_eval_one_shot_loads_the_checkpoint_and_prints_only_the_reply(short_run, toy):
     summary, _ = short_run
     image = os.path.join(toy.eval, "images", "000000.png")
     res = subprocess.run([sys.executable, "eval_llava.py", "--checkpoint", summary["checkpoint"], "--image", image,
-                          "--prompt", "描述这张图片", "--max_new_tokens", "16"],
+                          "--prompt", "描述这张图片", "--max_new_tokens", "16", "--device", DEVICE],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
@@ -79,6 +83,7 @@ def test_eval_interactive_loop_through_stdin(short_run, toy):
 
 # --------------------------------------------------------------------------- evidence that alignment worked
 
+@pytest.mark.device
 def test_image_ablation_gap_is_positive_after_training_and_near_zero_untrained(short_run, toy):
     import torch
 
@@ -90,7 +95,7 @@ def test_image_ablation_gap_is_positive_after_training_and_near_zero_untrained(s
     trained_gap = summary["image_ablation_gap"]
     rows = [json.loads(l) for l in (out / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/image_ablation_gap" in r for r in rows)
-    model, tok, _ = load_checkpoint(summary["checkpoint"])
+    model, tok, _ = load_checkpoint(summary["checkpoint"], DEVICE)
     spec = model.spec
     fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
     records, _, root = read_records("sa1b", toy.eval)
@@ -99,7 +104,7 @@ def test_image_ablation_gap_is_positive_after_training_and_near_zero_untrained(s
     untrained = []
     for seed in range(4):  # a random projector's gap is noise around zero: average a few draws
         torch.manual_seed(seed)
-        model.projector = Projector(spec.projector, spec.vision_hidden_size, spec.llm_hidden_size)
+        model.projector = Projector(spec.projector, spec.vision_hidden_size, spec.llm_hidden_size).to(DEVICE)
         untrained.append(heldout_loss(model, ds)["eval/image_ablation_gap"])
     untrained_gap = sum(untrained) / len(untrained)
     assert trained_gap > 0.3

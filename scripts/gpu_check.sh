@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one command for a lent GPU machine (about 8 minutes on one H200):
+#
+#   bash scripts/gpu_check.sh OUT_DIR             # on the GPU machine
+#   bash scripts/gpu_check.sh OUT_DIR --dry-run   # on a CPU: the same steps at toy sizes (~3 minutes)
+#
+#   1. versions, the GPU                                                    -> OUT/versions.txt
+#   2. the tests marked `device` (model, training, eval, export) on CUDA   -> OUT/tests.log
+#      (LLAVA_TEST_DEVICE=cuda; CPU stays the default everywhere else)
+#   3. scripts/benchmark.py --arch course and --arch align, bf16, SDPA, --sweep
+#                                                                           -> OUT/bench_course.json, bench_align.json
+#   4. 100 steps of the course preset at real size through the ordinary train_stage1.py path: random
+#      weights built from configs/ (scripts/random_models.py), bf16 frozen weights, --pack, the feature
+#      cache (scripts/cache_features.py)                                    -> OUT/train_summary.json, train.log
+#   Everything printed also goes to OUT/gpu_check.log; models and data go to $WORK (default /tmp/gpu_check).
+#
+# Packages. The lent machine's image has torch 2.11 and transformers 5.17; both are supported: the
+# project asks for transformers >= 5.17, and the whole test suite passes on transformers 5.17.0 with
+# huggingface_hub 1.33 (checked on a CPU). The image lacks tensorboardX (and the optional modelscope),
+# so this script installs every wheel found in .whl/ first. Prepare them here, once, and carry .whl:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps -d .whl tensorboardX==2.6.5      # pure Python: any platform
+# and on the device:  run(command="bash scripts/gpu_check.sh $OUT", carry=[".whl"])
+set -uo pipefail
+OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR [--dry-run]}
+DRY=${2:-}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${WORK:-/tmp/gpu_check}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+if [ "$DRY" = "--dry-run" ]; then
+    DEVICE=cpu; ARCHS="tiny tiny_align"; LIMIT=4; LAYERS=2; STEPS=4; BATCH=4; NTRAIN=64; BENCH_STEPS=1
+else
+    DEVICE=cuda; ARCHS="course align"; LIMIT=1024; LAYERS=0; STEPS=100; BATCH=16; NTRAIN=1024; BENCH_STEPS=5
+fi
+status=()
+step() {  # step NAME SECONDS LOG CMD...: run with a time limit (its output also to LOG unless -),
+          # record how it ended, go on either way
+    local name=$1 limit=$2 log=$3; shift 3
+    echo; echo "=== $name ($(date +%T), limit ${limit}s)"
+    local t0=$SECONDS rc
+    if [ "$log" = - ]; then timeout "$limit" "$@"; rc=$?
+    else timeout "$limit" "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}; fi
+    status+=("$name: exit $rc in $((SECONDS - t0))s")
+}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step versions 60 - $PY - <<EOF
+import importlib, json, platform, torch
+out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+       "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if torch.cuda.is_available() else None}
+for name in ("transformers", "tokenizers", "safetensors", "tensorboardX", "pyarrow", "PIL", "flash_attn"):
+    try:
+        out[name] = importlib.import_module(name).__version__
+    except Exception as e:
+        out[name] = f"missing ({type(e).__name__})"
+print(json.dumps(out, indent=2))
+open("$OUT/versions.txt", "w").write(json.dumps(out, indent=2) + "\n")
+if "$DEVICE" == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("no CUDA device visible")
+EOF
+
+step "tests on $DEVICE" 240 "$OUT/tests.log" env LLAVA_TEST_DEVICE=$DEVICE $PY -m pytest -m device -q
+
+for arch in $ARCHS; do
+    step "benchmark $arch" 150 - $PY scripts/benchmark.py --arch "$arch" --device "$DEVICE" --sweep --batch_size 16 \
+        --sweep_limit $LIMIT --steps $BENCH_STEPS --warmup 2 --json "$OUT/bench_${arch}.json"
+done
+
+rm -rf "$WORK/rand" "$WORK/runs" "$WORK/ck"
+step "random real-size models" 120 - $PY scripts/random_models.py --preset clip-zh-qwen3-0.6b --out "$WORK/rand" \
+    --layers $LAYERS --n_train $NTRAIN --n_eval 64
+step "feature cache" 60 - $PY scripts/cache_features.py --vision_tower "$WORK/rand/vision" \
+    --data_root "$WORK/rand/data/train" --eval_data_root "$WORK/rand/data/eval" --out "$WORK/rand/features" \
+    --device "$DEVICE"
+step "train $STEPS steps" 180 "$OUT/train.log" $PY train_stage1.py --vision_tower "$WORK/rand/vision" --llm "$WORK/rand/llm" \
+    --data_root "$WORK/rand/data/train" --eval_data_root "$WORK/rand/data/eval" --features_cache "$WORK/rand/features" \
+    --pack --max_steps $STEPS --batch_size $BATCH --eval_interval $((STEPS / 2)) --eval_samples 64 --sample_replies 2 \
+    --log_interval 10 --device "$DEVICE" --run_name gpu_check --runs_dir "$WORK/runs" --checkpoints_dir "$WORK/ck"
+cp "$WORK/runs/gpu_check/summary.json" "$OUT/train_summary.json" 2>/dev/null
+
+echo; echo "=== gpu_check done ($DEVICE)"
+printf '  %s\n' "${status[@]}"
