@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
 from utils.config import HelpFormatter
 
 IMAGE_PLACEHOLDER = "<image>"

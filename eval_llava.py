@@ -38,8 +38,8 @@ from dataset import (IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, ImageLoader, ImageTran
                      to_device)
 from model import LlavaStage1, checkpoint_file, load_checkpoint
 from utils import console
-from utils.metrics import RunLogger
 from utils.config import HelpFormatter
+from utils.metrics import RunLogger
 
 
 @dataclass

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
 from utils.config import HelpFormatter
 
 RECIPE_VERSION = 3

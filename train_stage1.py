@@ -1,7 +1,7 @@
 """LLaVA stage 1 (modality alignment): train the projector between a frozen vision tower and
 a frozen LLM on image-caption (or VQA) data.
 
-    python train_stage1.py --demo          # offline toy world on CPU, ~2-3 minutes the first time
+    python train_stage1.py --demo          # offline toy world on CPU, ~2 minutes on 2 cores the first time
     python train_stage1.py --model clip-zh-qwen3-0.6b --batch_size 16 \\
         --data_root /data/sa1b_train --eval_data_root /data/sa1b_eval
     torchrun --standalone --nproc-per-node 8 train_stage1.py --model dinov3-qwen3vltext-align \\
@@ -49,7 +49,7 @@ from utils.checkpoint import (capture_rng, find_latest, is_complete, load_state,
 from utils.config import (HelpFormatter, add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config,
                           redacted)
 from utils.dist import (all_reduce_sum, available_cpus, barrier, cleanup as cleanup_dist, memory_gib, peak_flops,
-                        setup as setup_dist)
+                        pick_device, setup as setup_dist)
 from utils.metrics import RunLogger
 
 
@@ -450,9 +450,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
                       truncated=state.get("truncated", 0))
     logger = RunLogger(run_dir, tuple(cfg.trackers.split(",")), purge_after=state["step"]) if dist.is_main else None
     # The loss must have moved once warmup is over; the gap must have left zero by the second eval.
-    alarms = Alarms(logger if dist.is_main else None, flat_after=min(max(100, 2 * warmup), total_steps),
+    alarms = Alarms(logger, flat_after=min(max(100, 2 * warmup), total_steps),
                     gap_after=min(2 * cfg.eval_interval or total_steps, total_steps),
-                    eval_loss_before=state["summary"].get("eval_loss_before"))
+                    eval_loss_before=state["summary"].get("eval_loss_before"), enabled=dist.is_main)
 
     summary: dict = {"run": run_name, "run_dir": run_dir, **state["summary"]}
     if cfg.demo and dist.is_main and "heldout_exact_match_before" not in summary:
@@ -765,13 +765,13 @@ def main(argv: list[str] | None = None) -> dict:
     summary = train(cfg, argv)
     if cfg.demo and not summary.get("interrupted"):
         # Toy-world build included: what a new user waits for, measured on this machine.
-        console.kv("demo wall time", f"{console.duration(time.time() - started)} on {machine_name()}")
+        console.kv("demo wall time", f"{console.duration(time.time() - started)} on {machine_name(cfg.device)}")
     return summary
 
 
-def machine_name() -> str:
-    """'2 x AMD EPYC' or 'NVIDIA H200': where the demo's figures were measured."""
-    if torch.cuda.is_available():
+def machine_name(device: str = "auto") -> str:
+    """'2 x AMD EPYC (CPU)' or 'NVIDIA H200': where the demo's figures were measured."""
+    if pick_device(device).type == "cuda":
         return torch.cuda.get_device_name()
     model = platform.processor() or platform.machine()
     try:

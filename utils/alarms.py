@@ -34,11 +34,14 @@ ADVICE = {
 
 
 class Alarms:
-    """Checks one run's symptoms; `logger` (a RunLogger, or None on ranks other than 0) receives
-    what fires. `flat_after`: the step at which the loss must have moved (after warmup)."""
+    """Checks one run's symptoms; `logger` (a RunLogger or None) receives what fires. Only rank 0
+    raises alarms (`enabled`): loss and gradient are the same on every rank, so the others would
+    only repeat them. `flat_after`: the step by which the loss must have moved (after warmup);
+    `gap_after`: the step from which the image-ablation gap must be clearly above zero."""
 
-    def __init__(self, logger: Any, flat_after: int, gap_after: int, eval_loss_before: float | None = None):
-        self.logger, self.flat_after, self.gap_after = logger, flat_after, gap_after
+    def __init__(self, logger: Any, flat_after: int, gap_after: int, eval_loss_before: float | None = None,
+                 enabled: bool = True):
+        self.logger, self.flat_after, self.gap_after, self.enabled = logger, flat_after, gap_after, enabled
         self.eval_loss_before = eval_loss_before   # the held-out loss at step 0, before any update
         self.fired: list[dict] = []
 
@@ -47,7 +50,7 @@ class Alarms:
         return [a["kind"] for a in self.fired]
 
     def _fire(self, step: int, kind: str, detail: str) -> None:
-        if kind in self.active:
+        if kind in self.active or not self.enabled:
             return
         message = f"{detail}: {ADVICE[kind]}"
         self.fired.append({"step": step, "kind": kind, "message": message})
