@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
         console.set_stream(sys.stderr)  # stdout carries the reply (or the scores JSON) alone
     try:
         _run(args, one_shot)
+    except FileNotFoundError as e:    # a wrong --checkpoint or model path: say which, no traceback
+        console.error(str(e))
+        sys.exit(2)
     finally:
         console.set_stream(None)      # in-process callers (tests) get the console back
 

@@ -236,11 +236,16 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: Ima
     have been made for this tower, layer, selection and preprocessing (`features_key`). The
     held-out set uses the cache too when every one of its images is in it, else its images.
     """
-    records, skipped, root = read_records(cfg.data_format, cfg.data_root, cfg.chat_json, cfg.max_samples)
+    try:  # a wrong folder or an unreadable file: one line that names it, not a traceback
+        records, skipped, root = read_records(cfg.data_format, cfg.data_root, cfg.chat_json, cfg.max_samples)
+        held_out = (read_records(cfg.data_format, cfg.eval_data_root, cfg.eval_chat_json)
+                    if cfg.eval_data_root or cfg.eval_chat_json else None)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--data_format {cfg.data_format}: {e}") from None
     if cfg.chat_json and cfg.image_root:
         root = cfg.image_root
-    if cfg.eval_data_root or cfg.eval_chat_json:
-        eval_records, eval_skipped, eval_root = read_records(cfg.data_format, cfg.eval_data_root, cfg.eval_chat_json)
+    if held_out:
+        eval_records, eval_skipped, eval_root = held_out
         skipped.update({f"eval/{k}": v for k, v in eval_skipped.items()})
     else:
         # No held-out set named: hold out the tail of the training data.

@@ -414,7 +414,8 @@ def export(checkpoint: str, out: str, dtype: str = "auto", overwrite: bool = Fal
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, its projector.safetensors, or a run folder")
+    p.add_argument("--checkpoint", required=True, help="a run folder (checkpoints/<run>: its latest checkpoint), "
+                                                       "a step folder, or a projector.safetensors")
     p.add_argument("--out", required=True, help="output folder (written as OUT.partial, then renamed)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weight dtype; auto: the LLM's stored dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -429,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         out = export(args.checkpoint, args.out, args.dtype, args.overwrite, args.verify, args.vision_tower, args.llm)
     except NotExportable as e:
         print(f"export_hf: cannot export {args.checkpoint}: {e}", file=sys.stderr, flush=True)
+        return 2
+    except FileNotFoundError as e:  # a wrong --checkpoint or model path
+        print(f"export_hf: {e}", file=sys.stderr, flush=True)
         return 2
     console.success(f"exported {args.checkpoint} -> {out}")
     return 0

@@ -159,3 +159,17 @@ def test_demo_logs_its_before_and_after_figures_and_prints_its_wall_time(no_toy_
     assert sorted(demo) == [0, 10]
     assert demo[0]["demo/heldout_exact_match"] == summary["heldout_exact_match_before"]
     assert demo[10]["demo/toy_vqa_accuracy"] == summary["toy_vqa_accuracy_after"]
+
+
+def test_wrong_paths_are_one_line_errors_not_tracebacks(toy, tmp_path, capsys):
+    import eval_llava
+    from scripts import export_hf
+
+    with pytest.raises(SystemExit, match=f"--data_format sa1b: no parquet shards in {tmp_path}/nope"):
+        train_stage1.main(["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", str(tmp_path / "nope"),
+                           "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck")])
+    with pytest.raises(SystemExit) as err:
+        eval_llava.main(["--checkpoint", str(tmp_path / "nope"), "--image", "x.png", "--prompt", "hi"])
+    assert err.value.code == 2 and "give a run folder" in capsys.readouterr().err
+    assert export_hf.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
