@@ -53,9 +53,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from utils.config import HelpFormatter  # noqa: E402
 from backbones import VISION_TYPES, arch_config  # noqa: E402
 from model import LlavaStage1, ModelSpec, Projector, VisionTower  # noqa: E402
+from utils.config import HelpFormatter  # noqa: E402
 from utils.dist import peak_flops  # noqa: E402
 
 IMAGE_TOKEN_ID = 151655  # Qwen's <|image_pad|>

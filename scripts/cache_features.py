@@ -29,11 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.config import HelpFormatter  # noqa: E402
 from backbones import resolve_model, vision_defaults  # noqa: E402
 from dataset import ImageLoader, SampleError, read_records  # noqa: E402
 from model import load_vision_tower, tower_transform  # noqa: E402
-from utils.config import atomic_write_text  # noqa: E402
+from utils import console  # noqa: E402
+from utils.config import HelpFormatter, atomic_write_text  # noqa: E402
 from utils.feature_cache import cache_key, image_key  # noqa: E402
 
 
@@ -109,9 +109,9 @@ def cache_features(vision_tower: str, sources: list[tuple[str, str, str, str]], 
         buffer.clear()
         buffer_keys.clear()
 
-    from tqdm import tqdm
-
-    for positions, pixels, bad in tqdm(loader, desc="features", unit="batch", file=sys.stderr, mininterval=1.0):
+    bar = console.progress(len(loader), "features", "batch")   # in a log file: a line every 30 s
+    for positions, pixels, bad in loader:
+        bar.update(1)
         for i, reason in bad:
             failed[keys[i]] = reason
         if pixels is None:
@@ -122,6 +122,7 @@ def cache_features(vision_tower: str, sources: list[tuple[str, str, str, str]], 
             buffer_keys.append(keys[i])
             if len(buffer) == shard_size:
                 flush()
+    bar.close()
     if buffer:
         flush()
     index = {"key": key, "shards": shards, "rows": rows, "failed": failed, "dtype": dtype,

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from backbones import (MODELSCOPE_CLIP, detect_vision_type, from_pretrained_strict,  # noqa: E402
                        load_modelscope_chinese_clip, read_json, resolve_model)
 from dataset import CLIP_MEAN, CLIP_STD, IMAGE_EXTENSIONS, ImageTransform, SampleError, decode_image  # noqa: E402
-from utils.dist import pick_device  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
+from utils.dist import pick_device  # noqa: E402
 
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length (cn_clip's default context_length)
 

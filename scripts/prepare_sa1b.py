@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from PIL import Image  # noqa: E402
 
 from dataset import ImageLoader, SampleError, sa1b_rows  # noqa: E402
-from utils.config import atomic_write_text  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils import console  # noqa: E402
+from utils.config import HelpFormatter, atomic_write_text  # noqa: E402
 
 
 def read_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, str]], Counter]:
@@ -111,8 +111,6 @@ def prepare(data_root: str, out: str, max_samples: int = 0, short_side: int = 25
             timeout: float = 10.0, retries: int = 3, max_bytes: int = 50 * 2**20, quality: int = 90,
             retry_failed: bool = False, backoff: float = 0.5, progress: bool = True) -> dict:
     """Prepare the images of `data_root`'s shards into `out`; returns the report."""
-    from tqdm import tqdm
-
     t0 = time.time()
     rows, bad_rows = read_rows(data_root, max_samples)
     os.makedirs(out, exist_ok=True)
@@ -128,13 +126,15 @@ def prepare(data_root: str, out: str, max_samples: int = 0, short_side: int = 25
     counts: Counter = Counter()
     with open(ledger_path, "a", encoding="utf-8") as ledger, ThreadPoolExecutor(max(1, workers)) as pool:
         results = pool.map(lambda u: (u, prepare_one(u, out, loader, short_side, quality)), todo)
-        for url, res in tqdm(results, total=len(todo), desc="prepare", unit="img", disable=not progress,
-                             mininterval=1.0):
+        bar = console.progress(len(todo), "prepare", "img", show=progress)   # in a log file: a line every 30 s
+        for url, res in results:
+            bar.update(1)
             status[url] = res
             counts[res[0] if res[0] in ("ok", "exists") else "failed"] += 1
             if res[0] not in ("ok", "exists"):
                 ledger.write(json.dumps({"source_url": url, "reason": res[0], "detail": res[1]}, ensure_ascii=False) + "\n")
                 ledger.flush()
+        bar.close()
     done, failed = [], Counter()
     for url, cap in rows:
         if url in status and status[url][0] in ("ok", "exists"):
