@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from utils import console
 
 # --------------------------------------------------------------------------- registry
 
@@ -106,6 +109,63 @@ def resolve_model(name: str, models_dir: str = "models") -> str:
     raise FileNotFoundError(f"'{name}' is neither a local directory nor a known id ({', '.join(REGISTRY)})")
 
 
+# --------------------------------------------------------------------------- downloads (an explicit step)
+
+def read_hf_token(spec: str | None) -> str | None:
+    """A token file path, or the name of an environment variable; None when neither exists.
+    A token typed directly (hf_...) works too, but lands in shell history: prefer the file."""
+    if not spec:
+        return None
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    if spec.startswith("hf_") and spec not in os.environ:
+        return spec
+    return os.environ.get(spec) or None
+
+
+def fetch_snapshot(source: str, repo: str, target: str, token: str | None) -> None:
+    """One repository into `target`, from ModelScope or the Hugging Face hub."""
+    if source == "modelscope":
+        from modelscope import snapshot_download
+
+        snapshot_download(repo, local_dir=target)
+    else:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo, local_dir=target, token=token)
+
+
+def download(model_id: str, models_dir: str = "models", source: str = "modelscope",
+             hf_token: str | None = ".hf_token", log=print) -> str:
+    """Fetch one registry id into <models_dir>/<id> and return that path.
+
+    The files land in <id>.partial first and are renamed when complete, so an interrupted
+    download is never mistaken for a model (resuming reuses the partial folder).
+    """
+    if model_id not in REGISTRY:
+        raise SystemExit(f"unknown id {model_id!r}; known: {', '.join(REGISTRY)}")
+    info = REGISTRY[model_id]
+    target = os.path.join(models_dir, model_id)
+    if os.path.isdir(target) and os.listdir(target):
+        log(f"{model_id}: already in {target}")
+        return target
+    repo = info.modelscope if source == "modelscope" else info.hf
+    if repo is None or (info.gated and source == "modelscope"):
+        log(f"{model_id}: not on ModelScope{' (gated model)' if info.gated else ''}; using Hugging Face ({info.hf})")
+        source, repo = "hf", info.hf
+    token = read_hf_token(hf_token) if source == "hf" else None
+    if info.gated and not token:
+        raise SystemExit(f"{model_id} is gated on Hugging Face: accept its licence at https://huggingface.co/{info.hf}, "
+                         f"then put your token in .hf_token or pass --hf_token ENV_VAR_NAME")
+    partial = target + ".partial"
+    log(f"{model_id}: downloading {repo} from {source} -> {target}")
+    fetch_snapshot(source, repo, partial, token)
+    shutil.rmtree(os.path.join(partial, ".cache"), ignore_errors=True)  # hub bookkeeping, not model files
+    os.replace(partial, target)
+    return target
+
+
 def vision_defaults(name: str, path: str | None = None) -> dict[str, Any]:
     """Feature defaults for a tower (FEATURE_DEFAULTS of its family): the registry names the
     family of an id, the files of a folder name theirs."""
@@ -171,8 +231,6 @@ def from_pretrained_strict(cls, path: str, what: str, **kwargs) -> nn.Module:
         raise RuntimeError(f"{what} {path}: {len(bad)} weights missing or mis-shaped, e.g. {bad[:3]}")
     unexpected = sorted(info.get("unexpected_keys", []))
     if unexpected:
-        from utils import console
-
         prefixes = sorted({k.split(".")[0] for k in unexpected})
         console.info(f"{what}: ignored {len(unexpected)} weights not part of {cls.__name__} ({', '.join(prefixes)})")
     return model
@@ -210,25 +268,32 @@ def modelscope_clip_architecture(path: str, sd: dict[str, torch.Tensor]) -> dict
     return {**found, "vision_head_width": head}
 
 
-def load_modelscope_chinese_clip(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def modelscope_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """ModelScope's Chinese-CLIP pytorch_model.bin as one flat state dict with the original key
+    names (visual.*, bert.*, text_projection, logit_scale; 'module.'/'clip_model.' prefixes
+    stripped). Read with weights_only=True: no pickle code runs from a downloaded file."""
+    raw = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    raw = raw.get("state_dict", raw)
+    out = {}
+    for k, v in raw.items():
+        for prefix in ("module.", "clip_model."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        out[k] = v
+    return out
+
+
+def load_modelscope_chinese_clip(path: str, dtype: torch.dtype = torch.float32,
+                                 state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """ModelScope's own Chinese-CLIP checkpoint (original key names: visual.conv1,
     visual.transformer.resblocks.N.attn.in_proj_weight, visual.ln_post, visual.proj, bert.*)
     -> transformers' ChineseCLIPVisionModel. The architecture comes from the tensor shapes and
     vision_model_config.json (the head width); `visual.proj` (the contrastive head) and the
-    text tower are not part of the tower.
-
-    Read with weights_only=True: no pickle code runs from a downloaded file.
+    text tower are not part of the tower. `state`: the file already read (modelscope_state_dict).
     """
     from transformers import ChineseCLIPVisionConfig, ChineseCLIPVisionModel
 
-    raw = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    raw = raw.get("state_dict", raw)
-    sd = {}
-    for k, v in raw.items():
-        for prefix in ("module.", "clip_model."):
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        if k.startswith("visual."):
-            sd[k[len("visual."):]] = v
+    state = modelscope_state_dict(path) if state is None else state
+    sd = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     if "conv1.weight" not in sd:
         raise ValueError(f"{path}/pytorch_model.bin: no visual.* weights of a Chinese-CLIP VisualTransformer")
     arch = modelscope_clip_architecture(path, sd)
@@ -257,6 +322,42 @@ def load_modelscope_chinese_clip(path: str, dtype: torch.dtype = torch.float32) 
     if missing or unexpected:
         raise RuntimeError(f"{path}: ModelScope Chinese-CLIP mapping incomplete; missing={missing} unexpected={unexpected}")
     return model.to(dtype)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}   # PIL's numbering in processor configs
+
+
+def preprocessing(path: str, image_size: int) -> dict[str, Any]:
+    """A tower's image preprocessing as the dict dataset.ImageTransform is built from (and a
+    checkpoint stores): its preprocessor_config.json when it has one, else the family default.
+    ModelScope's Chinese-CLIP pipeline resizes straight to image_size, no crop; CLIP crops.
+
+    mode "shortest_edge": resize the short side to `size`, centre-crop `size`x`size`;
+    mode "square": resize straight to `size`x`size`."""
+    cfg_path = os.path.join(path, "preprocessor_config.json")
+    if not os.path.isfile(cfg_path):
+        mode = "square" if detect_vision_type(path) == MODELSCOPE_CLIP else "shortest_edge"
+        return {"size": image_size, "mode": mode, "resample": "bicubic", "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    cfg = read_json(cfg_path)
+    size = cfg.get("size", image_size)
+    crop = cfg.get("do_center_crop", False)
+    if isinstance(size, dict) and "shortest_edge" in size:
+        target, mode = size["shortest_edge"], "shortest_edge" if crop else "square"
+    elif isinstance(size, dict):
+        target, mode = size.get("height", image_size), "square"
+    else:
+        target, mode = int(size), "shortest_edge" if crop else "square"
+    if crop:
+        crop_size = cfg.get("crop_size", target)
+        crop_size = crop_size.get("height", target) if isinstance(crop_size, dict) else crop_size
+        if crop_size != target:
+            raise ValueError(f"{cfg_path}: resize {target} with crop {crop_size} is not supported")
+    resample = cfg.get("resample", 3)
+    return {"size": int(target), "mode": mode, "resample": RESAMPLE_NAMES.get(resample, str(resample)),
+            "mean": list(cfg.get("image_mean", CLIP_MEAN)), "std": list(cfg.get("image_std", CLIP_STD))}
 
 
 # --------------------------------------------------------------------------- LLMs
@@ -397,44 +498,43 @@ def detect_kind(path: str) -> str:
     return "vision" if mt in VISION_TYPES else "llm"
 
 
-def describe(vision: str, llm: str, projector: str = "linear", models_dir: str = "models",
-             feature_layer: int | None = None, feature_select: str | None = None) -> dict[str, Any]:
-    """Feature-token accounting from configs alone (meta device, nothing loaded or downloaded):
-    image tokens, widths, parameters per part, bf16 weight memory. Unset feature flags take
-    the tower family's defaults, as training does."""
+def vision_arch(vision: str, models_dir: str = "models"):
+    """The vision half of a tower's config (a dual-tower CLIP folder holds both halves)."""
+    vcfg = arch_config(vision, models_dir)
+    return getattr(vcfg, "vision_config", vcfg)
+
+
+def prefix_tokens(vcfg) -> int:
+    """Tokens before the patches in a tower's hidden states: CLS for CLIP types, none for
+    SigLIP, CLS + registers for DINOv3."""
+    family = VISION_TYPES[vcfg.model_type][0]
+    return {"clip": 1, "chinese_clip": 1, "siglip": 0}.get(family, 1 + getattr(vcfg, "num_register_tokens", 0))
+
+
+def image_tokens(vcfg, select: str) -> int:
+    """Image slots per image: the patch grid, plus the prefix tokens when all are kept."""
+    grid = vcfg.image_size // vcfg.patch_size
+    return grid * grid + (prefix_tokens(vcfg) if select == "all" else 0)
+
+
+def describe(vision: str, llm: str, models_dir: str = "models", feature_layer: int | None = None,
+             feature_select: str | None = None) -> dict[str, Any]:
+    """Token accounting from configs alone (meta device, nothing loaded or downloaded): image
+    tokens, widths, parameters of the frozen parts. Unset feature flags take the tower family's
+    defaults, as training does. model.summary_from_configs adds the projector."""
     import transformers
 
-    vcfg, lcfg = arch_config(vision, models_dir), arch_config(llm, models_dir)
-    vcfg = getattr(vcfg, "vision_config", vcfg)  # a dual-tower config: its vision half
+    vcfg, lcfg = vision_arch(vision, models_dir), arch_config(llm, models_dir)
     if getattr(lcfg, "model_type", "") == "qwen3_vl":
         lcfg = _qwen3vl_text_config_from(lcfg)
-    from model import Projector
-
-    defaults = FEATURE_DEFAULTS[VISION_TYPES[vcfg.model_type][0]]
-    tower = meta_vision_tower(vcfg, defaults["feature_layer"] if feature_layer is None else feature_layer,
-                              feature_select or defaults["feature_select"])
-    vmodel = tower.model
-    with torch.device("meta"):
-        lmodel = transformers.AutoModelForCausalLM.from_config(lcfg)
-        proj = Projector(projector, vcfg.hidden_size, lcfg.hidden_size)
-    n = lambda m: sum(p.numel() for p in m.parameters())
-    params = {"vision": n(vmodel), "projector": n(proj), "llm": n(lmodel)}
-    return {"vision": vision, "llm": llm, "image_tokens_per_image": tower.num_tokens,
-            "widths": f"D_v={vcfg.hidden_size} -> D_lm={lcfg.hidden_size}", "params": params,
-            "trainable": params["projector"], "bf16_weights_gib": round(sum(params.values()) * 2 / 2**30, 2)}
-
-
-def meta_vision_tower(vcfg, feature_layer: int = -1, feature_select: str = "all"):
-    """A VisionTower built from a config on the meta device: sizes and token counts without
-    reading or allocating any weight (summaries, preprocessing settings)."""
-    import transformers
-
-    from model import VisionTower
-
-    vcfg = getattr(vcfg, "vision_config", vcfg)  # a dual-tower config: its vision half
+    select = feature_select or FEATURE_DEFAULTS[VISION_TYPES[vcfg.model_type][0]]["feature_select"]
     with torch.device("meta"):
         vmodel = getattr(transformers, VISION_TYPES[vcfg.model_type][1])(vcfg)
-        return VisionTower(vmodel, vcfg.model_type, feature_layer, feature_select)
+        lmodel = transformers.AutoModelForCausalLM.from_config(lcfg)
+    return {"vision": vision, "llm": llm, "image_tokens_per_image": image_tokens(vcfg, select),
+            "d_v": vcfg.hidden_size, "d_lm": lcfg.hidden_size,
+            "params": {"vision": sum(p.numel() for p in vmodel.parameters()),
+                       "llm": sum(p.numel() for p in lmodel.parameters())}}
 
 
 def _qwen3vl_text_config_from(cfg):

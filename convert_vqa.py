@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 from utils import console
 from utils.align_plan import LLAVA_V15_CHAT
+from utils.atomic import CheckFailed, atomic_path, atomic_write
 from utils.config import HelpFormatter
 
 IMAGE_PLACEHOLDER = "<image>"  # the same literal dataset.py turns into image slots
@@ -214,17 +215,11 @@ def place_image(src: str, dst: str, link: bool) -> bool:
             s, d = os.stat(src), os.stat(dst)
             if s.st_size == d.st_size and s.st_mtime_ns == d.st_mtime_ns:
                 return False
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
+    with atomic_path(dst) as tmp:   # readers see the old file or the new one, never a partial copy
         if link:
             os.symlink(os.path.abspath(src), tmp)
         else:
             shutil.copy2(src, tmp)
-        os.replace(tmp, dst)  # readers see the old file or the new one, never a partial copy
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
     return True
 
 
@@ -236,26 +231,14 @@ def dump_records(records: list[dict]) -> str:
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
 
 
-def write_text_atomic(path: str, text: str, check: Callable[[str], list[str]] | None = None) -> None:
-    """Write to a temp file beside `path`, run `check` on it, then os.replace it into place.
-
-    A crash, a failed write or a failed check leaves the previous file untouched (and no temp).
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+def write_checked(path: str, text: str, check: Callable[[str], list[str]] | None = None) -> None:
+    """Write atomically; `check` runs on the finished temporary file first. A crash, a failed
+    write or a failed check leaves the previous file untouched (and no temp)."""
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        problems = check(tmp) if check else []
-        if problems:
-            raise ConvertError(f"{path}: the converted output failed validation, previous file kept:\n"
-                               + _format_problems(problems), code=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        atomic_write(path, text, check)
+    except CheckFailed as e:
+        raise ConvertError(f"{path}: the converted output failed validation, previous file kept:\n"
+                           + _format_problems(e.problems), code=1) from None
 
 
 # --------------------------------------------------------------------------- validation
@@ -403,8 +386,8 @@ def convert(*, questions_train: str | None = None, annotations_train: str | None
     # Images are in place before the JSON that names them appears; each file is validated
     # as a temp file and only then replaces the previous output.
     for path, text in outputs:
-        write_text_atomic(path, text, check=lambda tmp: validate_chat_json(tmp, image_root))
-    write_text_atomic(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_checked(path, text, check=lambda tmp: validate_chat_json(tmp, image_root))
+    write_checked(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     report["report"] = report_path
     return report
 

@@ -1,5 +1,5 @@
-"""Data: readers for each on-disk format, image loading and preprocessing, prompt building
-with label masking, and collate.
+"""Data: readers for each on-disk format, image decoding and preprocessing, the dataset,
+the sampler and the collates. How a sample becomes token ids and labels is prompts.py's.
 
 Every sample is in LLaVA form: one image and `conversations` of human/gpt turns with an
 `<image>` placeholder in a human turn. A sample that cannot be used is skipped and counted by
@@ -11,6 +11,7 @@ CPU check (reads the demo's data after `python train_stage1.py --demo` has built
 
 from __future__ import annotations
 
+import argparse
 import ast
 import glob
 import io
@@ -18,9 +19,6 @@ import json
 import math
 import os
 import random
-import time
-import urllib.error
-import urllib.request
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,83 +28,31 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from backbones import (CLIP_MEAN, CLIP_STD, arch_config, image_tokens, knows_vision_markers, load_tokenizer,
+                       preprocessing, resolve_model, vision_defaults)
+from prompts import (CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_TOKEN, INSTRUCTION_POOLS, PromptFormat,
+                     caption_messages, encode_conversation, ensure_image_token)
 from utils.config import HelpFormatter
+from utils.feature_cache import image_key
+from utils.fetch import fetch
+from utils.skips import SampleError, SkipTally
 
-IMAGE_PLACEHOLDER = "<image>"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what counts as an image in a folder
-IGNORE_INDEX = -100
-
-# Instruction pools for caption data. The course trains with one instruction only.
-INSTRUCTION_POOLS: dict[str, list[str]] = {
-    "course": ["描述这张图片"],
-    "zh": ["描述这张图片", "请描述这张图片。", "这张图片里有什么？", "用一句话描述这张图片。", "简要说明图中的内容。"],
-    "en": ["Describe the image briefly.", "What is in this picture?", "Give a short caption for the image.",
-           "Summarize the visual content of the image.", "Write a terse but informative summary of the picture."],
-}
 
 # Pillow refuses images above this many pixels (decompression bombs); a 100-MP photo is fine.
 MAX_IMAGE_PIXELS = 100_000_000
-
-
-class SampleError(Exception):
-    """A sample that must be skipped; `reason` is the counter key reported by the run."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason, self.detail = reason, detail
-
-
-def describe_skips(counts: Counter, examples: dict[str, str] | None = None, limit: int = 4) -> str:
-    """'missing_image 37, e.g. /data/x.jpg; corrupt_image 2, e.g. ...': skip counts, most
-    frequent first, each with an example when one is known."""
-    parts = []
-    for reason, n in counts.most_common(limit):
-        example = (examples or {}).get(reason)
-        parts.append(f"{reason} {n}" + (f", e.g. {example}" if example else ""))
-    rest = len(counts) - len(parts)
-    return "; ".join(parts) + (f"; {rest} more reason(s)" if rest > 0 else "") if parts else "none"
-
-
-@dataclass
-class SkipTally:
-    """What the loader tried: skip counts by reason (one example each, for messages; records
-    skipped while reading are counted here too), samples used and skipped in batches, and
-    answers cut by --max_text_len. Training keeps one per rank."""
-
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)
-    used: int = 0
-    unusable: int = 0           # samples the loader tried and skipped (reading skips not included)
-    truncated: int = 0
-
-    def add(self, batch: dict) -> None:
-        self.skipped.update(batch["skipped"])
-        self.unusable += sum(batch["skipped"].values())
-        for reason, example in batch.get("skip_examples", {}).items():
-            self.examples.setdefault(reason, example)
-        self.used += batch["size"]
-        self.truncated += batch["truncated"]
-
-    def add_skip(self, item: dict) -> None:
-        """One skipped sample, as Stage1Dataset returns it ({"skip": reason, "detail": ...})."""
-        self.add({"skipped": Counter([item["skip"]]), "skip_examples": {item["skip"]: item.get("detail", "")},
-                  "size": 0, "truncated": 0})
-
-    def describe(self) -> str:
-        return describe_skips(self.skipped, self.examples)
 
 
 # --------------------------------------------------------------------------- images
 
 _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
              "lanczos": Image.LANCZOS, 0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC}
-_RESAMPLE_NAME = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
 class ImageTransform:
-    """The tower's preprocessing, with PIL and numpy (no torchvision).
+    """The tower's preprocessing, with PIL and numpy (no torchvision); its settings come from
+    backbones.preprocessing (the tower's processor config) and travel in every checkpoint.
 
     mode "shortest_edge": resize the short side to `size` keeping aspect, then centre-crop
     `size`x`size` (CLIP's processor). mode "square": resize straight to `size`x`size`, no crop
@@ -149,31 +95,6 @@ class ImageTransform:
     def from_dict(cls, d: dict) -> "ImageTransform":
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
-    @classmethod
-    def from_pretrained(cls, path: str, image_size: int, default_mode: str = "shortest_edge") -> "ImageTransform":
-        """Read transformers' preprocessor_config.json when the tower has one."""
-        cfg_path = os.path.join(path, "preprocessor_config.json")
-        if not os.path.isfile(cfg_path):
-            return cls(size=image_size, mode=default_mode)
-        with open(cfg_path, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-        size = cfg.get("size", image_size)
-        crop = cfg.get("do_center_crop", False)
-        if isinstance(size, dict) and "shortest_edge" in size:
-            target, mode = size["shortest_edge"], "shortest_edge" if crop else "square"
-        elif isinstance(size, dict):
-            target, mode = size.get("height", image_size), "square"
-        else:
-            target, mode = int(size), "shortest_edge" if crop else "square"
-        if crop:
-            crop_size = cfg.get("crop_size", target)
-            crop_size = crop_size.get("height", target) if isinstance(crop_size, dict) else crop_size
-            if crop_size != target:
-                raise ValueError(f"{cfg_path}: resize {target} with crop {crop_size} is not supported")
-        resample = cfg.get("resample", 3)
-        return cls(size=int(target), mode=mode, resample=_RESAMPLE_NAME.get(resample, str(resample)),
-                   mean=tuple(cfg.get("image_mean", CLIP_MEAN)), std=tuple(cfg.get("image_std", CLIP_STD)))
-
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image -> upright RGB: EXIF rotation applied, transparency composited on white,
@@ -215,20 +136,6 @@ def decode_image(data: bytes | str, draft: int | None = None) -> Image.Image:
         raise SampleError("corrupt_image", f"{data if isinstance(data, str) else 'bytes'}: {e}") from None
 
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects to http(s) only (urllib would also follow ftp://); loops stop at 10."""
-
-    max_redirections = 10
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not newurl.lower().startswith(("http://", "https://")):
-            raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL: {newurl}", headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
-
-
 @dataclass
 class ImageLoader:
     """Loads an image from a local path (relative to `root`), a file:// URL or an http(s) URL.
@@ -258,123 +165,10 @@ class ImageLoader:
         return decode_image(path, self.draft)
 
     def fetch(self, url: str) -> bytes:
-        cached = self._cache_path(url)
-        if cached and os.path.isfile(cached):
-            with open(cached, "rb") as fh:
-                return fh.read()
-        last = ""
-        for attempt in range(self.retries):
-            try:
-                req = urllib.request.Request(url, headers={"User-Agent": "llava-stage1/1.0"})
-                with _OPENER.open(req, timeout=self.timeout) as resp:
-                    kind = resp.headers.get_content_type()
-                    data = resp.read(self.max_bytes + 1)
-                if len(data) > self.max_bytes:
-                    raise SampleError("url_too_large", f"{url}: over {self.max_bytes} bytes")
-                if kind.startswith("text/"):  # an error or login page served with 200
-                    raise SampleError("url_not_image", f"{url}: {kind}")
-                if cached:
-                    os.makedirs(os.path.dirname(cached), exist_ok=True)
-                    tmp = f"{cached}.tmp{os.getpid()}"
-                    with open(tmp, "wb") as fh:
-                        fh.write(data)
-                    os.replace(tmp, cached)
-                return data
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if 400 <= e.code < 500 and e.code != 429:
-                    break  # a 404 will not heal with retries
-            except SampleError:
-                raise
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
-                last = str(getattr(e, "reason", e))
-            if attempt + 1 < self.retries:
-                time.sleep(self.backoff * 2**attempt)
-        raise SampleError("url_error", f"{url}: {last}")
-
-    def _cache_path(self, url: str) -> str | None:
-        if not self.cache_dir:
-            return None
-        import hashlib
-
-        digest = hashlib.sha1(url.encode()).hexdigest()
-        return os.path.join(self.cache_dir, digest[:2], digest)
+        return fetch(url, self.timeout, self.retries, self.max_bytes, self.backoff, self.cache_dir)
 
 
-# --------------------------------------------------------------------------- prompts and labels
-
-@dataclass
-class PromptFormat:
-    """How a conversation becomes token ids for one LLM + tower pair.
-
-    The `<image>` placeholder becomes `num_image_tokens` slots of `image_token_id` (wrapped
-    in `wrap_ids` when set). `end_of_turn_id` ends every supervised answer; generation stops
-    at any of `stop_ids`.
-    """
-
-    image_token_id: int
-    num_image_tokens: int
-    end_of_turn_id: int
-    stop_ids: list[int]
-    wrap_ids: tuple[int, int] | None = None
-    chat_template_kwargs: dict = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, tokenizer, image_token: str, num_image_tokens: int, wrap: bool = False,
-              chat_template_kwargs: dict | None = None) -> "PromptFormat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the LLM's tokenizer has no chat template; stage 1 renders prompts with it")
-        kwargs = dict(chat_template_kwargs or {})
-        image_id = tokenizer.convert_tokens_to_ids(image_token)
-        wrap_ids = None
-        if wrap:
-            start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
-            if None in (start, end) or tokenizer.unk_token_id in (start, end):
-                raise ValueError("image wrapping needs <|vision_start|>/<|vision_end|> in the tokenizer")
-            wrap_ids = (start, end)
-        eot = find_end_of_turn(tokenizer, kwargs)
-        stops = [eot] + [t for t in [tokenizer.eos_token_id] if t is not None and t != eot]
-        return cls(image_id, num_image_tokens, eot, stops, wrap_ids, kwargs)
-
-    def image_ids(self) -> list[int]:
-        slots = [self.image_token_id] * self.num_image_tokens
-        return [self.wrap_ids[0], *slots, self.wrap_ids[1]] if self.wrap_ids else slots
-
-
-def _is_special(tokenizer, tid: int) -> bool:
-    tok = tokenizer.added_tokens_decoder.get(tid)
-    return (tok is not None and tok.special) or tid in tokenizer.all_special_ids
-
-
-def find_end_of_turn(tokenizer, chat_template_kwargs: dict) -> int:
-    """The token the chat template puts right after an assistant answer (`<|im_end|>` for
-    ChatML, `</s>` for Llama-2 style), found by rendering a probe; eos when there is none."""
-    probe = "PROBEANSWER"
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, **chat_template_kwargs)
-    tail = text[text.rindex(probe) + len(probe):]
-    for tid in tokenizer.encode(tail, add_special_tokens=False):
-        if _is_special(tokenizer, tid):
-            return tid
-    if tokenizer.eos_token_id is None:
-        raise ValueError("cannot find the end-of-turn token: the template adds none and there is no eos")
-    return tokenizer.eos_token_id
-
-
-def _encode_text(tokenizer, fmt: PromptFormat, text: str) -> list[int]:
-    """Tokenise rendered template text; each `<image>` becomes the image slots.
-
-    add_special_tokens=False: the template already holds every special token it wants
-    (a BOS for Llama-style templates, none for Qwen); adding more would double them.
-    """
-    ids: list[int] = []
-    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if i:
-            ids += fmt.image_ids()
-        if piece:
-            ids += tokenizer.encode(piece, add_special_tokens=False)
-    return ids
-
+# --------------------------------------------------------------------------- readers
 
 def to_messages(conversations: list[dict]) -> list[dict]:
     """LLaVA turns ({"from": "human"|"gpt", "value"}) -> chat messages ({"role", "content"})."""
@@ -388,87 +182,6 @@ def to_messages(conversations: list[dict]) -> list[dict]:
         out.append({"role": role, "content": content})
     return out
 
-
-def encode_prompt(tokenizer, fmt: PromptFormat, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids that the model sees before it answers the last user message.
-
-    This one function serves training and `eval_llava.py`, so the two can never disagree.
-    Earlier assistant answers (multi-turn) stay in the prompt as the template renders them
-    as history; the returned mask marks them (and their end-of-turn token) for supervision.
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         **fmt.chat_template_kwargs)
-    # Character spans of earlier answers, found in order so a repeated phrase in a question
-    # is never mistaken for the answer.
-    pieces: list[tuple[str, bool]] = []
-    cursor = 0
-    for msg in messages:
-        at = text.find(msg["content"], cursor) if msg["content"] else -1
-        if at < 0:
-            continue
-        if msg["role"] == "assistant":
-            pieces += [(text[cursor:at], False), (msg["content"], True)]
-            cursor = at + len(msg["content"])
-        else:
-            pieces.append((text[cursor:at + len(msg["content"])], False))
-            cursor = at + len(msg["content"])
-    pieces.append((text[cursor:], False))
-    ids: list[int] = []
-    mask: list[int] = []
-    after_answer = False
-    for piece, supervised in pieces:
-        toks = _encode_text(tokenizer, fmt, piece) if piece else []
-        flags = [int(supervised)] * len(toks)
-        if after_answer and toks and toks[0] == fmt.end_of_turn_id:
-            flags[0] = 1  # the end-of-turn token that closes an earlier answer
-        ids += toks
-        mask += flags
-        if piece:
-            after_answer = supervised
-    return ids, mask
-
-
-def encode_conversation(tokenizer, fmt: PromptFormat, messages: list[dict], max_text_len: int,
-                        prompt_cache: dict | None = None) -> tuple[list[int], list[int]]:
-    """Training ids and labels for a conversation that ends with an assistant answer.
-
-    Prompt = exactly what inference feeds for the same history; target = answer tokens plus
-    the end-of-turn token, nothing else (-100 elsewhere). `max_text_len` counts tokens other
-    than image slots; an over-long answer loses its tail, never an image slot.
-    `prompt_cache` memoises the rendered prompt: caption data has a handful of distinct
-    prompts (one per instruction), and rendering the chat template is the costliest step.
-    """
-    if not messages or messages[-1]["role"] != "assistant":
-        raise SampleError("bad_conversation", "last turn is not an answer")
-    if not messages[-1]["content"].strip():
-        raise SampleError("empty_answer")
-    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
-    if placeholders != 1:
-        raise SampleError("no_image_placeholder" if placeholders == 0 else "too_many_images")
-    key = tuple((m["role"], m["content"]) for m in messages[:-1])
-    if prompt_cache is not None and key in prompt_cache:
-        prompt, mask = prompt_cache[key]
-    else:
-        prompt, mask = encode_prompt(tokenizer, fmt, messages[:-1])
-        if prompt_cache is not None and len(prompt_cache) < 10_000:  # bounded: VQA questions rarely repeat
-            prompt_cache[key] = (prompt, mask)
-    n_image = len(fmt.image_ids())
-    budget = max_text_len - (len(prompt) - n_image)
-    if budget <= 0:
-        raise SampleError("prompt_too_long", f"{len(prompt) - n_image} text tokens > {max_text_len}")
-    target = tokenizer.encode(messages[-1]["content"], add_special_tokens=False) + [fmt.end_of_turn_id]
-    target = target[:budget]
-    ids = prompt + target
-    labels = [t if m else IGNORE_INDEX for t, m in zip(prompt, mask)] + target
-    return ids, labels
-
-
-def caption_messages(caption: str, instruction: str) -> list[dict]:
-    return [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{instruction}"},
-            {"role": "assistant", "content": caption}]
-
-
-# --------------------------------------------------------------------------- readers
 
 @dataclass
 class Record:
@@ -634,8 +347,6 @@ class Stage1Dataset(torch.utils.data.Dataset):
             messages = self.messages(idx)
             ids, labels = encode_conversation(self.tokenizer, self.fmt, messages, self.max_text_len, self._prompts)
             if self.features is not None:
-                from utils.feature_cache import image_key
-
                 image = {"image_features": self.features[image_key(self.records[idx].image, self.loader.root)]}
             else:
                 image = {"pixel_values": self.transform(self.loader(self.records[idx].image))}
@@ -757,11 +468,9 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor
 
 
 def main() -> None:
-    import argparse
-
-    from backbones import resolve_model, vision_defaults
-    from model import ModelSpec, build_model
-
+    """Read a dataset and print its first usable sample as training would see it. Only configs
+    and the tokenizer are read: the image-slot count and preprocessing come from the tower's
+    config and the same feature defaults training uses."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format")
     p.add_argument("--data_root", default="", help="dataset directory")
@@ -770,23 +479,21 @@ def main() -> None:
     p.add_argument("--llm", required=True, help="LLM id or local directory (tokenizer and chat template)")
     p.add_argument("--vision_tower", required=True, help="vision tower id or local directory")
     p.add_argument("--models_dir", default="models", help="where registry ids live")
-    p.add_argument("--feature_layer", type=int, default=None, help="as in training (default: the tower's)")
     p.add_argument("--feature_select", default=None, choices=["all", "patch"], help="as in training (default: the tower's)")
-    p.add_argument("--feature_post_norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="as in training (default: the tower's)")
     p.add_argument("--max_samples", type=int, default=0, help="read at most this many records (0 = all)")
     args = p.parse_args()
     records, skipped, root = read_records(args.data_format, args.data_root, args.chat_json, args.max_samples)
-    root = args.image_root or root
-    features = vision_defaults(args.vision_tower, resolve_model(args.vision_tower, args.models_dir))
-    features.update({k: getattr(args, k) for k in features if getattr(args, k) is not None})
-    model, tok = build_model(ModelSpec(vision_tower=args.vision_tower, llm=args.llm, **features),
-                             models_dir=args.models_dir)
-    spec = model.spec
-    fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
-    ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(spec.image_transform), ImageLoader(root))
-    print(f"{len(records)} records, skipped while reading: {dict(skipped)}; {spec.num_image_tokens} image slots "
-          f"(layer {spec.feature_layer}, {spec.feature_select} tokens, post-norm {spec.feature_post_norm})")
+    vision, llm = resolve_model(args.vision_tower, args.models_dir), resolve_model(args.llm, args.models_dir)
+    vcfg = arch_config(vision)
+    vcfg = getattr(vcfg, "vision_config", vcfg)
+    select = args.feature_select or vision_defaults(args.vision_tower, vision)["feature_select"]
+    tok = load_tokenizer(llm)
+    ensure_image_token(tok, IMAGE_TOKEN)
+    fmt = PromptFormat.build(tok, IMAGE_TOKEN, image_tokens(vcfg, select), knows_vision_markers(llm), CHAT_TEMPLATE_KWARGS)
+    transform = ImageTransform.from_dict(preprocessing(vision, vcfg.image_size))
+    ds = Stage1Dataset(records, tok, fmt, transform, ImageLoader(args.image_root or root))
+    print(f"{len(records)} records, skipped while reading: {dict(skipped)}; {fmt.num_image_tokens} image slots "
+          f"({select} tokens)")
     tally = SkipTally()
     for i in range(min(len(ds), 200)):
         item = ds[i]

@@ -33,13 +33,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import (IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, ImageLoader, ImageTransform, PromptFormat, SampleError, Stage1Dataset,
-                     caption_messages, collate, collate_prompts, encode_prompt, read_chat_json, read_sa1b,
-                     to_device)
+from dataset import (IMAGE_EXTENSIONS, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_prompts,
+                     read_chat_json, read_sa1b, to_device)
 from model import LlavaStage1, checkpoint_file, load_checkpoint
+from prompts import (CAPTION_PROMPT, IMAGE_PLACEHOLDER, PromptFormat, caption_messages, encode_prompt,
+                     with_image_placeholder)
 from utils import console
+from utils.atomic import atomic_write
+from utils.caption_metrics import score_captions
 from utils.config import HelpFormatter
+from utils.dist import pick_device
 from utils.metrics import RunLogger
+from utils.skips import SampleError
+from utils.vqa_eval import evaluate, main as vqa_eval_main
 
 
 @dataclass
@@ -54,10 +60,8 @@ class Assistant:
 
     @classmethod
     def from_model(cls, model: LlavaStage1, tokenizer, loader: ImageLoader | None = None) -> "Assistant":
-        spec = model.spec
-        fmt = PromptFormat.build(tokenizer, spec.image_token, spec.num_image_tokens, spec.image_wrap,
-                                 spec.chat_template_kwargs)
-        transform = ImageTransform.from_dict(spec.image_transform)
+        fmt = PromptFormat.for_model(model.spec, tokenizer)
+        transform = ImageTransform.from_dict(model.spec.image_transform)
         # The same loader settings as training (draft-mode JPEG decoding to the tower's size).
         return cls(model, tokenizer, fmt, transform, loader or ImageLoader(draft=transform.size))
 
@@ -193,16 +197,6 @@ def log_sample_replies(assistant: Assistant, ds: Stage1Dataset, n: int, logger: 
             logger.image(f"samples/{k}", np.asarray(image.resize((224, 224))), step)
 
 
-def with_image_placeholder(messages: list[dict]) -> list[dict]:
-    """Put `<image>` before the first user turn's text unless some user turn already has it."""
-    if any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] == "user"):
-        return messages
-    out = [dict(m) for m in messages]
-    first = next(i for i, m in enumerate(out) if m["role"] == "user")
-    out[first]["content"] = f"{IMAGE_PLACEHOLDER}\n{out[first]['content']}"
-    return out
-
-
 def image_reference(line: str) -> str | None:
     """The image a chat line names (a path, expanded, or a URL), or None when it is a question.
 
@@ -305,8 +299,6 @@ def run_vqa(assistant: Assistant, chat_json: str, image_root: str, out_dir: str,
             max_new_tokens: int) -> dict:
     """Answer every question of a val chat.json (convert_vqa.py keeps question_id, answer_type and
     the ten answers in each record), write official-format predictions, score them."""
-    from utils.vqa_eval import evaluate
-
     records, bad = read_chat_json(chat_json)
     items = [(r.image, r.conversations[:1]) for r in records]
     replies, skipped = answer_all(assistant, items, image_root, batch_size, max_new_tokens, "vqa")
@@ -326,8 +318,6 @@ def official_vqa_accuracy(assistant: Assistant, questions_json: str, annotations
                           template: str, split: str = "val2014") -> float:
     """Official-metric accuracy on VQA v2 files as they come (no conversion step): the demo's
     check that a projector aligned on captions lets the frozen LM answer questions."""
-    from utils.vqa_eval import evaluate
-
     with open(questions_json, encoding="utf-8") as fh:
         questions = json.load(fh)["questions"]
     with open(annotations_json, encoding="utf-8") as fh:
@@ -360,8 +350,6 @@ def caption_items(source: str, prompt: str) -> tuple[list[tuple[str, list[dict]]
 
 def run_captions(assistant: Assistant, source: str, prompt: str, out_dir: str, batch_size: int,
                  max_new_tokens: int) -> dict:
-    from utils.caption_metrics import score_captions
-
     items, refs, root = caption_items(source, prompt)
     replies, skipped = answer_all(assistant, items, root, batch_size, max_new_tokens, "captions")
     predictions = [{"image": img, "caption": reply, "reference": ref}
@@ -383,11 +371,9 @@ def output_name(kind: str, source: str) -> str:
 
 
 def _write_results(out_dir: str, name: str, predictions: list, scores: dict) -> dict:
-    from utils.config import atomic_write_text
-
     pred_path, score_path = os.path.join(out_dir, f"{name}_predictions.json"), os.path.join(out_dir, f"{name}_scores.json")
-    atomic_write_text(pred_path, json.dumps(predictions, ensure_ascii=False, indent=1))
-    atomic_write_text(score_path, json.dumps(scores, ensure_ascii=False, indent=2))
+    atomic_write(pred_path, json.dumps(predictions, ensure_ascii=False, indent=1))
+    atomic_write(score_path, json.dumps(scores, ensure_ascii=False, indent=2))
     console.info(f"predictions: {pred_path}\nscores:      {score_path}")
     return scores
 
@@ -412,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--annotations", default=None, help="--vqa_eval: official VQA v2 annotations JSON")
     b.add_argument("--predictions", default=None, help="--vqa_eval: [{question_id, answer}] JSON")
     b.add_argument("--captions", default=None, help="chat.json, SA1B folder or image folder to caption (and score)")
-    b.add_argument("--caption_prompt", default="描述这张图片", help="--captions: the instruction for folders")
+    b.add_argument("--caption_prompt", default=CAPTION_PROMPT, help="--captions: the instruction for folders")
     b.add_argument("--image_root", default=None, help="--vqa: image root (default: the chat.json's folder)")
     b.add_argument("--batch_size", type=int, default=32, help="batch modes: questions per generate call")
     b.add_argument("--answer_tokens", type=int, default=16, help="--vqa: answer length limit (VQA answers are short)")
@@ -422,8 +408,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.vqa_eval:
         if not (args.annotations and args.predictions):
             p.error("--vqa_eval needs --annotations and --predictions (and optionally --questions)")
-        from utils.vqa_eval import main as vqa_eval_main
-
         vqa_eval_main(["--annotations", args.annotations, "--predictions", args.predictions]
                       + (["--questions", args.questions] if args.questions else [])
                       + (["--out", os.path.join(args.out_dir, "vqa_scores.json")] if args.out_dir else []))
@@ -446,8 +430,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace, one_shot: bool) -> None:
-    from utils.dist import pick_device
-
     device = pick_device(args.device)
     console.info(f"loading {args.checkpoint} on {device} ...")
     assistant = Assistant.from_checkpoint(args.checkpoint, str(device), args.vision_tower, args.llm,

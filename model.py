@@ -26,18 +26,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from backbones import (MODELSCOPE_CLIP, PRESETS, REGISTRY, VISION_TYPES, describe, detect_vision_type,
-                       from_pretrained_strict, knows_vision_markers, load_llm, load_modelscope_chinese_clip,
-                       load_tokenizer, resolve_model)
+                       from_pretrained_strict, image_tokens, knows_vision_markers, load_llm,
+                       load_modelscope_chinese_clip, load_tokenizer, prefix_tokens, preprocessing, resolve_model)
+from prompts import CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_TOKEN, ensure_image_token
+from utils import console
+from utils.atomic import atomic_path, atomic_write
 from utils.checkpoint import WEIGHTS_FILE, find_latest
 from utils.config import HelpFormatter
 
 CHECKPOINT_FILE = WEIGHTS_FILE          # projector.safetensors
 METADATA_KEY = "llava_stage1"
 FORMAT_VERSION = 1
-IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- vision tower
@@ -61,10 +63,8 @@ class VisionTower(nn.Module):
         cfg = model.config
         self.hidden_size = cfg.hidden_size
         self.image_size = cfg.image_size
-        grid = cfg.image_size // cfg.patch_size
-        self.num_prefix_tokens = {"clip": 1, "chinese_clip": 1, "siglip": 0}.get(
-            self.family, 1 + getattr(cfg, "num_register_tokens", 0))
-        self.num_tokens = grid * grid + (self.num_prefix_tokens if select == "all" else 0)
+        self.num_prefix_tokens = prefix_tokens(cfg)               # CLS (+ DINOv3's registers)
+        self.num_tokens = image_tokens(cfg, select)               # N
         self.requires_grad_(False)
         self.eval()
 
@@ -137,7 +137,7 @@ class ModelSpec:
     feature_select: str = "all"            # all | patch
     feature_post_norm: bool = False
     image_wrap: bool | None = None         # wrap slots in <|vision_start|> ... <|vision_end|>; None: auto
-    image_token: str = "<|image_pad|>"     # the token whose positions receive image features
+    image_token: str = IMAGE_TOKEN         # the token whose positions receive image features
     # Filled in by build_model from the loaded parts:
     vision_path: str = ""                  # where the frozen models were loaded from
     llm_path: str = ""
@@ -146,7 +146,7 @@ class ModelSpec:
     llm_hidden_size: int = 0
     num_image_tokens: int = 0
     image_transform: dict = field(default_factory=dict)
-    chat_template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
+    chat_template_kwargs: dict = field(default_factory=lambda: dict(CHAT_TEMPLATE_KWARGS))
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -170,7 +170,6 @@ class LlavaStage1(nn.Module):
         self.spec = spec
         self.image_token_id = image_token_id
         self.checkpointed_layers: list[nn.Module] = []
-        self._param_counts: tuple[int, int, int] | None = None
 
     def train(self, mode: bool = True) -> "LlavaStage1":
         super().train(mode)
@@ -284,33 +283,6 @@ class LlavaStage1(nn.Module):
             replies.append(row[:cut])
         return replies
 
-    def step_flops(self, n_images: int, seq_tokens: list[int], n_supervised: int, cached: bool = False) -> float:
-        """Model FLOPs of one training step (2 x multiply-adds of the matmuls stage 1 must do):
-        vision forward 2 P_v N + 4 L_v N^2 d_v per image (none from cached features); projector
-        6 P_proj N per image; LLM forward 2 P T + 4 L T^2 d_attn per sample and the same again
-        for the backward to the inputs (frozen weights get no gradient); LM head 4 V d per
-        supervised token. scripts/benchmark.py and training's MFU both use this count."""
-        lm, n = self.llm.config, self.spec.num_image_tokens
-        p_proj, p_v, p_lm = self._matmul_params()
-        flops = 6.0 * p_proj * n * n_images
-        if not cached and self.vision is not None:
-            v = self.vision.model.config
-            flops += n_images * (2 * p_v * n + 4 * v.num_hidden_layers * n * n * v.hidden_size)
-        d_attn = lm.num_attention_heads * (getattr(lm, "head_dim", None) or lm.hidden_size // lm.num_attention_heads)
-        llm_fwd = sum(2 * p_lm * t + 4 * lm.num_hidden_layers * t * t * d_attn for t in seq_tokens)
-        return flops + 2 * llm_fwd + 4 * lm.vocab_size * lm.hidden_size * n_supervised
-
-    def _matmul_params(self) -> tuple[int, int, int]:
-        """(projector, vision without embeddings, LLM decoder without embeddings) parameter
-        counts; counted once, since training asks every step."""
-        if self._param_counts is None:
-            decoder = self.llm.get_decoder()
-            p_v = 0 if self.vision is None else sum(
-                p.numel() for name, p in self.vision.model.named_parameters() if "embed" not in name)
-            self._param_counts = (sum(p.numel() for p in self.projector.parameters()), p_v,
-                                  sum(p.numel() for p in decoder.parameters()) - decoder.get_input_embeddings().weight.numel())
-        return self._param_counts
-
     def summary(self) -> dict[str, Any]:
         def count(m):
             return sum(p.numel() for p in m.parameters()) if m is not None else 0
@@ -327,18 +299,6 @@ class LlavaStage1(nn.Module):
 
 
 # --------------------------------------------------------------------------- build / save / load
-
-def ensure_image_token(tokenizer, token: str) -> int:
-    """Id of the image-slot token; added to the tokenizer when the LLM does not know it.
-
-    An added id may be past the embedding table; `embed` never looks it up.
-    """
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or tid == tokenizer.unk_token_id:
-        tokenizer.add_tokens([token], special_tokens=True)
-        tid = tokenizer.convert_tokens_to_ids(token)
-    return int(tid)
-
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtype: torch.dtype | None = None,
                 attn_implementation: str = "sdpa", models_dir: str = "models",
@@ -358,7 +318,7 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtyp
                                spec.feature_post_norm, frozen_dtype, trust_remote_code)
     spec.vision_type = detect_vision_type(spec.vision_path)
     spec.vision_hidden_size, spec.num_image_tokens = vision.hidden_size, vision.num_tokens
-    spec.image_transform = tower_transform(spec.vision_path, vision).to_dict()
+    spec.image_transform = preprocessing(spec.vision_path, vision.image_size)
     if spec.image_wrap is None:
         spec.image_wrap = knows_vision_markers(spec.llm_path)
     llm = load_llm(spec.llm_path, frozen_dtype, attn_implementation, trust_remote_code)
@@ -369,15 +329,6 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtyp
     model = LlavaStage1(vision, projector, llm, spec, image_token_id).to(device)
     model.assert_only_projector_trainable()
     return model, tokenizer
-
-
-def tower_transform(path: str, vision: VisionTower):
-    """The tower's preprocessing: its preprocessor_config.json, else the family default
-    (ModelScope's Chinese-CLIP pipeline resizes straight to 224x224, no crop)."""
-    from dataset import ImageTransform
-
-    mode = "square" if detect_vision_type(path) == MODELSCOPE_CLIP else "shortest_edge"
-    return ImageTransform.from_pretrained(path, vision.image_size, mode)
 
 
 def _locate(name: str, stored_path: str, models_dir: str) -> str:
@@ -392,17 +343,13 @@ def save_checkpoint(model: LlavaStage1, directory: str, extra: dict | None = Non
 
     Written to a temp name and renamed, so a crash leaves either the old file or the new one.
     """
-    from utils.config import atomic_write_text
-
-    os.makedirs(directory, exist_ok=True)
     meta = {"spec": asdict(model.spec), **(extra or {})}
     projector = getattr(model.projector, "module", model.projector)  # unwrap DDP
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in projector.state_dict().items()}
     path = os.path.join(directory, CHECKPOINT_FILE)
-    tmp = path + f".tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
-    os.replace(tmp, path)
-    atomic_write_text(os.path.join(directory, "model_spec.json"), json.dumps(meta, indent=2, ensure_ascii=False))
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
+    atomic_write(os.path.join(directory, "model_spec.json"), json.dumps(meta, indent=2, ensure_ascii=False))
     return path
 
 
@@ -431,8 +378,6 @@ def read_checkpoint_meta(path: str) -> dict:
 def load_projector_weights(model: LlavaStage1, path: str) -> None:
     """Strict load: every key present, no extras, same shapes (a silent partial load is how
     'loss stuck at 7.5' reports start)."""
-    from safetensors.torch import load_file
-
     state = load_file(checkpoint_file(path), device="cpu")
     projector = getattr(model.projector, "module", model.projector)  # unwrap DDP
     missing, unexpected = projector.load_state_dict(state, strict=False)
@@ -459,30 +404,43 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", vision_tower:
     return model, tokenizer, meta
 
 
-def main() -> None:
-    from utils import console
+def summary_from_configs(vision: str, llm: str, projector: str = "linear", models_dir: str = "models",
+                         feature_layer: int | None = None, feature_select: str | None = None) -> dict[str, Any]:
+    """backbones.describe plus the projector: image tokens, widths, parameters per part and bf16
+    weight memory of a whole model, from configs alone (nothing downloaded or loaded)."""
+    d = describe(vision, llm, models_dir, feature_layer, feature_select)
+    with torch.device("meta"):
+        proj = sum(p.numel() for p in Projector(projector, d["d_v"], d["d_lm"]).parameters())
+    params = {"vision": d["params"]["vision"], "projector": proj, "llm": d["params"]["llm"]}
+    return {"vision": vision, "llm": llm, "image_tokens_per_image": d["image_tokens_per_image"],
+            "widths": f"D_v={d['d_v']} -> D_lm={d['d_lm']}", "params": params, "trainable": proj,
+            "bf16_weights_gib": round(sum(params.values()) * 2 / 2**30, 2)}
 
+
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--summary", action="store_true", help="print the summary (the default action)")
+    p.add_argument("--summary", action="store_true", help="print the summary from configs (what happens when "
+                                                          "--list is not given)")
+    p.add_argument("--list", action="store_true", help="list registry ids and presets")
     p.add_argument("--model", choices=list(PRESETS), help="a preset")
     p.add_argument("--vision_tower", help="registry id or local folder (overrides the preset's)")
     p.add_argument("--llm", help="registry id or local folder (overrides the preset's)")
     p.add_argument("--projector", choices=Projector.TYPES, help="projector type (overrides the preset's)")
     p.add_argument("--models_dir", default="models", help="where registry ids live")
-    p.add_argument("--list", action="store_true", help="list registry ids and presets")
     args = p.parse_args()
     if args.list:
         for k, info in REGISTRY.items():
             console.kv(k, f"{info.kind:<6} hf={info.hf}  modelscope={info.modelscope}  {info.note}", 18)
         for k, v in PRESETS.items():
             console.kv(k, f"{v['vision_tower']} + {v['projector']} + {v['llm']}", 26)
-        return
-    preset = PRESETS.get(args.model or "", {})
-    vision, llm = args.vision_tower or preset.get("vision_tower"), args.llm or preset.get("llm")
-    if not (vision and llm):
-        p.error("give --model PRESET or both --vision_tower and --llm")
-    for k, v in describe(vision, llm, args.projector or preset.get("projector", "linear"), args.models_dir).items():
-        console.kv(k, v)
+    if args.summary or not args.list:
+        preset = PRESETS.get(args.model or "", {})
+        vision, llm = args.vision_tower or preset.get("vision_tower"), args.llm or preset.get("llm")
+        if not (vision and llm):
+            p.error("give --model PRESET or both --vision_tower and --llm (or --list)")
+        projector = args.projector or preset.get("projector", "linear")
+        for k, v in summary_from_configs(vision, llm, projector, args.models_dir).items():
+            console.kv(k, v)
 
 
 if __name__ == "__main__":

@@ -26,20 +26,35 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import itertools
 import json
 import math
 import os
+import platform
 import random
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from utils.config import HelpFormatter
+from backbones import CLIP_MEAN, CLIP_STD
+from dataset import ImageLoader, ImageTransform, Stage1Dataset, pad, read_records
+from eval_llava import Assistant, caption_exact_match, official_vqa_accuracy
+from model import ModelSpec, build_model
+import prompts
+from prompts import (CAPTION_PROMPT, CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN,
+                     INSTRUCTION_POOLS, PromptFormat, caption_messages, encode_conversation)
+from utils import console
+from utils.config import HelpFormatter, dump_json
+from utils.dist import available_cpus, pick_device
+from utils.metrics import RunLogger
 
 RECIPE_VERSION = 3
 
@@ -169,8 +184,6 @@ def build_tokenizer(out_dir: str):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    from dataset import INSTRUCTION_POOLS
-
     words = [f"{p} 有 一个 {c} 的 {s} 。" for c, s, p in COMBOS]
     words += ["描述 这张 图片", "请 描述 这张 图片 。", "这张 图片 里 有 什么 ？", "用 一句话 描述 这张 图片 。",
               "简要 说明 图 中 的 内容 。", "什么 颜色 ？", "什么 形状 ？", "在 哪里 ？", "是 的 不是",
@@ -206,8 +219,6 @@ def _cosine(peak: float, step: int, total: int, warmup: int) -> float:
 
 def _prior_batch(tok, fmt, rng: random.Random, batch: int, prompts: dict, max_text_len: int = 64):
     """Stage-1 prompts whose image slots hold the attribute words in random slots."""
-    from dataset import INSTRUCTION_POOLS, caption_messages, encode_conversation
-
     pool = INSTRUCTION_POOLS["zh"]
     rows, labels = [], []
     for _ in range(batch):
@@ -227,16 +238,12 @@ def _prior_batch(tok, fmt, rng: random.Random, batch: int, prompts: dict, max_te
             ids[pos] = word
         rows.append(ids)
         labels.append(lab)
-    from dataset import IGNORE_INDEX, pad
-
     return pad(rows, tok.pad_token_id), pad(labels, IGNORE_INDEX), pad([[1] * len(r) for r in rows], 0)
 
 
 def build_llm(out_dir: str, tok, size: ToySize, num_image_tokens: int, log=print):
     """A tiny Qwen3 LM trained on the stage-1 prompt format with words in the image slots."""
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    from dataset import PromptFormat
 
     torch.manual_seed(size.seed)
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=size.lm_width, intermediate_size=size.lm_width * 3,
@@ -245,7 +252,7 @@ def build_llm(out_dir: str, tok, size: ToySize, num_image_tokens: int, log=print
                       bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                       pad_token_id=tok.pad_token_id, rope_theta=10000.0)
     lm = Qwen3ForCausalLM(cfg)
-    fmt = PromptFormat.build(tok, "<|image_pad|>", num_image_tokens, chat_template_kwargs={"enable_thinking": False})
+    fmt = PromptFormat.build(tok, IMAGE_TOKEN, num_image_tokens, chat_template_kwargs=CHAT_TEMPLATE_KWARGS)
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.0, betas=(0.9, 0.98))
     rng = random.Random(size.seed)
     prompts: dict = {}
@@ -273,8 +280,6 @@ def build_vision(out_dir: str, size: ToySize, log=print):
     """A tiny CLIPVisionModel, pretrained briefly to classify colour, shape and position from
     its tokens (CLIP learns such concepts from captions; here labels stand in)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from dataset import CLIP_MEAN, CLIP_STD, ImageTransform
 
     torch.manual_seed(size.seed)
     cfg = CLIPVisionConfig(image_size=size.tower_px, patch_size=size.patch, hidden_size=size.vision_width,
@@ -336,7 +341,7 @@ def write_split(out_dir: str, n: int, size: ToySize, seed: int) -> None:
         cap_segs.append(str({"global_caption": cap, "local_caption": [], "attributes": {
             "color": color, "shape": shape, "position": position}}))
         chat.append({"id": f"toy-{i:06d}", "image": rel, "conversations": [
-            {"from": "human", "value": "<image>\n描述这张图片"}, {"from": "gpt", "value": cap}]})
+            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{CAPTION_PROMPT}"}, {"from": "gpt", "value": cap}]})
     pq.write_table(pa.table({"url": urls, "cap_seg": cap_segs}), os.path.join(out_dir, "data", "train-00000.parquet"))
     with open(os.path.join(out_dir, "chat.json"), "w", encoding="utf-8") as fh:
         json.dump(chat, fh, ensure_ascii=False, indent=1)
@@ -382,8 +387,15 @@ class ToyPaths:
 
 
 def recipe_hash(size: ToySize) -> str:
+    """Everything that shapes the cached world: the size, the captions, the template, the
+    instruction pools, and the code it is built and trained through (prompts.py, which renders
+    every prior sample, and this file's builders). Editing any of them rebuilds the world
+    instead of silently reusing a stale one."""
+    code = inspect.getsource(prompts) + "".join(inspect.getsource(f) for f in (
+        render, build_tokenizer, _prior_batch, build_llm, build_vision, write_split, write_vqa))
     blob = json.dumps({"v": RECIPE_VERSION, "size": asdict(size), "combos": COMBOS, "caption": CAPTION,
-                       "template": QWEN3_CHAT_TEMPLATE}, ensure_ascii=False, sort_keys=True)
+                       "template": QWEN3_CHAT_TEMPLATE, "pools": INSTRUCTION_POOLS, "code": code},
+                      ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -416,6 +428,93 @@ def ensure_toy_world(size: str | ToySize = "demo", models_root: str = "models/to
     with open(stamp, "w", encoding="utf-8") as fh:
         json.dump({"recipe": want, "size": asdict(size)}, fh, indent=2)
     return paths
+
+
+# --------------------------------------------------------------------------- the demo
+
+# The demo trains the course's linear projector on the toy world (its tower is a CLIP used
+# the course's way: last layer, all tokens, ln_post); flags a user types win.
+DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, log_interval=25,
+                     eval_interval=300, eval_samples=200, save_interval=300, instructions="zh",
+                     num_workers=1, data_format="sa1b", projector="linear", feature_layer=-1,
+                     feature_select="all", feature_post_norm=True)
+
+
+def apply_demo_defaults(cfg: Any, explicit: set[str]) -> None:
+    """--demo: build (or reuse) the toy world and point a train_stage1.TrainConfig at it, with
+    the demo's settings wherever the user typed nothing."""
+    paths = ensure_toy_world("demo", log=console.info)
+    fill = {**DEMO_DEFAULTS, "vision_tower": paths.vision, "llm": paths.llm, "data_root": paths.train,
+            "eval_data_root": paths.eval, "run_name": cfg.run_name or time.strftime("demo_%Y%m%d_%H%M%S")}
+    for key, value in fill.items():
+        if key not in explicit:
+            setattr(cfg, key, value)
+
+
+def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
+    """`python train_stage1.py --demo`: an ordinary stage-1 run (`train(cfg)`), measured before
+    and after on held-out images: caption exact match and toy VQA accuracy (official metric; the
+    projector never sees a question). The figures join the run's summary.json and TensorBoard."""
+    paths = ensure_toy_world("demo", log=console.info)
+    before = demo_figures(untrained_assistant(cfg), cfg, paths)
+    console.kv("held-out exact match (before)", f"{before['heldout_exact_match']:.3f}")
+    console.kv("toy VQA accuracy (before)", f"{before['toy_vqa_accuracy']:.1f}")
+    summary = train(cfg)
+    if summary.get("interrupted"):
+        return summary
+    after = demo_figures(Assistant.from_checkpoint(summary["checkpoint"], str(pick_device(cfg.device))), cfg, paths)
+    for key in before:
+        summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
+    dump_json(summary, os.path.join(summary["run_dir"], "summary.json"))
+    logger = RunLogger(summary["run_dir"], tuple(cfg.trackers.split(",")))
+    logger.log(0, {f"demo/{k}": v for k, v in before.items()})
+    logger.log(summary["steps"], {f"demo/{k}": v for k, v in after.items()})
+    logger.close()
+    console.header("demo: before -> after alignment")
+    for key in before:
+        console.kv(key, f"{before[key]:g} -> {after[key]:g}")
+    console.kv("image_ablation_gap", summary.get("image_ablation_gap"))
+    # Toy-world build included: what a new user waits for, measured on this machine.
+    console.kv("demo wall time", f"{console.duration(time.time() - started)} on {machine_name(cfg.device)}")
+    return summary
+
+
+def untrained_assistant(cfg: Any) -> Assistant:
+    """The model train() starts from: the same seeds before the same build give the same fresh
+    projector, so "before" measures exactly the run's starting point."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
+                     feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
+                     feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap)
+    model, tokenizer = build_model(spec, pick_device(cfg.device), attn_implementation=cfg.attn,
+                                   models_dir=cfg.models_dir)
+    return Assistant.from_model(model.eval(), tokenizer)
+
+
+def demo_figures(assistant: Assistant, cfg: Any, paths: ToyPaths) -> dict[str, float]:
+    """Held-out caption exact match (greedy reply == reference) and toy VQA accuracy."""
+    records, _, root = read_records(cfg.data_format, cfg.eval_data_root)
+    ds = Stage1Dataset(records, assistant.tokenizer, assistant.fmt, assistant.transform, ImageLoader(root),
+                       instructions=cfg.instructions, seed=cfg.seed)
+    vqa = official_vqa_accuracy(assistant, os.path.join(paths.vqa, "v2_OpenEnded_mscoco_val2014_questions.json"),
+                                os.path.join(paths.vqa, "v2_mscoco_val2014_annotations.json"),
+                                os.path.join(paths.vqa, "val2014"), VQA_TEMPLATE)
+    return {"heldout_exact_match": caption_exact_match(assistant, ds, CAPTION_PROMPT), "toy_vqa_accuracy": vqa}
+
+
+def machine_name(device: str = "auto") -> str:
+    """'2 x AMD EPYC (CPU)' or 'NVIDIA H200': where the demo's figures were measured."""
+    if pick_device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{available_cpus()} x {model} (CPU)"
 
 
 def main() -> None:

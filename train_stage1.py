@@ -1,15 +1,16 @@
-"""LLaVA stage 1 (modality alignment): train the projector between a frozen vision tower and
+r"""LLaVA stage 1 (modality alignment): train the projector between a frozen vision tower and
 a frozen LLM on image-caption (or VQA) data.
 
     python train_stage1.py --demo          # offline toy world on CPU, ~2 minutes on 2 cores the first time
-    python train_stage1.py --model clip-zh-qwen3-0.6b --batch_size 16 \\
+    python train_stage1.py --model clip-zh-qwen3-0.6b --batch_size 16 \
         --data_root /data/sa1b_train --eval_data_root /data/sa1b_eval
-    torchrun --standalone --nproc-per-node 8 train_stage1.py --model dinov3-qwen3vltext-align \\
+    torchrun --standalone --nproc-per-node 8 train_stage1.py --model dinov3-qwen3vltext-align \
         --data_format chat --data_root /data/llava-laion-cc-sbu-558k
     # the Prismatic align plan's own command line works too (see utils/align_plan.py)
 
-The loop reads top to bottom: setup -> data -> model -> optimizer -> loop (micro-steps,
-clip, step, log, eval, checkpoint) -> summary.
+`train(cfg)` reads top to bottom: setup -> model -> data -> optimizer -> resume -> loop
+(micro-steps, clip, step, log, evaluate, checkpoint) -> summary. The demo is
+toy_world.run_demo: measurements around an ordinary train() call.
 """
 
 from __future__ import annotations
@@ -23,11 +24,8 @@ import contextlib
 import functools
 import math
 import multiprocessing
-import platform
 import random
 import shlex
-import shutil
-import signal
 import sys
 import time
 from collections import Counter
@@ -36,21 +34,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dataset import (IGNORE_INDEX, INSTRUCTION_POOLS, EpochSampler, ImageLoader, ImageTransform, PromptFormat, SkipTally,
-                     Stage1Dataset, collate, collate_packed, read_records, to_device)
-from eval_llava import Assistant, caption_exact_match, heldout_loss, log_sample_replies
-from backbones import PRESETS, MissingModel, resolve_model, vision_defaults
-from model import ModelSpec, Projector, build_model, load_projector_weights, read_checkpoint_meta, save_checkpoint
+from backbones import PRESETS, MissingModel, download, resolve_model, vision_defaults
+from dataset import (EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed, read_records,
+                     to_device)
+from eval_llava import Assistant, heldout_loss, log_sample_replies
+from model import ModelSpec, Projector, build_model, load_projector_weights, save_checkpoint
+from prompts import IGNORE_INDEX, INSTRUCTION_POOLS, PromptFormat, supervised_tokens
+from toy_world import apply_demo_defaults, run_demo
 from utils import console
 from utils.alarms import Alarms
 from utils.align_plan import translate_align_flags
-from utils.checkpoint import (capture_rng, find_latest, is_complete, load_state, restore_rng, save_state, save_step,
-                              step_dirs)
+from utils.checkpoint import find_latest, restore_training, resume_point, run_name_of, save_training
 from utils.config import (HelpFormatter, add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config,
                           redacted)
-from utils.dist import (all_reduce_sum, available_cpus, barrier, cleanup as cleanup_dist, memory_gib, peak_flops,
-                        pick_device, setup as setup_dist)
+from utils.dist import (StopRequest, all_reduce_sum, available_cpus, barrier, cleanup as cleanup_dist, gather,
+                        ignore_sigint, memory_gib, setup as setup_dist)
+from utils.feature_cache import FeatureCache, cache_key, image_key
+from utils.flops import peak_flops, sample_lengths, step_flops
 from utils.metrics import RunLogger
+from utils.skips import SkipTally
 
 
 def _f(default, help: str, **kw):
@@ -132,13 +134,6 @@ class TrainConfig:
     demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes)")
 
 
-# The demo trains the course's linear projector on the toy world (its tower is a CLIP used
-# the course's way: last layer, all tokens, ln_post); flags a user types win.
-DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, log_interval=25,
-                     eval_interval=300, eval_samples=200, save_interval=300, instructions="zh",
-                     num_workers=1, data_format="sa1b", projector="linear", feature_layer=-1,
-                     feature_select="all", feature_post_norm=True)
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dataclass_args(parser, TrainConfig)
@@ -172,25 +167,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             if key not in explicit:
                 setattr(cfg, key, value)
     if cfg.demo:
-        setup_demo(cfg, explicit)
+        apply_demo_defaults(cfg, explicit)  # builds the toy world on first use; typed flags still win
     return cfg
-
-
-def setup_demo(cfg: TrainConfig, explicit: set[str]) -> None:
-    from toy_world import ensure_toy_world
-
-    paths = ensure_toy_world("demo", log=console.info)
-    fill = {**DEMO_DEFAULTS, "vision_tower": paths.vision, "llm": paths.llm, "data_root": paths.train,
-            "eval_data_root": paths.eval, "run_name": cfg.run_name or time.strftime("demo_%Y%m%d_%H%M%S")}
-    for key, value in fill.items():
-        if key not in explicit:
-            setattr(cfg, key, value)
 
 
 def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
     """Registry ids -> local folders (downloading first with --download); fill the tower's
     feature defaults for the flags left unset. Every missing model is named at once, with the
     one command that downloads them all."""
+    if not (cfg.vision_tower and cfg.llm):
+        raise SystemExit(name_the_models_message())
+    if not cfg.data_root and not cfg.chat_json:
+        raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
     paths, missing = {}, []
     for name in (cfg.vision_tower, cfg.llm):
         try:
@@ -208,8 +196,6 @@ def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
                          "or add --download to fetch them before training, or point --vision_tower/--llm at local "
                          "folders.")
     if missing:
-        from scripts.download_models import download
-
         for name in missing:
             paths[name] = download(name, cfg.models_dir, hf_token=cfg.hf_token)
     vision_path, llm_path = paths[cfg.vision_tower], paths[cfg.llm]
@@ -228,12 +214,11 @@ def name_the_models_message() -> str:
 
 # --------------------------------------------------------------------------- data
 
-def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: ImageTransform,
-                  features_key: dict | None = None):
+def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, spec: ModelSpec):
     """(train dataset, eval dataset, skip counts from reading).
 
     With --features_cache, samples carry cached features instead of pixels; the cache must
-    have been made for this tower, layer, selection and preprocessing (`features_key`). The
+    have been made for this tower, layer, selection and preprocessing (the model's spec). The
     held-out set uses the cache too when every one of its images is in it, else its images.
     """
     try:  # a wrong folder or an unreadable file: one line that names it, not a traceback
@@ -254,16 +239,16 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: Ima
         console.warn(f"no --eval_data_root: holding out the last {n_hold} training records for evaluation")
     if not records:
         raise SystemExit(f"no usable training records in {cfg.data_root or cfg.chat_json} (skipped: {dict(skipped)})")
+    transform = ImageTransform.from_dict(spec.image_transform)
     common = dict(tokenizer=tokenizer, fmt=fmt, transform=transform, max_text_len=cfg.max_text_len,
                   instructions=cfg.instructions, seed=cfg.seed)
     cache = cfg.image_cache or None
     draft = transform.size  # JPEG draft decoding down to (no less than) the tower's input
     features = eval_features = None
     if cfg.features_cache:
-        from utils.feature_cache import FeatureCache, image_key
-
         features = FeatureCache(cfg.features_cache)
-        features.check(features_key)
+        features.check(cache_key(spec.vision_path, spec.feature_layer, spec.feature_select, spec.feature_post_norm,
+                                 spec.image_transform, spec.num_image_tokens, spec.vision_hidden_size))
         console.kv("feature cache", f"{cfg.features_cache}: {len(features):,} images, "
                                     f"{features.bytes_per_image() / 2**10:.0f} KiB each")
         if all(image_key(r.image, eval_root) in features for r in eval_records):
@@ -272,6 +257,20 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, transform: Ima
     eval_ds = Stage1Dataset(eval_records, loader=ImageLoader(eval_root, cache_dir=cache, draft=draft),
                             features=eval_features, **common)
     return train_ds, eval_ds, skipped
+
+
+def report_data(train_ds: Stage1Dataset, eval_ds: Stage1Dataset, read_skips: Counter, cfg: TrainConfig,
+                grad_accum: int, dist, total_steps: int, tokenizer) -> None:
+    console.header("data")
+    console.kv("train / eval records", f"{len(train_ds):,} / {len(eval_ds):,}")
+    console.kv("global batch", f"{cfg.batch_size * grad_accum * dist.world_size} = {cfg.batch_size} x {grad_accum} "
+                               f"accum x {dist.world_size} procs")
+    console.kv("steps", f"{total_steps} ({max(len(train_ds) // (cfg.batch_size * grad_accum * dist.world_size), 1)} "
+                        "per epoch)")
+    if read_skips:
+        console.warn(f"skipped while reading: {dict(read_skips)}")
+    if dist.is_main:
+        show_first_sample(train_ds, tokenizer)
 
 
 def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: int, tally: SkipTally,
@@ -298,7 +297,7 @@ def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: 
             ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
             collate_fn=functools.partial(collate_packed if cfg.pack else collate, pad_id=pad_id),
             pin_memory=torch.cuda.is_available(), drop_last=True,
-            prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=_ignore_sigint)
+            prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=ignore_sigint)
         for i, batch in enumerate(loader, start=start + 1):
             tally.add(batch)
             if batch["size"]:
@@ -313,141 +312,43 @@ def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: 
         epoch, start = epoch + 1, 0
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C is the main process's to handle (finish the step, save); workers must not die of it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM ask the loop to finish its step, save and exit; a second Ctrl-C is immediate."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        console.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                     "(Ctrl-C again to quit at once)")
-
-
-def prepare_run_folder(cfg: TrainConfig, run_name: str, ckpt_dir: str, run_dir: str) -> str | None:
-    """The checkpoint to resume from, if any; refuses to mix two runs in one folder."""
-    if cfg.resume and cfg.resume != "auto":
-        path = cfg.resume if is_complete(cfg.resume) else find_latest(cfg.resume)
-        if not path:
-            raise SystemExit(f"--resume {cfg.resume}: no complete checkpoint there")
-        return path
-    existing = find_latest(ckpt_dir)
-    if cfg.resume == "auto":
-        if not existing:
-            console.warn(f"--resume auto: no checkpoint in {ckpt_dir}; starting from scratch")
-        return existing
-    if cfg.overwrite:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
-    elif step_dirs(ckpt_dir):
-        raise SystemExit(f"{ckpt_dir} already holds checkpoints of a run named '{run_name}' "
-                         f"(latest: {existing}). Continue it with --resume auto, start over with --overwrite, "
-                         "or pick another --run_name.")
-    return None
-
-
 # --------------------------------------------------------------------------- training
 
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     """One stage-1 run; `argv` (the command line it was parsed from) only shapes the resume hint."""
+    # ---- setup: processes, seeds, the models on disk, the run folder
     dist = setup_dist(cfg.device)
     device = dist.device
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if not (cfg.vision_tower and cfg.llm):
-        raise SystemExit(name_the_models_message())
-    if not cfg.data_root and not cfg.chat_json:
-        raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
     vision_path, llm_path = resolve_models(cfg)
-    run_name = cfg.run_name or (_run_of(cfg.resume) if cfg.resume not in ("", "auto") else "") \
-        or time.strftime("stage1_%Y%m%d_%H%M%S")
-    run_dir, ckpt_dir = os.path.join(cfg.runs_dir, run_name), os.path.join(cfg.checkpoints_dir, run_name)
-    resume_from = prepare_run_folder(cfg, run_name, ckpt_dir, run_dir)
-    barrier()  # rank 0 may have just deleted an old run (--overwrite)
-    grad_accum = cfg.grad_accum
-    if cfg.global_batch_size:
-        per_step = cfg.batch_size * dist.world_size
-        if cfg.global_batch_size % per_step:
-            raise SystemExit(f"--global_batch_size {cfg.global_batch_size} is not a multiple of "
-                             f"batch_size {cfg.batch_size} x {dist.world_size} processes")
-        grad_accum = cfg.global_batch_size // per_step
-    print_config(redacted(cfg), f"stage-1 config (run {run_name})")
-    if dist.is_main:
-        dump_json(redacted(cfg), os.path.join(run_dir, "config.json"))
+    run_name, run_dir, ckpt_dir, resume_from = open_run(cfg, dist)
 
-    # ---- model
-    spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
-                     feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
-                     feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap,
-                     vision_path=vision_path, llm_path=llm_path)
-    model, tokenizer = build_model(spec, device, attn_implementation=cfg.attn, models_dir=cfg.models_dir,
-                                   trust_remote_code=cfg.trust_remote_code)
-    model.assert_only_projector_trainable()
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if cfg.compile:
-        # dynamic: text lengths vary from batch to batch; compiling per length would never end.
-        model.llm.get_decoder().compile(dynamic=True)
-        if model.vision is not None:
-            model.vision.model.compile(dynamic=False)
-    console.header("model")
-    for k, v in model.summary().items():
-        console.kv(k, v)
-    assistant = Assistant.from_model(model, tokenizer)
-    fmt, pad_id = assistant.fmt, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if dist.enabled:
-        # Only the projector is wrapped: it is all that has gradients to synchronise; the
-        # frozen tower and LLM are plain replicas on every rank.
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    # ---- model: frozen tower and LLM, a fresh projector (the only trainable part)
+    model, tokenizer = build_training_model(cfg, vision_path, llm_path, dist)
+    fmt = PromptFormat.for_model(model.spec, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-        model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # ---- data
-    features_key = None
-    if cfg.features_cache:
-        from utils.feature_cache import cache_key
-
-        s = model.spec
-        features_key = cache_key(s.vision_path, s.feature_layer, s.feature_select, s.feature_post_norm,
-                                 s.image_transform, s.num_image_tokens, s.vision_hidden_size)
-    train_ds, eval_ds, read_skips = load_datasets(cfg, tokenizer, fmt, assistant.transform, features_key)
+    # ---- data, and the steps it makes
+    grad_accum = accumulation(cfg, dist.world_size)
+    train_ds, eval_ds, read_skips = load_datasets(cfg, tokenizer, fmt, model.spec)
     global_batch = cfg.batch_size * grad_accum * dist.world_size
-    steps_per_epoch = max(len(train_ds) // global_batch, 1)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    console.header("data")
-    console.kv("train / eval records", f"{len(train_ds):,} / {len(eval_ds):,}")
-    console.kv("global batch", f"{global_batch} = {cfg.batch_size} x {grad_accum} accum x {dist.world_size} procs")
-    console.kv("steps", f"{total_steps} ({steps_per_epoch} per epoch)")
-    if read_skips:
-        console.warn(f"skipped while reading: {dict(read_skips)}")
-    if dist.is_main:
-        show_first_sample(train_ds, tokenizer)
+    total_steps = cfg.max_steps or cfg.epochs * max(len(train_ds) // global_batch, 1)
+    report_data(train_ds, eval_ds, read_skips, cfg, grad_accum, dist, total_steps, tokenizer)
 
-    # ---- optimizer
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
+    # ---- optimizer: AdamW on the projector, linear warmup, then cosine (or constant)
     params = [p for _, p in model.trainable_parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     warmup = int(total_steps * cfg.warmup_ratio)
-    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if cfg.lr_scheduler == "cosine"
-                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    scheduler = schedule(cfg.lr_scheduler, optimizer, warmup, total_steps)
 
     # ---- resume: weights, optimizer, schedule, data position and RNG exactly as they were
     state = {"step": 0, "epoch": 0, "positions": [0] * dist.world_size, "losses": [], "skipped": {},
              "summary": {}, "nonfinite_steps": 0}
     if resume_from:
-        state = restore_training_state(resume_from, model, optimizer, scheduler, dist)
+        load_projector_weights(model, resume_from)
+        state = restore_training(resume_from, optimizer, scheduler, dist)
         console.success(f"resumed from {resume_from} at step {state['step']}")
     # Rank 0 holds the run's totals: reading skips once (every rank reads the same records),
     # and on resume the checkpoint's totals, which include them already.
@@ -458,22 +359,14 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     alarms = Alarms(logger, flat_after=min(max(100, 2 * warmup), total_steps),
                     gap_after=min(2 * cfg.eval_interval or total_steps, total_steps),
                     eval_loss_before=state["summary"].get("eval_loss_before"), enabled=dist.is_main)
-
     summary: dict = {"run": run_name, "run_dir": run_dir, **state["summary"]}
-    if cfg.demo and dist.is_main and "heldout_exact_match_before" not in summary:
-        summary["heldout_exact_match_before"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
-        summary["toy_vqa_accuracy_before"] = toy_vqa(assistant, cfg)
-        console.kv("held-out exact match (before)", f"{summary['heldout_exact_match_before']:.3f}")
-        console.kv("toy VQA accuracy (before)", f"{summary['toy_vqa_accuracy_before']:.1f}")
-        logger.log(0, {"demo/heldout_exact_match": summary["heldout_exact_match_before"],
-                       "demo/toy_vqa_accuracy": summary["toy_vqa_accuracy_before"]})
+    assistant = Assistant.from_model(model, tokenizer) if dist.is_main else None   # sample replies at each eval
     if dist.is_main and cfg.eval_interval and state["step"] == 0:
         metrics = evaluate(model, eval_ds, cfg, logger, 0, write=console.info)  # the curve's "before" point
         alarms.eval(0, metrics)
         summary["eval_loss_before"] = metrics["eval/loss"]
 
     # ---- loop
-    peak = peak_flops(device)[1]
     stream = batches(train_ds, cfg, pad_id, dist.rank, dist.world_size, tally, state["epoch"],
                      state["positions"][dist.rank])
     model.train()
@@ -493,9 +386,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
             epoch, position, batch = next(stream)
             micro.append(to_device(batch, device))
         # One all-reduce carries the step's counts and whether any rank was asked to stop.
-        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-                               sum(b["size"] for b in micro), sum(int(b["attention_mask"].sum()) for b in micro),
-                               float(stop.requested)], dtype=torch.float64, device=device)
+        counts = torch.tensor([sum(supervised_tokens(b["labels"]) for b in micro), sum(b["size"] for b in micro),
+                               sum(int(b["attention_mask"].sum()) for b in micro), float(stop.requested)],
+                              dtype=torch.float64, device=device)
         n_tokens, n_samples, n_seq_tokens, stopping = all_reduce_sum(counts).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, b in enumerate(micro):
@@ -524,27 +417,20 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # ---- log
-        dt = time.time() - t0
+        # ---- log: every step to metrics.jsonl/TensorBoard, a line every --log_interval
         losses.append(loss)
         alarms.step(step, losses, float(grad_norm))
-        scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[0],
-                   "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
-                   "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch, "train/nonfinite_steps": nonfinite}
-        if peak:  # MFU on a GPU of known peak: this rank's model FLOPs over its time
-            lengths = [n for b in micro for n in sample_lengths(b)]
-            flops = model.step_flops(sum(b["size"] for b in micro), lengths,
-                                     sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-                                     cached=bool(cfg.features_cache))
-            scalars["train/mfu"] = flops / dt / peak
         alarms.data(step, tally.unusable, tally.used)
-        if cfg.log_interval and step % cfg.log_interval == 0:
+        scalars = step_scalars(loss, float(grad_norm), scheduler.get_last_lr()[0], epoch, nonfinite, n_samples,
+                               n_seq_tokens, time.time() - t0, model, micro, cfg, device)
+        periodic = cfg.log_interval and step % cfg.log_interval == 0
+        if periodic:
             scalars.update(periodic_scalars(device, tally))
         if logger:
             logger.log(step, scalars)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['train/lr']:.2e}", sps=f"{scalars['train/samples_per_s']:.1f}")
-        if cfg.log_interval and step % cfg.log_interval == 0 and dist.is_main:
+        if periodic and dist.is_main:
             bar.write(log_line(step, total_steps, losses[-cfg.log_interval:], scalars, tally, alarms.active))
 
         # ---- evaluate and checkpoint (rank 0 evaluates; the others wait in the next all-reduce)
@@ -556,9 +442,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
             summary.update(eval_summary(metrics))
         if (cfg.save_interval and step % cfg.save_interval == 0) or last or stopping:
             train_state = {"step": step, "epoch": epoch, "losses": losses, "nonfinite_steps": nonfinite,
-                           "summary": {k: v for k, v in summary.items() if k.startswith(("heldout", "eval", "image_", "toy_"))}}
-            checkpoint = save_training_checkpoint(model, optimizer, scheduler, ckpt_dir, train_state, position,
-                                                  tally, cfg, run_name, dist)
+                           "summary": {k: v for k, v in summary.items() if k.startswith(("eval", "image_"))}}
+            checkpoint = save_training(ckpt_dir, train_state, lambda folder: save_checkpoint(
+                model, folder, {"step": step, "run": run_name, "train_config": redacted(cfg)}), optimizer, scheduler,
+                dist, {"position": position, "skipped": dict(tally.skipped), "truncated": tally.truncated}, cfg.keep_last)
         if stopping and not last:
             bar.close()
             if dist.is_main:
@@ -569,42 +456,96 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     bar.close()
 
     # ---- summary
-    elapsed = time.time() - t_start
-    parts = gather((dict(tally.skipped), tally.truncated), dist)  # every rank skipped and truncated its own samples
-    skipped = sum((Counter(p[0]) for p in parts), Counter())
-    truncated = sum(p[1] for p in parts)
-    window = losses[-min(cfg.log_interval or 10, len(losses)):]
-    summary.update({"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(window) / len(window),
-                    "skipped": dict(skipped), "truncated_answers": truncated, "nonfinite_steps": nonfinite,
-                    "checkpoint": checkpoint,
-                    "train_seconds": round(elapsed, 1),
-                    "samples_per_s": round(total_steps * global_batch / elapsed, 2), "world_size": dist.world_size,
-                    "global_batch": global_batch, "peak_mem_gib": round(memory_gib(device)[1], 3)})
+    summary.update(run_totals(tally, dist, losses, nonfinite, cfg, total_steps, global_batch, time.time() - t_start))
+    summary["checkpoint"] = checkpoint
     if dist.is_main:
         if "eval_loss" not in summary:
             metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
             alarms.eval(total_steps, metrics)
             summary.update(eval_summary(metrics))
-        if cfg.demo:
-            summary["heldout_exact_match_after"] = caption_exact_match(assistant, eval_ds, "描述这张图片")
-            summary["toy_vqa_accuracy_after"] = toy_vqa(assistant, cfg)
-            logger.log(total_steps, {"demo/heldout_exact_match": summary["heldout_exact_match_after"],
-                                     "demo/toy_vqa_accuracy": summary["toy_vqa_accuracy_after"]})
         summary["alarms"] = alarms.fired
         dump_json(summary, os.path.join(run_dir, "summary.json"))
         logger.close()
-        console.header("done")
-        for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl", "image_ablation_gap",
-                  "heldout_exact_match_before", "heldout_exact_match_after", "toy_vqa_accuracy_before",
-                  "toy_vqa_accuracy_after", "skipped", "peak_mem_gib", "checkpoint"):
-            if k in summary:
-                console.kv(k, summary[k])
-        for a in alarms.fired:
-            console.warn(f"ALARM ({a['kind']}, step {a['step']}): {a['message']}")
-        console.info(f"\nchat with it:  python eval_llava.py --checkpoint {checkpoint}")
-        console.info(f"curves:        tensorboard --logdir {cfg.runs_dir}")
+        print_summary(summary, alarms, checkpoint, cfg.runs_dir)
     cleanup_dist()
     return summary
+
+
+def open_run(cfg: TrainConfig, dist) -> tuple[str, str, str, str | None]:
+    """(run name, runs/<run>, checkpoints/<run>, the checkpoint to resume from or None); the
+    config is printed and saved in the run folder."""
+    run_name = cfg.run_name or (run_name_of(cfg.resume) if cfg.resume not in ("", "auto") else "") \
+        or time.strftime("stage1_%Y%m%d_%H%M%S")
+    run_dir, ckpt_dir = os.path.join(cfg.runs_dir, run_name), os.path.join(cfg.checkpoints_dir, run_name)
+    resume_from = resume_point(cfg.resume, cfg.overwrite, run_name, ckpt_dir, run_dir)
+    barrier()  # rank 0 may have just deleted an old run (--overwrite)
+    print_config(redacted(cfg), f"stage-1 config (run {run_name})")
+    if dist.is_main:
+        dump_json(redacted(cfg), os.path.join(run_dir, "config.json"))
+    return run_name, run_dir, ckpt_dir, resume_from
+
+
+def schedule(kind: str, optimizer, warmup: int, total_steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    return (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if kind == "cosine"
+            else get_constant_schedule_with_warmup(optimizer, warmup))
+
+
+def step_scalars(loss: float, grad_norm: float, lr: float, epoch: int, nonfinite: int, n_samples: float,
+                 n_seq_tokens: float, dt: float, model, micro: list[dict], cfg: TrainConfig,
+                 device: torch.device) -> dict:
+    """What every step logs; MFU on a GPU of known peak (this rank's model FLOPs over its time)."""
+    scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": lr, "train/grad_norm": grad_norm,
+               "train/samples_per_s": n_samples / dt, "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch,
+               "train/nonfinite_steps": nonfinite}
+    peak = peak_flops(device)[1]
+    if peak:
+        flops = step_flops(model, sum(b["size"] for b in micro), [n for b in micro for n in sample_lengths(b)],
+                           sum(supervised_tokens(b["labels"]) for b in micro), cached=bool(cfg.features_cache))
+        scalars["train/mfu"] = flops / dt / peak
+    return scalars
+
+
+def accumulation(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step: --grad_accum, or what --global_batch_size implies."""
+    if not cfg.global_batch_size:
+        return cfg.grad_accum
+    per_step = cfg.batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise SystemExit(f"--global_batch_size {cfg.global_batch_size} is not a multiple of "
+                         f"batch_size {cfg.batch_size} x {world_size} processes")
+    return cfg.global_batch_size // per_step
+
+
+def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist):
+    """The model as training runs it: frozen parts loaded (bf16 on a GPU), the projector fresh
+    and alone trainable, gradient checkpointing and compile when asked, the projector wrapped in
+    DDP under torchrun. Prints the parameter counts."""
+    spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
+                     feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
+                     feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap,
+                     vision_path=vision_path, llm_path=llm_path)
+    model, tokenizer = build_model(spec, dist.device, attn_implementation=cfg.attn, models_dir=cfg.models_dir,
+                                   trust_remote_code=cfg.trust_remote_code)
+    model.assert_only_projector_trainable()
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if cfg.compile:
+        # dynamic: text lengths vary from batch to batch; compiling per length would never end.
+        model.llm.get_decoder().compile(dynamic=True)
+        if model.vision is not None:
+            model.vision.model.compile(dynamic=False)
+    console.header("model")
+    for k, v in model.summary().items():
+        console.kv(k, v)
+    if dist.enabled:
+        # Only the projector is wrapped: it is all that has gradients to synchronise; the
+        # frozen tower and LLM are plain replicas on every rank.
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model.projector = DDP(model.projector, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return model, tokenizer
 
 
 def evaluate(model, eval_ds: Stage1Dataset, cfg: TrainConfig, logger: RunLogger, step: int, write) -> dict:
@@ -615,6 +556,13 @@ def evaluate(model, eval_ds: Stage1Dataset, cfg: TrainConfig, logger: RunLogger,
           + (f" | image-ablation gap {gap:+.4f}" if gap is not None else ""))
     logger.log(step, metrics)
     return metrics
+
+
+def eval_summary(metrics: dict) -> dict:
+    out = {"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]}
+    if "eval/image_ablation_gap" in metrics:
+        out["image_ablation_gap"] = metrics["eval/image_ablation_gap"]
+    return out
 
 
 def periodic_scalars(device: torch.device, tally: SkipTally) -> dict:
@@ -658,85 +606,28 @@ def resume_command(argv: list[str], run_name: str, world_size: int) -> str:
                                                         "--resume", "auto"])
 
 
-def sample_lengths(batch: dict) -> list[int]:
-    """Tokens per sample: from the attention mask, or from where positions restart when packed."""
-    if "position_ids" in batch:
-        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
-        return [b - a for a, b in zip(starts, starts[1:])]
-    return batch["attention_mask"].sum(1).tolist()
+def run_totals(tally: SkipTally, dist, losses: list[float], nonfinite: int, cfg: TrainConfig, total_steps: int,
+               global_batch: int, elapsed: float) -> dict:
+    """summary.json's training figures; skip counts summed over ranks (each skipped its own)."""
+    parts = gather((dict(tally.skipped), tally.truncated), dist)
+    window = losses[-min(cfg.log_interval or 10, len(losses)):]
+    return {"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(window) / len(window),
+            "skipped": dict(sum((Counter(p[0]) for p in parts), Counter())), "truncated_answers": sum(p[1] for p in parts),
+            "nonfinite_steps": nonfinite, "train_seconds": round(elapsed, 1),
+            "samples_per_s": round(total_steps * global_batch / elapsed, 2), "world_size": dist.world_size,
+            "global_batch": global_batch, "peak_mem_gib": round(memory_gib(dist.device)[1], 3)}
 
 
-def toy_vqa(assistant: Assistant, cfg: TrainConfig) -> float:
-    """The demo's VQA check: the toy world's official-schema VQA split, never trained on."""
-    from eval_llava import official_vqa_accuracy
-    from toy_world import VQA_TEMPLATE
-
-    vqa = os.path.join(os.path.dirname(os.path.abspath(cfg.data_root)), "vqa")
-    return official_vqa_accuracy(assistant, os.path.join(vqa, "v2_OpenEnded_mscoco_val2014_questions.json"),
-                                 os.path.join(vqa, "v2_mscoco_val2014_annotations.json"),
-                                 os.path.join(vqa, "val2014"), VQA_TEMPLATE)
-
-
-def eval_summary(metrics: dict) -> dict:
-    out = {"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]}
-    if "eval/image_ablation_gap" in metrics:
-        out["image_ablation_gap"] = metrics["eval/image_ablation_gap"]
-    return out
-
-
-def _run_of(path: str) -> str:
-    """The run name stored in a checkpoint (for --resume PATH without --run_name)."""
-    try:
-        return read_checkpoint_meta(path if is_complete(path) else (find_latest(path) or path)).get("run", "")
-    except (FileNotFoundError, ValueError):
-        return ""
-
-
-def gather(obj, dist) -> list:
-    if not dist.enabled:
-        return [obj]
-    out = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def save_training_checkpoint(model, optimizer, scheduler, ckpt_dir: str, state: dict, position: int,
-                             tally: SkipTally, cfg: TrainConfig, run_name: str, dist) -> str:
-    """Projector + everything needed to continue bit-exactly: optimizer, schedule, step, data
-    position and RNG of every rank. Rank 0 writes; the others contribute their part."""
-    per_rank = gather({"position": position, "rng": capture_rng(), "skipped": dict(tally.skipped),
-                       "truncated": tally.truncated}, dist)
-    if not dist.is_main:
-        return ""
-    total_skipped = sum((Counter(p["skipped"]) for p in per_rank), Counter())
-
-    def write(folder: str) -> None:
-        save_checkpoint(model, folder, {"step": state["step"], "run": run_name, "train_config": redacted(cfg)})
-        save_state(folder, {**state, "positions": [p["position"] for p in per_rank],
-                            "rng": [p["rng"] for p in per_rank], "skipped": dict(total_skipped),
-                            "truncated": sum(p["truncated"] for p in per_rank),
-                            "world_size": dist.world_size, "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict()})
-
-    return save_step(ckpt_dir, state["step"], write, cfg.keep_last)
-
-
-def restore_training_state(path: str, model, optimizer, scheduler, dist) -> dict:
-    state = load_state(path)
-    load_projector_weights(model, path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state["world_size"] == dist.world_size:
-        restore_rng(state["rng"][dist.rank])
-    else:
-        # Another process count: the data order per rank differs, so the run continues
-        # from the same step and epoch but not bit-exactly.
-        console.warn(f"checkpoint was written by {state['world_size']} processes, now {dist.world_size}: "
-                     "resuming at the epoch start of the same step, not bit-exact")
-        state["positions"] = [min(state["positions"]) * state["world_size"] // dist.world_size] * dist.world_size
-    if not dist.is_main:  # totals live on rank 0; the others count afresh
-        state["skipped"], state["truncated"] = {}, 0
-    return state
+def print_summary(summary: dict, alarms: Alarms, checkpoint: str, runs_dir: str) -> None:
+    console.header("done")
+    for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl", "image_ablation_gap",
+              "skipped", "peak_mem_gib", "checkpoint"):
+        if k in summary:
+            console.kv(k, summary[k])
+    for a in alarms.fired:
+        console.warn(f"ALARM ({a['kind']}, step {a['step']}): {a['message']}")
+    console.info(f"\nchat with it:  python eval_llava.py --checkpoint {checkpoint}")
+    console.info(f"curves:        tensorboard --logdir {runs_dir}")
 
 
 def show_first_sample(ds: Stage1Dataset, tokenizer, tries: int = 50) -> None:
@@ -767,24 +658,9 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     console.quiet_bars_in_log_files()
     cfg = parse_args(argv)
-    summary = train(cfg, argv)
-    if cfg.demo and not summary.get("interrupted"):
-        # Toy-world build included: what a new user waits for, measured on this machine.
-        console.kv("demo wall time", f"{console.duration(time.time() - started)} on {machine_name(cfg.device)}")
-    return summary
-
-
-def machine_name(device: str = "auto") -> str:
-    """'2 x AMD EPYC (CPU)' or 'NVIDIA H200': where the demo's figures were measured."""
-    if pick_device(device).type == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{available_cpus()} x {model} (CPU)"
+    if cfg.demo:
+        return run_demo(cfg, lambda c: train(c, argv), started)
+    return train(cfg, argv)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ text), llava15 (CLIP-L/14-336 + Qwen3-1.7B), small (a scaled-down CLIP + Qwen3 w
 151,936-token vocabulary: a tiny decoder, so the LM head dominates and the lean loss looks far
 better than at real size), tiny / tiny_align (seconds, for tests).
 
-MFU = achieved model FLOP/s / peak dense bf16 FLOP/s of the GPU (utils/dist.py PEAK_FLOPS). Model
-FLOPs per sample (model.LlavaStage1.step_flops), 2 x multiply-adds of the matmuls a step must do:
+MFU = achieved model FLOP/s / peak dense bf16 FLOP/s of the GPU (utils/flops.py PEAK_FLOPS). Model
+FLOPs per sample (utils/flops.step_flops), 2 x multiply-adds of the matmuls a step must do:
   vision forward   2 P_v N_v + 4 L_v N_v^2 d_v            (skipped with --cached_features)
   projector        6 P_proj N                              (forward + weight and input grads)
   LLM forward      2 P_lm T + 4 L T^2 d_attn              (P without embeddings; full-square attention)
@@ -53,10 +53,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from backbones import VISION_TYPES, arch_config  # noqa: E402
+from backbones import VISION_TYPES, arch_config, prefix_tokens  # noqa: E402
 from model import LlavaStage1, ModelSpec, Projector, VisionTower  # noqa: E402
+from prompts import IGNORE_INDEX  # noqa: E402
+from utils.atomic import atomic_write  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
-from utils.dist import peak_flops  # noqa: E402
+from utils.dist import pick_device  # noqa: E402
+from utils.flops import peak_flops, step_flops  # noqa: E402
 
 IMAGE_TOKEN_ID = 151655  # Qwen's <|image_pad|>
 
@@ -179,7 +182,7 @@ def make_batch(ours: LlavaStage1, batch: int, text_len: int, answer_len: int, de
     text = torch.randint(0, vocab, (batch, text_len), generator=g)
     ids = torch.cat([head, torch.full((batch, n), ours.image_token_id), text], 1)
     labels = ids.clone()
-    labels[:, : ids.shape[1] - answer_len] = -100
+    labels[:, : ids.shape[1] - answer_len] = IGNORE_INDEX
     size = ours.vision.image_size
     pixels = torch.randn(batch, 3, size, size, generator=g)
     return {k: t.to(device) for k, t in dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
@@ -187,7 +190,7 @@ def make_batch(ours: LlavaStage1, batch: int, text_len: int, answer_len: int, de
 
 
 def flops_per_sample(ours: LlavaStage1, text_len: int, answer_len: int, cached: bool) -> float:
-    return ours.step_flops(1, [4 + ours.vision.num_tokens + text_len], answer_len, cached)
+    return step_flops(ours, 1, [4 + ours.vision.num_tokens + text_len], answer_len, cached)
 
 
 class PeakRSS:
@@ -281,9 +284,7 @@ def comparable(arch: Arch) -> tuple[Arch, list[str]]:
     if arch.feature_post_norm:
         arch = replace(arch, feature_post_norm=False)
         changes.append("features without the tower's final norm (LLaVA has no such option)")
-    vcfg = _config(arch.vision)
-    prefix = {"clip": 1, "chinese_clip": 1, "siglip": 0}.get(VISION_TYPES[vcfg.model_type][0],
-                                                             1 + getattr(vcfg, "num_register_tokens", 0))
+    prefix = prefix_tokens(_config(arch.vision))
     if arch.feature_select == "patch" and prefix > 1:
         arch = replace(arch, feature_select="all")
         changes.append(f"all tokens kept, {prefix} prefix tokens included (LLaVA's default drops only one)")
@@ -304,8 +305,6 @@ class Models:
 
 def build(arch_name: str, dtype: str = "auto", attn: str = "sdpa", device: str = "auto",
           reference: bool = True) -> Models:
-    from utils.dist import pick_device
-
     dev = pick_device(device)
     torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
                    "fp32": torch.float32}[dtype]
@@ -445,9 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["sweep"] = sweeps
     print_table(result)
     if args.json:
-        from utils.config import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+        atomic_write(args.json, json.dumps(result, indent=2))
     return result
 
 

@@ -29,12 +29,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from backbones import resolve_model, vision_defaults  # noqa: E402
-from dataset import ImageLoader, SampleError, read_records  # noqa: E402
-from model import load_vision_tower, tower_transform  # noqa: E402
+from backbones import preprocessing, resolve_model, vision_defaults  # noqa: E402
+from dataset import ImageLoader, ImageTransform, read_records  # noqa: E402
+from model import load_vision_tower  # noqa: E402
 from utils import console  # noqa: E402
-from utils.config import HelpFormatter, atomic_write_text  # noqa: E402
+from utils.atomic import atomic_path, atomic_write  # noqa: E402
+from utils.config import HelpFormatter  # noqa: E402
+from utils.dist import pick_device  # noqa: E402
 from utils.feature_cache import cache_key, image_key  # noqa: E402
+from utils.skips import SampleError  # noqa: E402
 
 
 class _Images(torch.utils.data.Dataset):
@@ -78,7 +81,7 @@ def cache_features(vision_tower: str, sources: list[tuple[str, str, str, str]], 
     dev = torch.device(device)
     tower = load_vision_tower(path, layer, select, post_norm, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tower.to(dev)
-    transform = tower_transform(path, tower)
+    transform = ImageTransform.from_dict(preprocessing(path, tower.image_size))
     key = cache_key(path, layer, select, post_norm, transform.to_dict(), tower.num_tokens, tower.hidden_size)
 
     unique: dict[str, tuple[str, str]] = {}
@@ -100,9 +103,8 @@ def cache_features(vision_tower: str, sources: list[tuple[str, str, str, str]], 
 
     def flush() -> None:
         name = f"features-{len(shards):05d}.npy"
-        tmp = os.path.join(out, name + ".tmp.npy")
-        np.save(tmp, np.concatenate(buffer))                        # [n, N, D_v]
-        os.replace(tmp, os.path.join(out, name))
+        with atomic_path(os.path.join(out, name)) as tmp:
+            np.save(tmp, np.concatenate(buffer))                    # [n, N, D_v]
         for row, k in enumerate(buffer_keys):
             rows[k] = [len(shards), row]
         shards.append(name)
@@ -127,14 +129,14 @@ def cache_features(vision_tower: str, sources: list[tuple[str, str, str, str]], 
         flush()
     index = {"key": key, "shards": shards, "rows": rows, "failed": failed, "dtype": dtype,
              "num_tokens": tower.num_tokens, "dim": tower.hidden_size}
-    atomic_write_text(os.path.join(out, "index.json"), json.dumps(index, ensure_ascii=False))  # last: marks it complete
+    atomic_write(os.path.join(out, "index.json"), json.dumps(index, ensure_ascii=False))  # last: marks it complete
     size = sum(os.path.getsize(os.path.join(out, s)) for s in shards)
     seconds = time.time() - t0
     report = {"images": len(rows), "failed": dict(Counter(failed.values())), "shards": len(shards),
               "bytes_per_image": round(size / max(1, len(rows))), "total_gib": round(size / 2**30, 3),
               "seconds": round(seconds, 1), "images_per_s": round(len(keys) / max(seconds, 1e-9), 1),
               "tokens_x_dim": [tower.num_tokens, tower.hidden_size], "dtype": dtype}
-    atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=2))
+    atomic_write(os.path.join(out, "report.json"), json.dumps(report, indent=2))
     return report
 
 
@@ -160,8 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard_size", type=int, default=4096, help="images per .npy shard")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
-    from utils.dist import pick_device
-
     sources = [(args.data_format, args.data_root, args.chat_json, args.image_root)]
     if args.eval_data_root or args.eval_chat_json:
         sources.append((args.data_format, args.eval_data_root, args.eval_chat_json, ""))

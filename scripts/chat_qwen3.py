@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from backbones import load_llm, load_tokenizer, resolve_model  # noqa: E402
-from dataset import find_end_of_turn  # noqa: E402
+from prompts import find_end_of_turn  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
 

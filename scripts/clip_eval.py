@@ -30,11 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from backbones import (MODELSCOPE_CLIP, detect_vision_type, from_pretrained_strict,  # noqa: E402
-                       load_modelscope_chinese_clip, read_json, resolve_model)
-from dataset import CLIP_MEAN, CLIP_STD, IMAGE_EXTENSIONS, ImageTransform, SampleError, decode_image  # noqa: E402
+from backbones import (CLIP_MEAN, CLIP_STD, MODELSCOPE_CLIP, detect_vision_type, from_pretrained_strict,  # noqa: E402
+                       load_modelscope_chinese_clip, modelscope_state_dict, read_json, resolve_model)
+from dataset import IMAGE_EXTENSIONS, ImageTransform, decode_image  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
+from utils.skips import SampleError  # noqa: E402
 
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length (cn_clip's default context_length)
 
@@ -74,14 +75,8 @@ def load_modelscope_full(path: str) -> torch.nn.Module:
     """
     from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
-    vision = load_modelscope_chinese_clip(path)   # reads the file itself; a second read is the price of reuse
-    raw = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    raw = raw.get("state_dict", raw)
-    sd: dict[str, torch.Tensor] = {}
-    for k, v in raw.items():
-        for prefix in ("module.", "clip_model."):
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        sd[k] = v
+    sd = modelscope_state_dict(path)                     # read once, for both towers
+    vision = load_modelscope_chinese_clip(path, state=sd)
     bert = {k[len("bert."):]: v for k, v in sd.items() if k.startswith("bert.")}
     for key in ("visual.proj", "text_projection", "logit_scale"):
         if key not in sd:

@@ -23,11 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from backbones import arch_config, load_tokenizer, meta_vision_tower, resolve_model, vision_defaults  # noqa: E402
-from dataset import (INSTRUCTION_POOLS, ImageLoader, PromptFormat, SampleError, Stage1Dataset,  # noqa: E402
-                     collate, decode_image, encode_conversation, read_records)
-from model import tower_transform  # noqa: E402
+from backbones import (image_tokens, load_tokenizer, preprocessing, resolve_model, vision_arch,  # noqa: E402
+                       vision_defaults)
+from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate, decode_image, read_records  # noqa: E402
+from prompts import CHAT_TEMPLATE_KWARGS, IMAGE_TOKEN, INSTRUCTION_POOLS, PromptFormat, encode_conversation  # noqa: E402
+from utils.atomic import atomic_write  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
+from utils.feature_cache import FeatureCache  # noqa: E402
+from utils.skips import SampleError  # noqa: E402
 
 
 def measure(data_format: str, data_root: str, chat_json: str, llm: str, vision_tower: str, n: int = 500,
@@ -37,9 +40,10 @@ def measure(data_format: str, data_root: str, chat_json: str, llm: str, vision_t
     tok = load_tokenizer(resolve_model(llm, models_dir))
     vpath = resolve_model(vision_tower, models_dir)
     # Only sizes are needed here (input size, token count): no weights are read.
-    tower = meta_vision_tower(arch_config(vpath), -1, vision_defaults(vision_tower, vpath)["feature_select"])
-    transform = tower_transform(vpath, tower)
-    fmt = PromptFormat.build(tok, "<|image_pad|>", tower.num_tokens, False, {"enable_thinking": False})
+    vcfg = vision_arch(vpath)
+    transform = ImageTransform.from_dict(preprocessing(vpath, vcfg.image_size))
+    slots = image_tokens(vcfg, vision_defaults(vision_tower, vpath)["feature_select"])
+    fmt = PromptFormat.build(tok, IMAGE_TOKEN, slots, False, CHAT_TEMPLATE_KWARGS)
     loader = ImageLoader(root, draft=transform.size if draft else None)
     ds = Stage1Dataset(records, tok, fmt, transform, loader, max_text_len, instructions=instructions)
     stages = Counter()
@@ -73,8 +77,6 @@ def measure(data_format: str, data_root: str, chat_json: str, llm: str, vision_t
     one_process = round(done / sum(stages.values()), 1) if done else None
 
     if features_cache:
-        from utils.feature_cache import FeatureCache
-
         ds.features = FeatureCache(features_cache)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
@@ -114,9 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                      models_dir=args.models_dir, instructions=args.instructions)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     if args.json:
-        from utils.config import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2, ensure_ascii=False))
+        atomic_write(args.json, json.dumps(result, indent=2, ensure_ascii=False))
     return result
 
 

@@ -14,67 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from backbones import PRESETS, REGISTRY  # noqa: E402
+from backbones import PRESETS, REGISTRY, download  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
-
-
-def read_hf_token(spec: str | None) -> str | None:
-    """A token file path, or the name of an environment variable; None when neither exists.
-    A token typed directly (hf_...) works too, but lands in shell history: prefer the file."""
-    if not spec:
-        return None
-    if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as fh:
-            return fh.read().strip() or None
-    if spec.startswith("hf_") and spec not in os.environ:
-        return spec
-    return os.environ.get(spec) or None
-
-
-def _fetch(source: str, repo: str, target: str, token: str | None) -> None:
-    if source == "modelscope":
-        from modelscope import snapshot_download
-
-        snapshot_download(repo, local_dir=target)
-    else:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(repo, local_dir=target, token=token)
-
-
-def download(model_id: str, models_dir: str = "models", source: str = "modelscope",
-             hf_token: str | None = ".hf_token", log=print) -> str:
-    """Fetch one registry id into <models_dir>/<id> and return that path.
-
-    The files land in <id>.partial first and are renamed when complete, so an interrupted
-    download is never mistaken for a model (resuming reuses the partial folder).
-    """
-    if model_id not in REGISTRY:
-        raise SystemExit(f"unknown id {model_id!r}; known: {', '.join(REGISTRY)}")
-    info = REGISTRY[model_id]
-    target = os.path.join(models_dir, model_id)
-    if os.path.isdir(target) and os.listdir(target):
-        log(f"{model_id}: already in {target}")
-        return target
-    repo = info.modelscope if source == "modelscope" else info.hf
-    if repo is None or (info.gated and source == "modelscope"):
-        log(f"{model_id}: not on ModelScope{' (gated model)' if info.gated else ''}; using Hugging Face ({info.hf})")
-        source, repo = "hf", info.hf
-    token = read_hf_token(hf_token) if source == "hf" else None
-    if info.gated and not token:
-        raise SystemExit(f"{model_id} is gated on Hugging Face: accept its licence at https://huggingface.co/{info.hf}, "
-                         f"then put your token in .hf_token or pass --hf_token ENV_VAR_NAME")
-    partial = target + ".partial"
-    log(f"{model_id}: downloading {repo} from {source} -> {target}")
-    _fetch(source, repo, partial, token)
-    shutil.rmtree(os.path.join(partial, ".cache"), ignore_errors=True)  # hub bookkeeping, not model files
-    os.replace(partial, target)
-    return target
 
 
 def main(argv: list[str] | None = None) -> None:

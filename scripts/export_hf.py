@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -35,9 +36,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python scripts/export_hf.py` from the repository root
     sys.path.insert(0, ROOT)
 
-from backbones import VISION_TYPES, read_json  # noqa: E402
-from dataset import IMAGE_PLACEHOLDER, ImageTransform, PromptFormat  # noqa: E402
+from backbones import VISION_TYPES, prefix_tokens, read_json  # noqa: E402
+from dataset import ImageTransform  # noqa: E402
+from prompts import IMAGE_PLACEHOLDER, PromptFormat, encode_prompt  # noqa: E402
 from model import LlavaStage1, ModelSpec, checkpoint_file, load_checkpoint, read_checkpoint_meta  # noqa: E402
+from utils import console  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
 
 # PIL resampling filters by the names ImageTransform stores.
@@ -61,16 +64,12 @@ class Plan:
 
 # --------------------------------------------------------------------------- what can be exported
 
-def prefix_tokens(spec: ModelSpec) -> int:
-    """Tokens before the patches in hidden_states: CLS for CLIP types, none for SigLIP,
-    CLS + registers for DINOv3 (read from the tower's config; no weights are loaded)."""
-    family = VISION_TYPES[spec.vision_type][0]
-    if family in ("clip", "chinese_clip"):
-        return 1
-    if family == "siglip":
-        return 0
+def tower_prefix_tokens(spec: ModelSpec) -> int:
+    """backbones.prefix_tokens of the checkpoint's tower, from its config.json alone (DINOv3's
+    register count lives there); no weights are loaded."""
     cfg = os.path.join(spec.vision_path, "config.json")
-    return 1 + int(read_json(cfg).get("num_register_tokens", 0)) if os.path.isfile(cfg) else 1
+    registers = read_json(cfg).get("num_register_tokens", 0) if os.path.isfile(cfg) else 0
+    return prefix_tokens(SimpleNamespace(model_type=spec.vision_type, num_register_tokens=registers))
 
 
 def plan_export(spec: ModelSpec) -> Plan:
@@ -87,7 +86,7 @@ def plan_export(spec: ModelSpec) -> Plan:
             "LlavaForConditionalGeneration takes hidden_states[vision_feature_layer] without any final norm, "
             "and a per-token LayerNorm cannot be folded into the projector. Train with --no-feature_post_norm "
             "(e.g. LLaVA-1.5's --feature_layer -2 --feature_select patch --no-feature_post_norm).")
-    n_prefix = prefix_tokens(spec)
+    n_prefix = tower_prefix_tokens(spec)
     if spec.feature_select == "all" or n_prefix == 0:
         plan = Plan("full", n_prefix)
     elif n_prefix == 1:
@@ -213,8 +212,7 @@ def build_processor(model: LlavaStage1, tokenizer, plan: Plan):
     from transformers import LlavaProcessor
 
     spec = model.spec
-    fmt = PromptFormat.build(tokenizer, spec.image_token, spec.num_image_tokens, spec.image_wrap,
-                             spec.chat_template_kwargs)
+    fmt = PromptFormat.for_model(spec, tokenizer)
     tok = copy.deepcopy(tokenizer)
     # The tokenizer gets the same template, so tokenizer-only users render the same prompt.
     tok.chat_template = chat_template(tokenizer.chat_template, spec, fmt, tokenizer)
@@ -354,14 +352,11 @@ def verify(model: LlavaStage1, tokenizer, out: str) -> float:
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from dataset import encode_prompt
-
     spec = model.spec
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (spec.image_transform["size"] + 7, spec.image_transform["size"], 3),
                                          dtype=np.uint8))
-    fmt = PromptFormat.build(tokenizer, spec.image_token, spec.num_image_tokens, spec.image_wrap,
-                             spec.chat_template_kwargs)
+    fmt = PromptFormat.for_model(spec, tokenizer)
     ids = torch.tensor([encode_prompt(tokenizer, fmt, [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nDescribe."}])[0]])
     pixels = torch.from_numpy(ImageTransform.from_dict(spec.image_transform)(image))[None]
     processor = AutoProcessor.from_pretrained(out)
@@ -379,8 +374,6 @@ def verify(model: LlavaStage1, tokenizer, out: str) -> float:
 def export(checkpoint: str, out: str, dtype: str = "auto", overwrite: bool = False, do_verify: bool = False,
            vision_tower: str | None = None, llm: str | None = None) -> str:
     """Export `checkpoint` to the folder `out`; raises NotExportable before writing anything."""
-    from utils import console
-
     path = checkpoint_file(checkpoint)
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
@@ -424,8 +417,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision_tower", default=None, help="override the tower path stored in the checkpoint")
     p.add_argument("--llm", default=None, help="override the LLM path stored in the checkpoint")
     args = p.parse_args(argv)
-    from utils import console
-
     try:
         out = export(args.checkpoint, args.out, args.dtype, args.overwrite, args.verify, args.vision_tower, args.llm)
     except NotExportable as e:

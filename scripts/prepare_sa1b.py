@@ -36,9 +36,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image  # noqa: E402
 
-from dataset import ImageLoader, SampleError, sa1b_rows  # noqa: E402
+from dataset import ImageLoader, sa1b_rows  # noqa: E402
 from utils import console  # noqa: E402
-from utils.config import HelpFormatter, atomic_write_text  # noqa: E402
+from utils.atomic import atomic_path, atomic_write  # noqa: E402
+from utils.config import HelpFormatter  # noqa: E402
+from utils.skips import SampleError  # noqa: E402
 
 
 def read_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, str]], Counter]:
@@ -70,10 +72,8 @@ def prepare_one(url: str, out: str, loader: ImageLoader, short_side: int, qualit
         return "exists", rel, os.path.getsize(path)
     try:
         img = shrink(loader(url), short_side)  # URL or local path; draft-decoded to >= short_side
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        img.save(tmp, "JPEG", quality=quality)
-        os.replace(tmp, path)  # a kill leaves a .tmp file, never a half-written image under its name
+        with atomic_path(path) as tmp:  # a kill never leaves a half-written image under its name
+            img.save(tmp, "JPEG", quality=quality)
         return "ok", rel, os.path.getsize(path)
     except SampleError as e:
         return e.reason, str(e)[:300], 0
@@ -101,9 +101,8 @@ def write_index(out: str, done: list[tuple[str, str, str]]) -> str:
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     path = os.path.join(out, "data", "prepared-00000.parquet")
     table = pa.table({"url": [d[0] for d in done], "cap_seg": [d[1] for d in done], "source_url": [d[2] for d in done]})
-    tmp = path + ".tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -152,7 +151,7 @@ def prepare(data_root: str, out: str, max_samples: int = 0, short_side: int = 25
         "bytes_per_image": round(sum(sizes) / max(1, len(sizes))), "seconds": round(seconds, 2),
         "images_per_s": round(len(todo) / max(seconds, 1e-9), 1),
     }
-    atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write(os.path.join(out, "report.json"), json.dumps(report, indent=2, ensure_ascii=False))
     return report
 
 

@@ -22,8 +22,11 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset import IMAGE_PLACEHOLDER, ImageLoader, Record, SampleError, read_records  # noqa: E402
+from dataset import ImageLoader, Record, read_records  # noqa: E402
+from prompts import IMAGE_PLACEHOLDER  # noqa: E402
+from utils.atomic import atomic_path, atomic_write  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
+from utils.skips import SampleError  # noqa: E402
 
 OUR_FILES = re.compile(r"^\d{5}\.(jpg|txt)$")
 
@@ -40,16 +43,6 @@ def sample_text(rec: Record) -> str:
     if not answer.strip():
         raise SampleError("empty_answer")
     return f"Q: {question}\nA: {answer.strip()}"
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_examples(data_format: str, data_root: str = "", chat_json: str = "", out: str = "data_example",
@@ -86,22 +79,13 @@ def save_examples(data_format: str, data_root: str = "", chat_json: str = "", ou
         if max_side and max(img.size) > max_side:
             img.thumbnail((max_side, max_side))           # keeps aspect; SA1B photos are ~1500x2250
         stem = os.path.join(out, f"{written:05d}")
-        _atomic_write(stem + ".jpg", lambda p: img.save(p, "JPEG", quality=92))
-
-        def write_text(p: str) -> None:
-            with open(p, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-
-        _atomic_write(stem + ".txt", write_text)
+        with atomic_path(stem + ".jpg") as tmp:
+            img.save(tmp, "JPEG", quality=92)
+        atomic_write(stem + ".txt", text + "\n")
         manifest.append({"id": f"{written:05d}", "source": rec.image, "text": text, **rec.meta})
         written += 1
 
-    def write_manifest(p: str) -> None:
-        with open(p, "w", encoding="utf-8") as fh:
-            for row in manifest:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    _atomic_write(os.path.join(out, "examples.jsonl"), write_manifest)
+    atomic_write(os.path.join(out, "examples.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in manifest))
     log(f"wrote {written} samples to {out}/ (asked for {n}); skipped {sum(skipped.values())}"
         + (f": {dict(sorted(skipped.items()))}" if skipped else ""))
     if written < n:

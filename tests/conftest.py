@@ -46,14 +46,13 @@ def toy():
 def toy_model(toy):
     """(model, tokenizer, prompt format) on the test world, projector freshly initialised, on
     the test device."""
-    from dataset import PromptFormat
     from model import ModelSpec, build_model
+    from prompts import PromptFormat
 
     torch.manual_seed(0)
     spec = ModelSpec(vision_tower=toy.vision, llm=toy.llm, projector="mlp2x_gelu", feature_post_norm=True)
     model, tok = build_model(spec, DEVICE)
-    fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
-    return model, tok, fmt
+    return model, tok, PromptFormat.for_model(spec, tok)
 
 
 LLAMA2_TEMPLATE = (

@@ -180,7 +180,7 @@ def make_dinov3(path):
 
 
 def test_dinov3_drops_cls_and_registers_and_stays_in_eval(tmp_path):
-    from dataset import ImageTransform
+    from backbones import preprocessing
 
     m = make_dinov3(tmp_path)
     d = vision_defaults("dinov3-vitb16", str(tmp_path))
@@ -188,8 +188,8 @@ def test_dinov3_drops_cls_and_registers_and_stays_in_eval(tmp_path):
     assert tower.num_prefix_tokens == 5 and tower.num_tokens == 16
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(tower(x), m(pixel_values=x).last_hidden_state[:, 5:])
-    t = ImageTransform.from_pretrained(str(tmp_path), 32)
-    assert (t.mode, t.resample, t.mean) == ("square", "bilinear", (0.485, 0.456, 0.406))
+    t = preprocessing(str(tmp_path), 32)
+    assert (t["mode"], t["resample"], t["mean"]) == ("square", "bilinear", [0.485, 0.456, 0.406])
 
 
 def test_dinov3_features_identical_across_calls_while_the_projector_trains(tmp_path):

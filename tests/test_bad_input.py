@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataset import (ImageLoader, ImageTransform, PromptFormat, SampleError, Stage1Dataset, decode_image,
-                     encode_conversation, read_chat_json, read_sa1b)
+from dataset import ImageLoader, ImageTransform, Stage1Dataset, decode_image, read_chat_json, read_sa1b
+from prompts import PromptFormat, encode_conversation
+from utils.skips import SampleError
 
 
 def jpeg_bytes(size=(64, 48), color=(200, 30, 30), **save) -> bytes:

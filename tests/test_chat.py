@@ -2,7 +2,6 @@
 missing files, Ctrl-C during a reply and at the prompt; a run folder as --checkpoint."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

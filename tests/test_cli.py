@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+import toy_world
 import train_stage1
 from tests.conftest import ROOT
 
@@ -97,18 +98,18 @@ def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeyp
     # A preset and the demo that switch every boolean on: a typed --no-X must still win.
     preset = "clip-zh-qwen3-0.6b"
     monkeypatch.setitem(train_stage1.PRESETS, preset, {**train_stage1.PRESETS[preset], **{n: True for n in booleans}})
-    monkeypatch.setattr(train_stage1, "DEMO_DEFAULTS", {**train_stage1.DEMO_DEFAULTS, **{n: True for n in booleans}})
+    monkeypatch.setattr(toy_world, "DEMO_DEFAULTS", {**toy_world.DEMO_DEFAULTS, **{n: True for n in booleans}})
     for name in booleans:
         for base in (["--model", preset], ["--demo"]):
             assert getattr(train_stage1.parse_args([*base, f"--no-{name}"]), name) is False, (base, name)
             assert getattr(train_stage1.parse_args(base), name) is True, (base, name)
     # The demo's own default (ln_post on every token, the course's recipe) loses to the typed flag,
     # as the export's refusal message tells users to do.
-    monkeypatch.setattr(train_stage1, "DEMO_DEFAULTS", dict(train_stage1.DEMO_DEFAULTS, feature_post_norm=True))
+    monkeypatch.setattr(toy_world, "DEMO_DEFAULTS", dict(toy_world.DEMO_DEFAULTS, feature_post_norm=True))
     assert train_stage1.parse_args(["--demo", "--no-feature_post_norm"]).feature_post_norm is False
     assert train_stage1.parse_args(["--demo", "--feature_post"]).feature_post_norm is True   # a unique prefix
     cfg = train_stage1.parse_args(["--demo", "--lr=5e-4", "--batch_size", "8"])
-    assert (cfg.lr, cfg.batch_size, cfg.max_steps) == (5e-4, 8, train_stage1.DEMO_DEFAULTS["max_steps"])
+    assert (cfg.lr, cfg.batch_size, cfg.max_steps) == (5e-4, 8, toy_world.DEMO_DEFAULTS["max_steps"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -300,8 +300,9 @@ def qwen_tokenizer(tmp_path_factory):
 
 
 def test_training_on_the_output_supervises_only_the_answer(vqa, tmp_path, qwen_tokenizer):
-    from dataset import IGNORE_INDEX, ImageLoader, PromptFormat, encode_conversation, read_chat_json
+    from dataset import ImageLoader, read_chat_json
     from model import ModelSpec
+    from prompts import IGNORE_INDEX, PromptFormat, encode_conversation
 
     out = tmp_path / "chat.json"
     convert(**vqa, output_chat_json=str(out))

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from backbones import preprocessing
 from dataset import EpochSampler, ImageTransform, read_chat_json, read_sa1b
 
 
@@ -70,7 +71,7 @@ def test_siglip_style_square_resize_matches_transformers(tmp_path):
 
     ref = SiglipImageProcessorPil(size={"height": 32, "width": 32})
     ref.save_pretrained(tmp_path)
-    mine = ImageTransform.from_pretrained(str(tmp_path), 32)
+    mine = ImageTransform.from_dict(preprocessing(str(tmp_path), 32))
     assert mine.mode == "square" and mine.mean == (0.5, 0.5, 0.5)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 90, 3), dtype=np.uint8))
     np.testing.assert_allclose(mine(img), ref(images=img, return_tensors="np")["pixel_values"][0], atol=1e-5)

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import IMAGE_PLACEHOLDER, ImageTransform, PromptFormat, encode_prompt
+from dataset import ImageTransform
 from model import ModelSpec, build_model, save_checkpoint
+from prompts import IMAGE_PLACEHOLDER, PromptFormat, encode_prompt
 from scripts import export_hf
 from tests.conftest import DEVICE
 

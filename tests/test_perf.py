@@ -120,17 +120,17 @@ def test_benchmark_compares_equal_computations_and_sweeps_both_models():
 
 def test_step_flops_counts_each_part(toy, toy_model):
     """The FLOP count behind MFU: vision only from images, LLM quadratic in length, head per token."""
-    from train_stage1 import sample_lengths
+    from utils.flops import sample_lengths, step_flops
 
     model, tok, fmt = toy_model
     items = _batch_items(toy, model, tok, fmt, 4)
     padded, packed = collate(items, tok.pad_token_id), collate_packed(items, tok.pad_token_id)
     assert sample_lengths(packed) == sample_lengths(padded) == [len(i["input_ids"]) for i in items]
     lengths = sample_lengths(padded)
-    full = model.step_flops(4, lengths, 40)
-    cached = model.step_flops(4, lengths, 40, cached=True)
+    full = step_flops(model, 4, lengths, 40)
+    cached = step_flops(model, 4, lengths, 40, cached=True)
     assert full > cached > 0
-    assert model.step_flops(4, lengths, 41) - model.step_flops(4, lengths, 40) == \
+    assert step_flops(model, 4, lengths, 41) - step_flops(model, 4, lengths, 40) == \
         4 * model.llm.config.vocab_size * model.llm.config.hidden_size
-    one, two = model.step_flops(1, [10], 0, True), model.step_flops(1, [20], 0, True)
+    one, two = step_flops(model, 1, [10], 0, True), step_flops(model, 1, [20], 0, True)
     assert two > 2 * one - 6.0 * sum(p.numel() for p in model.projector.parameters()) * model.spec.num_image_tokens

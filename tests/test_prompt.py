@@ -3,10 +3,10 @@ end-of-turn token, the prompt is exactly what inference feeds, no BOS is assumed
 
 import pytest
 
-from dataset import (IGNORE_INDEX, PromptFormat, SampleError, caption_messages, encode_conversation,
-                     encode_prompt, to_messages)
-from eval_llava import with_image_placeholder
-from model import ensure_image_token
+from dataset import to_messages
+from prompts import (IGNORE_INDEX, PromptFormat, caption_messages, encode_conversation, encode_prompt,
+                     ensure_image_token, with_image_placeholder)
+from utils.skips import SampleError
 
 N = 5  # image slots, small so the assertions stay readable
 

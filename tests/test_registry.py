@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import backbones
 import train_stage1
 from backbones import PRESETS, REGISTRY, MissingModel, resolve_model
 from scripts import download_models
@@ -57,23 +58,23 @@ def fake_hub(monkeypatch):
         with open(os.path.join(target, "config.json"), "w") as fh:
             fh.write("{}")
 
-    monkeypatch.setattr(download_models, "_fetch", fetch)
+    monkeypatch.setattr(backbones, "fetch_snapshot", fetch)
     return calls
 
 
 def test_download_uses_modelscope_by_default_and_lands_atomically(tmp_path, fake_hub):
-    path = download_models.download("qwen3-0.6b", str(tmp_path), log=lambda *a: None)
+    path = backbones.download("qwen3-0.6b", str(tmp_path), log=lambda *a: None)
     assert fake_hub == [("modelscope", "Qwen/Qwen3-0.6B", None)]
     assert path == str(tmp_path / "qwen3-0.6b") and os.path.isfile(os.path.join(path, "config.json"))
     assert not os.path.exists(path + ".partial") and not os.path.exists(os.path.join(path, ".cache"))
-    download_models.download("qwen3-0.6b", str(tmp_path), log=lambda *a: None)  # already there: no fetch
+    backbones.download("qwen3-0.6b", str(tmp_path), log=lambda *a: None)  # already there: no fetch
     assert len(fake_hub) == 1
 
 
 def test_gated_model_needs_a_token_and_never_prints_it(tmp_path, fake_hub, monkeypatch, capsys):
     monkeypatch.delenv("MY_HF_TOKEN", raising=False)
     with pytest.raises(SystemExit, match="gated"):
-        download_models.download("dinov3-vitb16", str(tmp_path), hf_token="MY_HF_TOKEN")
+        backbones.download("dinov3-vitb16", str(tmp_path), hf_token="MY_HF_TOKEN")
     secret = "hf_secretTOKEN123"
     monkeypatch.setenv("MY_HF_TOKEN", secret)
     download_models.main(["dinov3-vitb16", "--models_dir", str(tmp_path), "--hf_token", "MY_HF_TOKEN"])
@@ -81,7 +82,7 @@ def test_gated_model_needs_a_token_and_never_prints_it(tmp_path, fake_hub, monke
     # a token file works the same way
     token_file = tmp_path / ".hf_token"
     token_file.write_text(secret + "\n")
-    assert download_models.read_hf_token(str(token_file)) == secret
+    assert backbones.read_hf_token(str(token_file)) == secret
     out = capsys.readouterr()
     assert secret not in out.out + out.err
 
@@ -129,7 +130,7 @@ def test_typed_flags_override_a_preset():
 
 def test_summary_of_every_preset_from_bundled_configs(tmp_path):
     """Token accounting works before any download: real-size configs ship in configs/."""
-    from backbones import describe
+    from model import summary_from_configs as describe
 
     for name, preset in PRESETS.items():
         s = describe(preset["vision_tower"], preset["llm"], preset["projector"], models_dir=str(tmp_path))
@@ -171,7 +172,7 @@ def test_one_feature_table_for_describe_training_and_the_dataset_preview(toy, tm
     monkeypatch.setattr(sys, "argv", argv + ["--image_root", toy.train])
     dataset.main()
     out = capsys.readouterr().out
-    assert "16 image slots (layer -2, patch tokens" in out and out.count("<|image_pad|>") == 16
+    assert "16 image slots (patch tokens)" in out and out.count("<|image_pad|>") == 16
     monkeypatch.setattr(sys, "argv", argv)                                   # no --image_root: it says why
     dataset.main()
     assert "skipped 5 record(s) looking for a usable sample: missing_image 5" in capsys.readouterr().out

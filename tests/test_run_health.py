@@ -3,7 +3,6 @@ Ctrl-C never ends in a traceback; a redirected log holds lines, not progress-bar
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 
 import train_stage1
 from tests.conftest import ROOT

@@ -177,7 +177,7 @@ def clip_dirs(tmp_path_factory):
 
 def _direct_top5(model, tokenizer, image_paths, query):
     """Reference: preprocess by hand, run the transformers model, rank with numpy."""
-    from dataset import CLIP_MEAN, CLIP_STD
+    from backbones import CLIP_MEAN, CLIP_STD
 
     pixels = []
     for p in image_paths:

@@ -1,4 +1,5 @@
-"""Training-state checkpoints: atomic step folders, a `latest` pointer, rotation, RNG state.
+"""One run's checkpoints: atomic step folders, a `latest` pointer, rotation, the training state
+(optimizer, schedule, data position, RNG of every rank) and the rules of a run folder.
 
     checkpoints/<run>/step_000100/   projector.safetensors (+ model_spec.json)  trainer_state.pt
     checkpoints/<run>/latest         "step_000100", written only after that folder is complete
@@ -11,16 +12,20 @@ and is read with weights_only=True: loading it runs no pickled code.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
-from typing import Callable
+from collections import Counter
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from utils.config import atomic_write_text
+from utils import console
+from utils.atomic import atomic_write
+from utils.dist import DistInfo, gather
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "projector.safetensors"
@@ -52,7 +57,7 @@ def save_step(ckpt_dir: str, step: int, write: Callable[[str], None], keep_last:
     if os.path.isdir(final):  # the same step saved again (an interrupt right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_text(os.path.join(ckpt_dir, "latest"), name + "\n")
+    atomic_write(os.path.join(ckpt_dir, "latest"), name + "\n")
     if keep_last > 0:
         for _, old in step_dirs(ckpt_dir)[:-keep_last]:
             if old != final:
@@ -107,3 +112,79 @@ def save_state(folder: str, state: dict) -> None:
 
 def load_state(folder: str) -> dict:
     return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- a run folder
+
+def resume_point(resume: str, overwrite: bool, run_name: str, ckpt_dir: str, run_dir: str) -> str | None:
+    """The checkpoint to resume from (--resume auto | PATH), if any; refuses to mix two runs in
+    one folder unless told to start over (--overwrite deletes the old run)."""
+    if resume and resume != "auto":
+        path = resume if is_complete(resume) else find_latest(resume)
+        if not path:
+            raise SystemExit(f"--resume {resume}: no complete checkpoint there")
+        return path
+    existing = find_latest(ckpt_dir)
+    if resume == "auto":
+        if not existing:
+            console.warn(f"--resume auto: no checkpoint in {ckpt_dir}; starting from scratch")
+        return existing
+    if overwrite:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif step_dirs(ckpt_dir):
+        raise SystemExit(f"{ckpt_dir} already holds checkpoints of a run named '{run_name}' "
+                         f"(latest: {existing}). Continue it with --resume auto, start over with --overwrite, "
+                         "or pick another --run_name.")
+    return None
+
+
+def run_name_of(path: str) -> str:
+    """The run name recorded in a checkpoint's model_spec.json ('' when there is none): --resume
+    PATH without --run_name continues that run."""
+    folder = path if is_complete(path) else (find_latest(path) or path)
+    try:
+        with open(os.path.join(folder, "model_spec.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("run", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def save_training(ckpt_dir: str, state: dict, write_weights: Callable[[str], None], optimizer, scheduler,
+                  info: DistInfo, rank_state: dict, keep_last: int) -> str:
+    """A step folder with everything needed to continue bit-exactly: the weights
+    (`write_weights(folder)`), optimizer, schedule, step and, from every rank, its data position,
+    RNG and skip counts (`rank_state`: position, skipped, truncated). Rank 0 writes; the
+    others contribute their part and get ''."""
+    per_rank = gather({**rank_state, "rng": capture_rng()}, info)
+    if not info.is_main:
+        return ""
+
+    def write(folder: str) -> None:
+        write_weights(folder)
+        save_state(folder, {**state, "positions": [p["position"] for p in per_rank],
+                            "rng": [p["rng"] for p in per_rank],
+                            "skipped": dict(sum((Counter(p["skipped"]) for p in per_rank), Counter())),
+                            "truncated": sum(p["truncated"] for p in per_rank), "world_size": info.world_size,
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+
+    return save_step(ckpt_dir, state["step"], write, keep_last)
+
+
+def restore_training(path: str, optimizer, scheduler, info: DistInfo) -> dict[str, Any]:
+    """The training state of a checkpoint, with optimizer, schedule and this rank's RNG put
+    back (the caller loads the weights)."""
+    state = load_state(path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["world_size"] == info.world_size:
+        restore_rng(state["rng"][info.rank])
+    else:
+        # Another process count: the data order per rank differs, so the run continues
+        # from the same step and epoch but not bit-exactly.
+        console.warn(f"checkpoint was written by {state['world_size']} processes, now {info.world_size}: "
+                     "resuming at the epoch start of the same step, not bit-exact")
+        state["positions"] = [min(state["positions"]) * state["world_size"] // info.world_size] * info.world_size
+    if not info.is_main:  # totals live on rank 0; the others count afresh
+        state["skipped"], state["truncated"] = {}, 0
+    return state

@@ -7,9 +7,13 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from typing import Any, TypeVar
+
+from utils import console
+from utils.atomic import atomic_write
 
 T = TypeVar("T")
 
@@ -81,32 +85,19 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
 
 
 def print_config(obj: Any, title: str = "config") -> None:
-    from utils import console
-
     console.header(title)
     for k, v in (to_dict(obj) if dataclasses.is_dataclass(obj) else obj).items():
         console.kv(k, v)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write via a temp file and rename, so a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def dump_json(obj: Any, path: str) -> None:
     if dataclasses.is_dataclass(obj):
         obj = to_dict(obj)
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 SECRET_FIELDS = ("hf_token",)
-_ENV_NAME = __import__("re").compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def redacted(obj: Any) -> dict[str, Any]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from utils import console
 
 
 @dataclass
@@ -54,26 +57,6 @@ def pick_device(flag: str = "auto") -> torch.device:
     return torch.device(flag)
 
 
-# Peak dense bf16 tensor FLOP/s per GPU (vendor datasheets, without sparsity), for MFU.
-PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H800": 989e12,
-              "H20": 148e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L20": 119.5e12,
-              "RTX 4090": 165.2e12, "RTX 3090": 71e12, "A10": 125e12, "V100": 125e12}
-
-
-def peak_flops(device: torch.device) -> tuple[str, float | None]:
-    """(device name, peak bf16 FLOP/s or None when unknown, e.g. on CPU)."""
-    if device.type != "cuda":
-        return "cpu", None
-    name = torch.cuda.get_device_name(device)
-    low = name.lower()
-    if "h100" in low:  # "NVIDIA H100 80GB HBM3" is the SXM part
-        return name, PEAK_FLOPS["H100 PCIe" if "pcie" in low else "H100 NVL" if "nvl" in low else "H100 SXM"]
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if all(part.lower() in low for part in key.split()):
-            return name, PEAK_FLOPS[key]
-    return name, None
-
-
 def setup(device_flag: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1).
 
@@ -110,3 +93,35 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather(obj, info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order (a list of one in a single process)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def ignore_sigint(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle (finish the step,
+    save); workers must not die of it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM ask the loop to finish its step, save and exit; a second Ctrl-C raises
+    KeyboardInterrupt at once (train_stage1.py turns it into a one-line exit)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                     "(Ctrl-C again to quit at once)")

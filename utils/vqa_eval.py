@@ -44,12 +44,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from typing import Any, Iterable
 
+from utils.atomic import atomic_write
 from utils.config import HelpFormatter
 
 # The tables below are the reference's, entry for entry (including keys such as "Im" that can
@@ -278,21 +277,6 @@ def _load(path: str) -> Any:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _write_atomic(path: str, text: str) -> None:
-    # A crash mid-write must not leave a truncated scores file where a good one stood.
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".scores-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Command line entry point; prints the scores as JSON and returns them."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -310,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(scores, indent=2)
     print(text)
     if args.out:
-        _write_atomic(args.out, text + "\n")
+        atomic_write(args.out, text + "\n")
     return scores
 
 

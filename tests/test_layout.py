@@ -1,0 +1,96 @@
+"""Imports go one way (DESIGN.md, Layout): every project file is parsed with ast, imports inside
+functions included, and no module may import one of its own layer or above; no cycles at all."""
+
+import ast
+import os
+
+from tests.conftest import ROOT
+
+# Lower layers never import higher ones. Same-layer imports are refused too, except inside
+# utils/, whose helpers lean on each other (acyclically: checked below).
+LAYERS = {
+    "utils": 0,
+    "backbones": 1, "prompts": 1,       # where models come from | the prompt contract
+    "model": 2, "dataset": 2,           # utils <- backbones <- model;  utils <- prompts <- dataset
+    "eval_llava": 3, "convert_vqa": 3,
+    "toy_world": 4,                     # the toy world and the demo driver around train()
+    "train_stage1": 5,
+    "scripts": 6,                       # runnable helpers: leaves, nothing imports them
+}
+
+
+def layer_of(module: str) -> str | None:
+    top = module.split(".")[0]
+    return top if top in LAYERS else None
+
+
+def project_files() -> dict[str, str]:
+    """module name -> path, for every .py file of the project (tests excluded)."""
+    out = {}
+    for folder in ("", "utils", "scripts"):
+        for name in sorted(os.listdir(os.path.join(ROOT, folder) or ROOT)):
+            if name.endswith(".py"):
+                module = (f"{folder}." if folder else "") + name[:-3]
+                out[module.removesuffix(".__init__")] = os.path.join(ROOT, folder, name)
+    return out
+
+
+def imports_of(path: str) -> set[str]:
+    """Every project module a file imports, at any depth (a function-level import included)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # from utils import console
+    return {m for m in found if layer_of(m)}
+
+
+def graph() -> dict[str, set[str]]:
+    files = project_files()
+    return {module: {m for m in imports_of(path) if m in files} for module, path in files.items()}
+
+
+def test_every_project_file_has_a_layer():
+    assert [m for m in project_files() if layer_of(m) is None] == []
+
+
+def test_imports_only_go_down_the_layers():
+    wrong = []
+    for module, deps in graph().items():
+        for dep in deps:
+            mine, theirs = LAYERS[layer_of(module)], LAYERS[layer_of(dep)]
+            if theirs > mine or (theirs == mine and layer_of(module) != "utils"):
+                wrong.append(f"{module} imports {dep}")
+    assert wrong == []
+
+
+def test_no_import_cycles():
+    g = graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(g[node]):
+            if state.get(dep) == 1:
+                return path + [dep]
+            if dep not in state and (cycle := visit(dep, path + [dep])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for node in sorted(g):
+        if node not in state:
+            assert visit(node, [node]) is None
+
+
+def test_the_checker_sees_what_it_must(tmp_path):
+    """The rules above would pass on an empty graph: they must see real edges, and an import
+    tucked inside a function (the way a cycle is usually dodged) as much as one at the top."""
+    g = graph()
+    assert {"prompts", "utils.skips"} <= g["dataset"] and "backbones" in g["model"]
+    assert "utils.console" in g["utils.config"]
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\n\ndef later():\n    from train_stage1 import train\n    import model\n")
+    assert imports_of(str(probe)) >= {"train_stage1", "train_stage1.train", "model"}
