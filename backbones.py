@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from utils import console
+from utils.hub import fetch_snapshot, read_hf_token
 
 # --------------------------------------------------------------------------- registry
 
@@ -110,31 +111,6 @@ def resolve_model(name: str, models_dir: str = "models") -> str:
 
 
 # --------------------------------------------------------------------------- downloads (an explicit step)
-
-def read_hf_token(spec: str | None) -> str | None:
-    """A token file path, or the name of an environment variable; None when neither exists.
-    A token typed directly (hf_...) works too, but lands in shell history: prefer the file."""
-    if not spec:
-        return None
-    if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as fh:
-            return fh.read().strip() or None
-    if spec.startswith("hf_") and spec not in os.environ:
-        return spec
-    return os.environ.get(spec) or None
-
-
-def fetch_snapshot(source: str, repo: str, target: str, token: str | None) -> None:
-    """One repository into `target`, from ModelScope or the Hugging Face hub."""
-    if source == "modelscope":
-        from modelscope import snapshot_download
-
-        snapshot_download(repo, local_dir=target)
-    else:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(repo, local_dir=target, token=token)
-
 
 def download(model_id: str, models_dir: str = "models", source: str = "modelscope",
              hf_token: str | None = ".hf_token", log=print) -> str:

@@ -32,6 +32,7 @@ from backbones import (CLIP_MEAN, CLIP_STD, arch_config, image_tokens, knows_vis
                        preprocessing, resolve_model, vision_defaults)
 from prompts import (CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_TOKEN, INSTRUCTION_POOLS, PromptFormat,
                      caption_messages, encode_conversation, ensure_image_token)
+from utils import console
 from utils.config import HelpFormatter
 from utils.feature_cache import image_key
 from utils.fetch import fetch
@@ -467,6 +468,29 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, mask
 
 
+def show_first_sample(ds: Stage1Dataset, tokenizer, tries: int = 50) -> None:
+    """Print the first usable sample as the LLM sees it and its supervised target: the
+    quickest way to catch a template or masking bug (the course does the same). When none of
+    the first `tries` records can be used, say why."""
+    seen = SkipTally()
+    for i in range(min(len(ds), tries)):
+        item = ds[i]
+        if "skip" in item:
+            seen.add_skip(item)
+            continue
+        target = [t for t in item["labels"] if t != IGNORE_INDEX]
+        text = tokenizer.decode(item["input_ids"])
+        n_slots = len(ds.fmt.image_ids())
+        slot = tokenizer.decode([ds.fmt.image_token_id]) if ds.fmt.image_token_id < len(tokenizer) else "<image slot>"
+        console.header("first sample")
+        console.info("prompt + target:\n" + text.replace(slot * n_slots, f"{slot} x {n_slots}"))
+        console.info(f"supervised target ({len(target)} tokens): {tokenizer.decode(target)!r}")
+        if seen.unusable:
+            console.warn(f"the {seen.unusable} record(s) before it were skipped: {seen.describe()}")
+        return
+    console.warn(f"first sample: none of the first {seen.unusable} records can be used: {seen.describe()}")
+
+
 def main() -> None:
     """Read a dataset and print its first usable sample as training would see it. Only configs
     and the tokenizer are read: the image-slot count and preprocessing come from the tower's
@@ -494,15 +518,7 @@ def main() -> None:
     ds = Stage1Dataset(records, tok, fmt, transform, ImageLoader(args.image_root or root))
     print(f"{len(records)} records, skipped while reading: {dict(skipped)}; {fmt.num_image_tokens} image slots "
           f"({select} tokens)")
-    tally = SkipTally()
-    for i in range(min(len(ds), 200)):
-        item = ds[i]
-        if "skip" not in item:
-            print(tok.decode(item["input_ids"]))
-            break
-        tally.add_skip(item)
-    if tally.unusable:
-        print(f"skipped {tally.unusable} record(s) looking for a usable sample: {tally.describe()}")
+    show_first_sample(ds, tok, tries=200)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,26 @@ def heldout_loss(model: LlavaStage1, ds: Stage1Dataset, n: int = 0, batch_size: 
     return out
 
 
+def log_heldout_loss(model: LlavaStage1, ds: Stage1Dataset, n: int, batch_size: int, num_workers: int,
+                     logger: RunLogger | None, step: int, write=console.info) -> dict:
+    """heldout_loss at a training step: printed (`write`), logged, returned."""
+    metrics = heldout_loss(model, ds, n, batch_size, num_workers)
+    gap = metrics.get("eval/image_ablation_gap")
+    write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}"
+          + (f" | image-ablation gap {gap:+.4f}" if gap is not None else ""))
+    if logger:
+        logger.log(step, metrics)
+    return metrics
+
+
+def eval_summary(metrics: dict) -> dict:
+    """Held-out metrics under their summary.json names."""
+    out = {"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]}
+    if "eval/image_ablation_gap" in metrics:
+        out["image_ablation_gap"] = metrics["eval/image_ablation_gap"]
+    return out
+
+
 def heldout_items(ds: Stage1Dataset, n: int, instruction: str | None = None):
     """The first n held-out records as (image, prompt messages) items and reference answers.
 

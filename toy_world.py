@@ -53,7 +53,7 @@ from prompts import (CAPTION_PROMPT, CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_P
                      INSTRUCTION_POOLS, PromptFormat, caption_messages, encode_conversation)
 from utils import console
 from utils.config import HelpFormatter, dump_json
-from utils.dist import available_cpus, pick_device
+from utils.dist import available_cpus, pick_device, seed_everything
 from utils.metrics import RunLogger
 
 RECIPE_VERSION = 3
@@ -70,48 +70,11 @@ VQA_QUESTIONS = {"color": ("什么颜色？", "what color is the"), "shape": ("�
                  "position": ("在哪里？", "where is the")}
 VQA_TEMPLATE = "<image>\n{question}"   # convert_vqa.py --template for the toy set
 
-# Qwen3's published chat template (Qwen3-0.6B/1.7B/4B...), stored verbatim so the toy LM
+# Qwen3's published chat template (Qwen3-0.6B/1.7B/4B...), stored verbatim in configs/ so the toy LM
 # renders prompts exactly as the real one does (including the empty think block).
-QWEN3_CHAT_TEMPLATE = (
-    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
-    "        {{- messages[0].content + '\\n\\n' }}\n    {%- endif %}\n"
-    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
-    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
-    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
-    "{%- else %}\n    {%- if messages[0].role == 'system' %}\n"
-    "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
-    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
-    "{%- for message in messages[::-1] %}\n    {%- set index = (messages|length - 1) - loop.index0 %}\n"
-    "    {%- if ns.multi_step_tool and message.role == \"user\" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}\n"
-    "        {%- set ns.multi_step_tool = false %}\n        {%- set ns.last_query_index = index %}\n    {%- endif %}\n{%- endfor %}\n"
-    "{%- for message in messages %}\n    {%- if message.content is string %}\n        {%- set content = message.content %}\n"
-    "    {%- else %}\n        {%- set content = '' %}\n    {%- endif %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
-    "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- elif message.role == \"assistant\" %}\n        {%- set reasoning_content = '' %}\n"
-    "        {%- if message.reasoning_content is string %}\n            {%- set reasoning_content = message.reasoning_content %}\n"
-    "        {%- else %}\n            {%- if '</think>' in content %}\n"
-    "                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}\n"
-    "                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}\n            {%- endif %}\n        {%- endif %}\n"
-    "        {%- if loop.index0 > ns.last_query_index %}\n            {%- if loop.last or (not loop.last and reasoning_content) %}\n"
-    "                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}\n"
-    "            {%- else %}\n                {{- '<|im_start|>' + message.role + '\\n' + content }}\n            {%- endif %}\n"
-    "        {%- else %}\n            {{- '<|im_start|>' + message.role + '\\n' + content }}\n        {%- endif %}\n"
-    "        {%- if message.tool_calls %}\n            {%- for tool_call in message.tool_calls %}\n"
-    "                {%- if (loop.first and content) or (not loop.first) %}\n                    {{- '\\n' }}\n                {%- endif %}\n"
-    "                {%- if tool_call.function %}\n                    {%- set tool_call = tool_call.function %}\n                {%- endif %}\n"
-    "                {{- '<tool_call>\\n{\"name\": \"' }}\n                {{- tool_call.name }}\n                {{- '\", \"arguments\": ' }}\n"
-    "                {%- if tool_call.arguments is string %}\n                    {{- tool_call.arguments }}\n"
-    "                {%- else %}\n                    {{- tool_call.arguments | tojson }}\n                {%- endif %}\n"
-    "                {{- '}\\n</tool_call>' }}\n            {%- endfor %}\n        {%- endif %}\n        {{- '<|im_end|>\\n' }}\n"
-    "    {%- elif message.role == \"tool\" %}\n        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
-    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n        {{- content }}\n"
-    "        {{- '\\n</tool_response>' }}\n        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
-    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
-    "    {%- if enable_thinking is defined and enable_thinking is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
-    "    {%- endif %}\n{%- endif %}"
-)
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "qwen3_chat_template.jinja"),
+          encoding="utf-8", newline="") as _fh:
+    QWEN3_CHAT_TEMPLATE = _fh.read()
 # The special tokens of Qwen3's tokenizer that stage 1 touches, in Qwen's order.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -482,9 +445,7 @@ def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
 def untrained_assistant(cfg: Any) -> Assistant:
     """The model train() starts from: the same seeds before the same build give the same fresh
     projector, so "before" measures exactly the run's starting point."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
                      feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
                      feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap)

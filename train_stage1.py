@@ -24,34 +24,32 @@ import contextlib
 import functools
 import math
 import multiprocessing
-import random
-import shlex
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from backbones import PRESETS, MissingModel, download, resolve_model, vision_defaults
 from dataset import (EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed, read_records,
-                     to_device)
-from eval_llava import Assistant, heldout_loss, log_sample_replies
+                     show_first_sample, to_device)
+from eval_llava import Assistant, eval_summary, heldout_loss, log_heldout_loss, log_sample_replies
 from model import ModelSpec, Projector, build_model, load_projector_weights, save_checkpoint
-from prompts import IGNORE_INDEX, INSTRUCTION_POOLS, PromptFormat, supervised_tokens
+from prompts import INSTRUCTION_POOLS, PromptFormat, supervised_tokens
 from toy_world import apply_demo_defaults, run_demo
 from utils import console
 from utils.alarms import Alarms
 from utils.align_plan import translate_align_flags
-from utils.checkpoint import find_latest, restore_training, resume_point, run_name_of, save_training
+from utils.checkpoint import (find_latest, fresh_state, restore_training, resume_command, resume_point, run_name_of,
+                              save_training)
 from utils.config import (HelpFormatter, add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config,
                           redacted)
-from utils.dist import (StopRequest, all_reduce_sum, available_cpus, barrier, cleanup as cleanup_dist, gather,
-                        ignore_sigint, memory_gib, setup as setup_dist)
+from utils.dist import (StopRequest, all_reduce_sum, available_cpus, barrier, cleanup as cleanup_dist, ignore_sigint,
+                        seed_everything, setup as setup_dist)
 from utils.feature_cache import FeatureCache, cache_key, image_key
-from utils.flops import peak_flops, sample_lengths, step_flops
-from utils.metrics import RunLogger
+from utils.flops import mfu
+from utils.metrics import RunLogger, log_line, periodic_scalars, print_summary, run_totals
 from utils.skips import SkipTally
 
 
@@ -273,8 +271,8 @@ def report_data(train_ds: Stage1Dataset, eval_ds: Stage1Dataset, read_skips: Cou
         show_first_sample(train_ds, tokenizer)
 
 
-def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: int, tally: SkipTally,
-            epoch: int = 0, start: int = 0):
+def batches(ds: Stage1Dataset, cfg: TrainConfig, rank: int, world: int, tally: SkipTally, epoch: int = 0,
+            start: int = 0):
     """Endless (epoch, batches consumed in this epoch, batch) stream of batches that hold at least
     one usable sample. Each epoch reshuffles with (seed, epoch); `start` skips batches already
     trained on, so a resume continues exactly. `tally` counts what every batch skipped.
@@ -283,6 +281,7 @@ def batches(ds: Stage1Dataset, cfg: TrainConfig, pad_id: int, rank: int, world: 
     too few records for one batch, or no usable sample in a whole pass or in
     --max_empty_batches batches in a row (a wrong --image_root, a dead URL list)."""
     lengths = ds.text_lengths() if cfg.group_by_length else None
+    pad_id = ds.tokenizer.pad_token_id if ds.tokenizer.pad_token_id is not None else 0
     per_pass = math.ceil(len(ds) / world) // cfg.batch_size      # drop_last: whole batches only
     if per_pass == 0:
         raise SystemExit(f"{len(ds)} training records make no full batch of {cfg.batch_size}"
@@ -319,16 +318,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     # ---- setup: processes, seeds, the models on disk, the run folder
     dist = setup_dist(cfg.device)
     device = dist.device
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)            # the projector's init, then the instruction draws and data order
     vision_path, llm_path = resolve_models(cfg)
     run_name, run_dir, ckpt_dir, resume_from = open_run(cfg, dist)
 
     # ---- model: frozen tower and LLM, a fresh projector (the only trainable part)
     model, tokenizer = build_training_model(cfg, vision_path, llm_path, dist)
     fmt = PromptFormat.for_model(model.spec, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # ---- data, and the steps it makes
     grad_accum = accumulation(cfg, dist.world_size)
@@ -344,8 +340,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     scheduler = schedule(cfg.lr_scheduler, optimizer, warmup, total_steps)
 
     # ---- resume: weights, optimizer, schedule, data position and RNG exactly as they were
-    state = {"step": 0, "epoch": 0, "positions": [0] * dist.world_size, "losses": [], "skipped": {},
-             "summary": {}, "nonfinite_steps": 0}
+    state = fresh_state(dist.world_size)
     if resume_from:
         load_projector_weights(model, resume_from)
         state = restore_training(resume_from, optimizer, scheduler, dist)
@@ -361,14 +356,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
                     eval_loss_before=state["summary"].get("eval_loss_before"), enabled=dist.is_main)
     summary: dict = {"run": run_name, "run_dir": run_dir, **state["summary"]}
     assistant = Assistant.from_model(model, tokenizer) if dist.is_main else None   # sample replies at each eval
-    if dist.is_main and cfg.eval_interval and state["step"] == 0:
-        metrics = evaluate(model, eval_ds, cfg, logger, 0, write=console.info)  # the curve's "before" point
-        alarms.eval(0, metrics)
-        summary["eval_loss_before"] = metrics["eval/loss"]
+    if dist.is_main and cfg.eval_interval and state["step"] == 0:  # the curve's "before" point
+        before = log_heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers, logger, 0)
+        alarms.eval(0, before)
+        summary["eval_loss_before"] = before["eval/loss"]
 
     # ---- loop
-    stream = batches(train_ds, cfg, pad_id, dist.rank, dist.world_size, tally, state["epoch"],
-                     state["positions"][dist.rank])
+    stream = batches(train_ds, cfg, dist.rank, dist.world_size, tally, state["epoch"], state["positions"][dist.rank])
     model.train()
     losses: list[float] = state["losses"]
     nonfinite, in_a_row = state["nonfinite_steps"], 0
@@ -421,8 +415,11 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         losses.append(loss)
         alarms.step(step, losses, float(grad_norm))
         alarms.data(step, tally.unusable, tally.used)
-        scalars = step_scalars(loss, float(grad_norm), scheduler.get_last_lr()[0], epoch, nonfinite, n_samples,
-                               n_seq_tokens, time.time() - t0, model, micro, cfg, device)
+        dt = time.time() - t0
+        scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[0],
+                   "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
+                   "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch, "train/nonfinite_steps": nonfinite,
+                   **mfu(model, micro, sum(supervised_tokens(b["labels"]) for b in micro), bool(cfg.features_cache), dt)}
         periodic = cfg.log_interval and step % cfg.log_interval == 0
         if periodic:
             scalars.update(periodic_scalars(device, tally))
@@ -436,7 +433,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         # ---- evaluate and checkpoint (rank 0 evaluates; the others wait in the next all-reduce)
         last = step == total_steps
         if dist.is_main and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-            metrics = evaluate(model, eval_ds, cfg, logger, step, write=bar.write)
+            metrics = log_heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers, logger, step, bar.write)
             alarms.eval(step, metrics)
             log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step)
             summary.update(eval_summary(metrics))
@@ -456,7 +453,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     bar.close()
 
     # ---- summary
-    summary.update(run_totals(tally, dist, losses, nonfinite, cfg, total_steps, global_batch, time.time() - t_start))
+    summary.update(run_totals(tally, dist, losses, nonfinite, cfg.log_interval or 10, total_steps, global_batch,
+                              time.time() - t_start))
     summary["checkpoint"] = checkpoint
     if dist.is_main:
         if "eval_loss" not in summary:
@@ -466,7 +464,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         summary["alarms"] = alarms.fired
         dump_json(summary, os.path.join(run_dir, "summary.json"))
         logger.close()
-        print_summary(summary, alarms, checkpoint, cfg.runs_dir)
+        print_summary(summary, alarms.fired, checkpoint, cfg.runs_dir)
+    barrier()        # leave together: a rank tearing down while rank 0 still evaluates can abort gloo
     cleanup_dist()
     return summary
 
@@ -490,21 +489,6 @@ def schedule(kind: str, optimizer, warmup: int, total_steps: int):
 
     return (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if kind == "cosine"
             else get_constant_schedule_with_warmup(optimizer, warmup))
-
-
-def step_scalars(loss: float, grad_norm: float, lr: float, epoch: int, nonfinite: int, n_samples: float,
-                 n_seq_tokens: float, dt: float, model, micro: list[dict], cfg: TrainConfig,
-                 device: torch.device) -> dict:
-    """What every step logs; MFU on a GPU of known peak (this rank's model FLOPs over its time)."""
-    scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": lr, "train/grad_norm": grad_norm,
-               "train/samples_per_s": n_samples / dt, "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch,
-               "train/nonfinite_steps": nonfinite}
-    peak = peak_flops(device)[1]
-    if peak:
-        flops = step_flops(model, sum(b["size"] for b in micro), [n for b in micro for n in sample_lengths(b)],
-                           sum(supervised_tokens(b["labels"]) for b in micro), cached=bool(cfg.features_cache))
-        scalars["train/mfu"] = flops / dt / peak
-    return scalars
 
 
 def accumulation(cfg: TrainConfig, world_size: int) -> int:
@@ -546,111 +530,6 @@ def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist
 
         model.projector = DDP(model.projector, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     return model, tokenizer
-
-
-def evaluate(model, eval_ds: Stage1Dataset, cfg: TrainConfig, logger: RunLogger, step: int, write) -> dict:
-    """Held-out loss, perplexity and image-ablation gap: printed, logged, returned."""
-    metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
-    gap = metrics.get("eval/image_ablation_gap")
-    write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}"
-          + (f" | image-ablation gap {gap:+.4f}" if gap is not None else ""))
-    logger.log(step, metrics)
-    return metrics
-
-
-def eval_summary(metrics: dict) -> dict:
-    out = {"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]}
-    if "eval/image_ablation_gap" in metrics:
-        out["image_ablation_gap"] = metrics["eval/image_ablation_gap"]
-    return out
-
-
-def periodic_scalars(device: torch.device, tally: SkipTally) -> dict:
-    """Memory and data health, logged at each log interval (not worth a syscall every step)."""
-    mem, peak_mem = memory_gib(device)
-    out = {"train/mem_gib": mem, "train/peak_mem_gib": peak_mem, "data/skipped": tally.unusable,
-           "data/skip_rate": tally.unusable / max(tally.unusable + tally.used, 1)}
-    out.update({f"data/skipped/{reason}": n for reason, n in tally.skipped.items()})
-    return out
-
-
-def log_line(step: int, total: int, window: list[float], s: dict, tally: SkipTally, alarms: list[str]) -> str:
-    line = (f"step {step}/{total} | loss {sum(window) / len(window):.4f} | lr {s['train/lr']:.2e} "
-            f"| grad {s['train/grad_norm']:.3f} | {s['train/samples_per_s']:.1f} samples/s "
-            f"| mem {s['train/mem_gib']:.2f} GiB (peak {s['train/peak_mem_gib']:.2f})")
-    if tally.unusable:
-        line += f" | skipped {tally.unusable} ({s['data/skip_rate']:.1%})"
-    if alarms:
-        line += f" | ALARM: {', '.join(alarms)}"
-    return line
-
-
-def resume_command(argv: list[str], run_name: str, world_size: int) -> str:
-    """This run's command line with --resume auto: a typed --resume is replaced, the run name
-    added unless it was typed, a token typed in place of a token file hidden."""
-    kept, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--resume" or a.startswith("--resume="):
-            i += 1 if "=" in a else 2
-            continue
-        if a == "--hf_token" and i + 1 < len(argv):
-            kept += [a, redacted({"hf_token": argv[i + 1]})["hf_token"]]
-            i += 2
-            continue
-        kept.append(f"--hf_token={redacted({'hf_token': a[11:]})['hf_token']}" if a.startswith("--hf_token=") else a)
-        i += 1
-    named = any(a.split("=")[0] in ("--run_name", "--run_id") for a in kept)
-    launcher = f"torchrun --standalone --nproc-per-node {world_size}" if world_size > 1 else "python"
-    return f"{launcher} train_stage1.py " + shlex.join([*kept, *([] if named else ["--run_name", run_name]),
-                                                        "--resume", "auto"])
-
-
-def run_totals(tally: SkipTally, dist, losses: list[float], nonfinite: int, cfg: TrainConfig, total_steps: int,
-               global_batch: int, elapsed: float) -> dict:
-    """summary.json's training figures; skip counts summed over ranks (each skipped its own)."""
-    parts = gather((dict(tally.skipped), tally.truncated), dist)
-    window = losses[-min(cfg.log_interval or 10, len(losses)):]
-    return {"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(window) / len(window),
-            "skipped": dict(sum((Counter(p[0]) for p in parts), Counter())), "truncated_answers": sum(p[1] for p in parts),
-            "nonfinite_steps": nonfinite, "train_seconds": round(elapsed, 1),
-            "samples_per_s": round(total_steps * global_batch / elapsed, 2), "world_size": dist.world_size,
-            "global_batch": global_batch, "peak_mem_gib": round(memory_gib(dist.device)[1], 3)}
-
-
-def print_summary(summary: dict, alarms: Alarms, checkpoint: str, runs_dir: str) -> None:
-    console.header("done")
-    for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl", "image_ablation_gap",
-              "skipped", "peak_mem_gib", "checkpoint"):
-        if k in summary:
-            console.kv(k, summary[k])
-    for a in alarms.fired:
-        console.warn(f"ALARM ({a['kind']}, step {a['step']}): {a['message']}")
-    console.info(f"\nchat with it:  python eval_llava.py --checkpoint {checkpoint}")
-    console.info(f"curves:        tensorboard --logdir {runs_dir}")
-
-
-def show_first_sample(ds: Stage1Dataset, tokenizer, tries: int = 50) -> None:
-    """Print the first usable sample as the LLM sees it and its supervised target: the
-    quickest way to catch a template or masking bug (the course does the same). When none of
-    the first `tries` records can be used, say why."""
-    seen = SkipTally()
-    for i in range(min(len(ds), tries)):
-        item = ds[i]
-        if "skip" in item:
-            seen.add_skip(item)
-            continue
-        target = [t for t in item["labels"] if t != IGNORE_INDEX]
-        text = tokenizer.decode(item["input_ids"])
-        n_slots = len(ds.fmt.image_ids())
-        slot = tokenizer.decode([ds.fmt.image_token_id]) if ds.fmt.image_token_id < len(tokenizer) else "<image slot>"
-        console.header("first sample")
-        console.info("prompt + target:\n" + text.replace(slot * n_slots, f"{slot} x {n_slots}"))
-        console.info(f"supervised target ({len(target)} tokens): {tokenizer.decode(target)!r}")
-        if seen.unusable:
-            console.warn(f"the {seen.unusable} record(s) before it were skipped: {seen.describe()}")
-        return
-    console.warn(f"first sample: none of the first {seen.unusable} training records can be used: {seen.describe()}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,6 +15,7 @@ import pytest
 import toy_world
 import train_stage1
 from tests.conftest import ROOT
+from utils.checkpoint import resume_command
 
 SCRIPTS = ["train_stage1.py", "eval_llava.py", "convert_vqa.py", "model.py", "dataset.py", "toy_world.py",
            *sorted(f"scripts/{n}" for n in os.listdir(os.path.join(ROOT, "scripts"))
@@ -139,13 +140,13 @@ def test_intervals_of_zero_mean_off(toy, tmp_path, capsys):
 
 
 def test_resume_hint_repeats_the_command_with_the_run_name_once():
-    hint = train_stage1.resume_command(["--demo", "--run_name", "a", "--lr", "1e-3"], "a", 1)
+    hint = resume_command(["--demo", "--run_name", "a", "--lr", "1e-3"], "a", 1)
     assert hint == "python train_stage1.py --demo --run_name a --lr 1e-3 --resume auto"
-    hint = train_stage1.resume_command(["--demo", "--resume", "checkpoints/x/step_000004", "--hf_token", "hf_abc"],
+    hint = resume_command(["--demo", "--resume", "checkpoints/x/step_000004", "--hf_token", "hf_abc"],
                                        "x", 2)
     assert hint == ("torchrun --standalone --nproc-per-node 2 train_stage1.py --demo --hf_token '<redacted>' "
                     "--run_name x --resume auto")
-    assert train_stage1.resume_command(["--trackers", '["jsonl"]', "--run_id", "r"], "r", 1) == \
+    assert resume_command(["--trackers", '["jsonl"]', "--run_id", "r"], "r", 1) == \
         "python train_stage1.py --trackers '[\"jsonl\"]' --run_id r --resume auto"
 
 

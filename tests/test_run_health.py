@@ -47,7 +47,7 @@ def test_no_usable_sample_in_a_whole_pass_stops_with_the_reasons(toy, tmp_path):
     assert err.startswith(f"no usable samples in a whole pass over the {n:,} training records: missing_image {n}, "
                           f"e.g. {tmp_path / 'wrong_root' / 'images'}")
     # The first-sample preview says why it shows nothing.
-    assert "first sample: none of the first 50 training records can be used: missing_image 50" in res.stdout
+    assert "first sample: none of the first 50 records can be used: missing_image 50" in res.stdout
     assert not os.path.exists(tmp_path / "ck" / "e")                  # no checkpoint of a run that never trained
 
 

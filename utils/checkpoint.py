@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 from collections import Counter
 from typing import Any, Callable
@@ -25,6 +26,7 @@ import torch
 
 from utils import console
 from utils.atomic import atomic_write
+from utils.config import redacted
 from utils.dist import DistInfo, gather
 
 STATE_FILE = "trainer_state.pt"
@@ -171,6 +173,12 @@ def save_training(ckpt_dir: str, state: dict, write_weights: Callable[[str], Non
     return save_step(ckpt_dir, state["step"], write, keep_last)
 
 
+def fresh_state(world_size: int) -> dict[str, Any]:
+    """The training state of a run that starts from scratch (restore_training's shape)."""
+    return {"step": 0, "epoch": 0, "positions": [0] * world_size, "losses": [], "skipped": {}, "summary": {},
+            "nonfinite_steps": 0}
+
+
 def restore_training(path: str, optimizer, scheduler, info: DistInfo) -> dict[str, Any]:
     """The training state of a checkpoint, with optimizer, schedule and this rank's RNG put
     back (the caller loads the weights)."""
@@ -188,3 +196,24 @@ def restore_training(path: str, optimizer, scheduler, info: DistInfo) -> dict[st
     if not info.is_main:  # totals live on rank 0; the others count afresh
         state["skipped"], state["truncated"] = {}, 0
     return state
+
+
+def resume_command(argv: list[str], run_name: str, world_size: int) -> str:
+    """This run's command line with --resume auto: a typed --resume is replaced, the run name
+    added unless it was typed, a token typed in place of a token file hidden."""
+    kept, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--resume" or a.startswith("--resume="):
+            i += 1 if "=" in a else 2
+            continue
+        if a == "--hf_token" and i + 1 < len(argv):
+            kept += [a, redacted({"hf_token": argv[i + 1]})["hf_token"]]
+            i += 2
+            continue
+        kept.append(f"--hf_token={redacted({'hf_token': a[11:]})['hf_token']}" if a.startswith("--hf_token=") else a)
+        i += 1
+    named = any(a.split("=")[0] in ("--run_name", "--run_id") for a in kept)
+    launcher = f"torchrun --standalone --nproc-per-node {world_size}" if world_size > 1 else "python"
+    return f"{launcher} train_stage1.py " + shlex.join([*kept, *([] if named else ["--run_name", run_name]),
+                                                        "--resume", "auto"])

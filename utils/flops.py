@@ -68,3 +68,14 @@ def sample_lengths(batch: dict) -> list[int]:
         starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
         return [b - a for a, b in zip(starts, starts[1:])]
     return batch["attention_mask"].sum(1).tolist()
+
+
+def mfu(model: Any, micro: list[dict], n_supervised: int, cached: bool, seconds: float) -> dict[str, float]:
+    """{"train/mfu": ...} for one step on a GPU of known peak (this rank's model FLOPs over its
+    time); {} elsewhere."""
+    peak = peak_flops(next(model.projector.parameters()).device)[1]
+    if not peak:
+        return {}
+    flops = step_flops(model, sum(b["size"] for b in micro), [n for b in micro for n in sample_lengths(b)],
+                       n_supervised, cached)
+    return {"train/mfu": flops / seconds / peak}

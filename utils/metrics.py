@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
+import torch
+
+from utils import console
+from utils.dist import gather, memory_gib
+from utils.skips import SkipTally
 
 
 class RunLogger:
@@ -65,3 +71,50 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float):
         return round(v, 6) if v == v else None
     return v
+
+
+# --------------------------------------------------------------------------- what a run prints
+
+def periodic_scalars(device: torch.device, tally: SkipTally) -> dict[str, float]:
+    """Memory and data health, logged at each log interval (not worth a syscall every step)."""
+    mem, peak_mem = memory_gib(device)
+    out = {"train/mem_gib": mem, "train/peak_mem_gib": peak_mem, "data/skipped": tally.unusable,
+           "data/skip_rate": tally.unusable / max(tally.unusable + tally.used, 1)}
+    out.update({f"data/skipped/{reason}": n for reason, n in tally.skipped.items()})
+    return out
+
+
+def log_line(step: int, total: int, window: list[float], s: dict, tally: SkipTally, alarms: list[str]) -> str:
+    line = (f"step {step}/{total} | loss {sum(window) / len(window):.4f} | lr {s['train/lr']:.2e} "
+            f"| grad {s['train/grad_norm']:.3f} | {s['train/samples_per_s']:.1f} samples/s "
+            f"| mem {s['train/mem_gib']:.2f} GiB (peak {s['train/peak_mem_gib']:.2f})")
+    if tally.unusable:
+        line += f" | skipped {tally.unusable} ({s['data/skip_rate']:.1%})"
+    if alarms:
+        line += f" | ALARM: {', '.join(alarms)}"
+    return line
+
+
+def print_summary(summary: dict, alarms: list[dict], checkpoint: str, runs_dir: str) -> None:
+    """The end of a run on the console: its figures, its alarms, what to do next."""
+    console.header("done")
+    for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl", "image_ablation_gap",
+              "skipped", "peak_mem_gib", "checkpoint"):
+        if k in summary:
+            console.kv(k, summary[k])
+    for a in alarms:
+        console.warn(f"ALARM ({a['kind']}, step {a['step']}): {a['message']}")
+    console.info(f"\nchat with it:  python eval_llava.py --checkpoint {checkpoint}")
+    console.info(f"curves:        tensorboard --logdir {runs_dir}")
+
+
+def run_totals(tally: SkipTally, info, losses: list[float], nonfinite: int, window: int, total_steps: int,
+               global_batch: int, elapsed: float) -> dict:
+    """summary.json's training figures; skip counts summed over ranks (each skipped its own)."""
+    parts = gather((dict(tally.skipped), tally.truncated), info)
+    last = losses[-min(window, len(losses)):]
+    return {"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(last) / len(last),
+            "skipped": dict(sum((Counter(p[0]) for p in parts), Counter())), "truncated_answers": sum(p[1] for p in parts),
+            "nonfinite_steps": nonfinite, "train_seconds": round(elapsed, 1),
+            "samples_per_s": round(total_steps * global_batch / elapsed, 2), "world_size": info.world_size,
+            "global_batch": global_batch, "peak_mem_gib": round(memory_gib(info.device)[1], 3)}
