@@ -241,12 +241,13 @@ def image_reference(line: str) -> str | None:
     return None
 
 
-def chat(assistant: Assistant, gen: dict, stdin=sys.stdin) -> None:
+def chat(assistant: Assistant, gen: dict, stdin=None) -> None:
     """The course's terminal loop: an image path/URL loads an image and resets the dialogue,
     text asks about it, `clear` empties the history, `exit`/`quit` leave. Ctrl-C during a reply
     stops it (the turn is dropped from the history); Ctrl-C at the prompt leaves."""
     console.info("Type an image path or http(s) URL to load it; then ask. 'clear' resets, 'exit' quits, "
                  "Ctrl-C stops a reply.")
+    stdin = stdin or sys.stdin  # looked up at call time: a redirected or replaced stdin is honoured
     image, messages = None, []
     while True:
         print("\n你: ", end="", flush=True)

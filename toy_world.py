@@ -18,8 +18,12 @@ random image slots; stage 1 then teaches the projector to put image features whe
 words were. The tower gets a brief pretraining on the same attributes (the toy analogue of
 CLIP's pretraining), so its features carry them.
 
-Built once and cached; rebuilt when missing or when the recipe changes (a stamp holds its hash).
+Built once and cached; rebuilt when missing or when its recipe changes (a stamp holds a hash of
+the sizes, captions, template, instruction pools and the code that builds and trains the world).
     python toy_world.py --size demo      # build (or reuse) and print the paths
+
+The demo driver lives here too: `python train_stage1.py --demo` runs an ordinary stage-1 train()
+on the demo world, measured before and after (run_demo); train() itself has no demo branch.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ THINK_TOKENS = ["<think>", "</think>"]  # added, not special, as in Qwen3
 
 @dataclass
 class ToySize:
-    """A named size (minGPT-style): `demo` for the CLI, `test` for fast tests."""
+    """A named size (minGPT-style): `demo` for the CLI, `test` for tests that need a trained world,
+    `tiny` (untrained, ~1 s to build) for the rest."""
 
     name: str
     image_px: int = 64          # size of the image files on disk
@@ -104,8 +109,12 @@ class ToySize:
 
 SIZES = {
     "demo": ToySize("demo"),
+    # trained, for tests that need evidence of alignment (the slow tier)
     "test": ToySize("test", vision_width=32, vision_layers=2, lm_width=64, lm_layers=2, n_train=400,
                     n_eval=48, lm_steps=300, tower_steps=300, tower_pool=1000),
+    # untrained: random weights in the real formats, for everything else (the fast tier; built in ~1 s)
+    "tiny": ToySize("tiny", vision_width=32, vision_layers=2, lm_width=32, lm_layers=2, n_train=64, n_eval=16,
+                    lm_steps=0, tower_steps=0, tower_pool=0),
 }
 
 
@@ -251,27 +260,28 @@ def build_vision(out_dir: str, size: ToySize, log=print):
     vit = CLIPVisionModel(cfg)
     heads = torch.nn.ModuleList([torch.nn.Linear(size.vision_width, n) for n in (len(COLORS), len(SHAPES), len(POSITIONS))])
     transform = ImageTransform(size=size.tower_px, mode="shortest_edge", resample="bicubic")
-    # A fixed pool, rendered once: drawing is ~0.3 ms an image, a third of a step's cost.
-    rng = random.Random(size.seed + 1)
-    pool = [rng.choice(COMBOS) for _ in range(size.tower_pool)]
-    x_all = torch.from_numpy(np.stack([transform(render(c, s, p, size.image_px, rng)) for c, s, p in pool]))
-    y_all = torch.tensor([[list(COLORS).index(c), SHAPES.index(s), POSITIONS.index(p)] for c, s, p in pool])
-    params = list(vit.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(size.seed)
-    vit.train()
-    for step in range(size.tower_steps):
-        for g in opt.param_groups:
-            g["lr"] = _cosine(2e-3, step, size.tower_steps, warmup=30)
-        idx = torch.randint(0, len(pool), (64,), generator=gen)
-        h = vit.post_layernorm(vit(pixel_values=x_all[idx]).last_hidden_state)   # [B, N, D_v]
-        pooled = [h[:, 0], h[:, 1:].mean(1)]                               # CLS and patch mean both learn
-        loss = sum(F.cross_entropy(head(p), y_all[idx, k]) for p in pooled for k, head in enumerate(heads))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 250 == 0 or step == size.tower_steps - 1:
-            log(f"  toy tower pretraining step {step:4d}  loss {loss.item():.3f}")
+    if size.tower_steps:  # the tiny (untrained) size keeps its random weights
+        # A fixed pool, rendered once: drawing is ~0.3 ms an image, a third of a step's cost.
+        rng = random.Random(size.seed + 1)
+        pool = [rng.choice(COMBOS) for _ in range(size.tower_pool)]
+        x_all = torch.from_numpy(np.stack([transform(render(c, s, p, size.image_px, rng)) for c, s, p in pool]))
+        y_all = torch.tensor([[list(COLORS).index(c), SHAPES.index(s), POSITIONS.index(p)] for c, s, p in pool])
+        params = list(vit.parameters()) + list(heads.parameters())
+        opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+        gen = torch.Generator().manual_seed(size.seed)
+        vit.train()
+        for step in range(size.tower_steps):
+            for g in opt.param_groups:
+                g["lr"] = _cosine(2e-3, step, size.tower_steps, warmup=30)
+            idx = torch.randint(0, len(pool), (64,), generator=gen)
+            h = vit.post_layernorm(vit(pixel_values=x_all[idx]).last_hidden_state)   # [B, N, D_v]
+            pooled = [h[:, 0], h[:, 1:].mean(1)]                               # CLS and patch mean both learn
+            loss = sum(F.cross_entropy(head(p), y_all[idx, k]) for p in pooled for k, head in enumerate(heads))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 250 == 0 or step == size.tower_steps - 1:
+                log(f"  toy tower pretraining step {step:4d}  loss {loss.item():.3f}")
     vit.eval()
     vit.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w", encoding="utf-8") as fh:

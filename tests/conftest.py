@@ -43,14 +43,39 @@ def toy():
 
 
 @pytest.fixture(scope="session")
-def toy_model(toy):
-    """(model, tokenizer, prompt format) on the test world, projector freshly initialised, on
+def tiny():
+    """The toy world's formats with random, untrained weights (built in about a second, cached
+    like `toy`): for every test that needs real files but no evidence of alignment."""
+    import fcntl
+
+    from toy_world import ensure_toy_world
+
+    base = os.environ.get("LLAVA_TOY_TEST_DIR", os.path.join(ROOT, ".cache", "toy_test"))
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ensure_toy_world("tiny", os.path.join(base, "models", "toy"), os.path.join(base, "data", "toy"),
+                                log=lambda *a: None)
+
+
+def pytest_collection_modifyitems(items):
+    """The trained toy world takes a while to build and its tests train for real: they are the
+    slow tier (`python -m pytest -m "not slow"` leaves them out), with subprocess and torchrun
+    tests, which carry the marker themselves."""
+    for item in items:
+        if "toy" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def toy_model(tiny):
+    """(model, tokenizer, prompt format) on the tiny world, projector freshly initialised, on
     the test device."""
     from model import ModelSpec, build_model
     from prompts import PromptFormat
 
     torch.manual_seed(0)
-    spec = ModelSpec(vision_tower=toy.vision, llm=toy.llm, projector="mlp2x_gelu", feature_post_norm=True)
+    spec = ModelSpec(vision_tower=tiny.vision, llm=tiny.llm, projector="mlp2x_gelu", feature_post_norm=True)
     model, tok = build_model(spec, DEVICE)
     return model, tok, PromptFormat.for_model(spec, tok)
 

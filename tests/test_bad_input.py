@@ -181,10 +181,10 @@ def test_url_cache_means_one_download_per_image(server, tmp_path):
 
 # --------------------------------------------------------------------------- rows, shards, records
 
-def test_dataset_skips_and_counts_every_bad_sample(toy, tmp_path):
+def test_dataset_skips_and_counts_every_bad_sample(tiny, tmp_path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(toy.llm)
+    tok = AutoTokenizer.from_pretrained(tiny.llm)
     fmt = PromptFormat.build(tok, "<|image_pad|>", 4, False, {"enable_thinking": False})
     Image.new("RGB", (16, 16), (10, 200, 10)).save(tmp_path / "ok.png")
     (tmp_path / "empty.png").write_bytes(b"")
@@ -213,10 +213,10 @@ def test_truncated_parquet_shard_is_a_clear_error_naming_the_file(tmp_path):
         read_sa1b(str(tmp_path))
 
 
-def test_chat_records_without_image_placeholder_or_answer_are_skipped(toy, tmp_path):
+def test_chat_records_without_image_placeholder_or_answer_are_skipped(tiny, tmp_path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(toy.llm)
+    tok = AutoTokenizer.from_pretrained(tiny.llm)
     fmt = PromptFormat.build(tok, "<|image_pad|>", 4, False, {"enable_thinking": False})
     data = [
         {"image": "a.png", "conversations": [{"from": "human", "value": "what is it"}, {"from": "gpt", "value": "red"}]},

@@ -42,7 +42,7 @@ class Lines:
 
 
 @pytest.mark.parametrize("line, expected", [
-    ("data/toy/eval/images/nope.png", "data/toy/eval/images/nope.png"),
+    ("data/tiny/eval/images/nope.png", "data/tiny/eval/images/nope.png"),
     ("~/x.png", os.path.expanduser("~/x.png")),
     ("'/tmp/a b/c.png'", "/tmp/a b/c.png"),                 # drag-and-drop, quoted
     ("/tmp/a\\ b/c.png", "/tmp/a b/c.png"),                 # drag-and-drop, escaped space
@@ -64,47 +64,52 @@ def test_missing_paths_are_reported_and_never_asked(tmp_path, monkeypatch, capsy
     assistant = FakeAssistant(interrupt_on="stop me")
     chat(assistant, {}, stdin=Lines([
         str(tmp_path / "first.png"), "描述这张图片",
-        "data/toy/eval/images/nope.png", "~/x.png",             # missing: said so, not questions
+        "data/tiny/eval/images/nope.png", "~/x.png",             # missing: said so, not questions
         f"'{tmp_path / 'a b' / 'c.png'}'",                      # a quoted path with a space: a new image
         "stop me",                                              # Ctrl-C during the reply
         "这是什么",
     ]))                                                         # then Ctrl-C at the prompt: chat returns
     out = capsys.readouterr()
     assert assistant.asked == [((8, 8), ["描述这张图片"]), ((20, 10), ["这是什么"])]  # the stopped turn left no trace
-    assert "file not found: data/toy/eval/images/nope.png" in out.err
+    assert "file not found: data/tiny/eval/images/nope.png" in out.err
     assert f"file not found: {tmp_path / 'x.png'}" in out.err
     assert "reply stopped" in out.out
     assert out.out.count("dialogue reset") == 2
 
 
 @pytest.fixture(scope="module")
-def tiny_run(toy, tmp_path_factory):
+def tiny_run(tiny, tmp_path_factory):
     """A 4-step run: a run folder with a `latest` pointer, as training leaves it."""
     import train_stage1
 
     out = tmp_path_factory.mktemp("chat_run")
-    train_stage1.main(["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train,
-                       "--eval_data_root", toy.eval, "--max_steps", "4", "--batch_size", "4", "--num_workers", "0",
+    train_stage1.main(["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.train,
+                       "--eval_data_root", tiny.eval, "--max_steps", "4", "--batch_size", "4", "--num_workers", "0",
                        "--eval_interval", "0", "--eval_samples", "4", "--sample_replies", "0", "--save_interval", "2",
                        "--run_name", "c", "--runs_dir", str(out / "runs"), "--checkpoints_dir", str(out / "ck")])
     return out / "ck" / "c"
 
 
-def test_a_run_folder_is_a_checkpoint(tiny_run, toy, tmp_path, capsys):
+def test_a_run_folder_is_a_checkpoint(tiny_run, tiny, tmp_path, capsys):
+    """A run folder means the checkpoint its `latest` pointer names; a step folder and the
+    safetensors file work as before; anything else is a clear error."""
     import eval_llava
     from model import checkpoint_file
 
-    image = os.path.join(toy.eval, "images", "000000.png")
-    replies = []
-    for ckpt in (tiny_run, tiny_run / "step_000004", tiny_run / "step_000004" / "projector.safetensors"):
-        eval_llava.main(["--checkpoint", str(ckpt), "--image", image, "--prompt", "描述这张图片", "--max_new_tokens", "8"])
-        replies.append(capsys.readouterr().out)
-    assert replies[0] == replies[1] == replies[2] and replies[0].strip()   # the run folder means its latest
-    assert checkpoint_file(str(tiny_run)) == str(tiny_run / "step_000004" / "projector.safetensors")
+    step4 = str(tiny_run / "step_000004" / "projector.safetensors")
+    assert checkpoint_file(str(tiny_run)) == checkpoint_file(str(tiny_run / "step_000004")) == checkpoint_file(step4) == step4
+    (tiny_run / "latest").write_text("step_000002\n")                   # the pointer decides, not the newest name
+    assert checkpoint_file(str(tiny_run)) == str(tiny_run / "step_000002" / "projector.safetensors")
     with pytest.raises(FileNotFoundError, match="give a run folder"):
         checkpoint_file(str(tmp_path))
+    image = os.path.join(tiny.eval, "images", "000000.png")
+    eval_llava.main(["--checkpoint", str(tiny_run), "--image", image, "--prompt", "描述这张图片", "--max_new_tokens", "4"])
+    out = capsys.readouterr()
+    assert f"loading {tiny_run}" in out.err and len(out.out.splitlines()) == 1   # the reply line alone on stdout
+    (tiny_run / "latest").write_text("step_000004\n")
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_prompt_leaves_without_a_traceback(tiny_run):
     proc = subprocess.Popen([sys.executable, "eval_llava.py", "--checkpoint", str(tiny_run)], cwd=ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

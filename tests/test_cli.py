@@ -77,6 +77,7 @@ def test_every_script_help_exits_0_and_shows_each_default_once(script, capsys):
             assert mentions == 1, f"{script} {action.option_strings[0]}: default {action.default!r} not shown: {entry}"
 
 
+@pytest.mark.slow
 def test_help_from_the_shell(tmp_path):
     """The same, as a user types it (imports, sys.path set-up of scripts/, the formatter)."""
     for script in ("train_stage1.py", "scripts/export_hf.py"):
@@ -85,11 +86,11 @@ def test_help_from_the_shell(tmp_path):
 
 
 @pytest.fixture
-def no_toy_build(monkeypatch, toy):
+def no_toy_build(monkeypatch, tiny):
     """--demo without building the demo world: the test world's paths stand in."""
     import toy_world
 
-    monkeypatch.setattr(toy_world, "ensure_toy_world", lambda *a, **kw: toy)
+    monkeypatch.setattr(toy_world, "ensure_toy_world", lambda *a, **kw: tiny)
 
 
 def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeypatch, no_toy_build):
@@ -127,9 +128,9 @@ def test_values_that_cannot_work_are_refused_when_parsing(argv, message, capsys)
     assert message in capsys.readouterr().err
 
 
-def test_intervals_of_zero_mean_off(toy, tmp_path, capsys):
+def test_intervals_of_zero_mean_off(tiny, tmp_path, capsys):
     summary = train_stage1.main([
-        "--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train, "--eval_data_root", toy.eval,
+        "--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.train, "--eval_data_root", tiny.eval,
         "--max_steps", "12", "--batch_size", "4", "--num_workers", "0", "--eval_samples", "8", "--sample_replies", "0",
         "--log_interval", "0", "--save_interval", "0", "--eval_interval", "0", "--run_name", "z",
         "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck")])
@@ -163,12 +164,12 @@ def test_demo_logs_its_before_and_after_figures_and_prints_its_wall_time(no_toy_
     assert demo[10]["demo/toy_vqa_accuracy"] == summary["toy_vqa_accuracy_after"]
 
 
-def test_wrong_paths_are_one_line_errors_not_tracebacks(toy, tmp_path, capsys):
+def test_wrong_paths_are_one_line_errors_not_tracebacks(tiny, tmp_path, capsys):
     import eval_llava
     from scripts import export_hf
 
     with pytest.raises(SystemExit, match=f"--data_format sa1b: no parquet shards in {tmp_path}/nope"):
-        train_stage1.main(["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", str(tmp_path / "nope"),
+        train_stage1.main(["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", str(tmp_path / "nope"),
                            "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck")])
     with pytest.raises(SystemExit) as err:
         eval_llava.main(["--checkpoint", str(tmp_path / "nope"), "--image", "x.png", "--prompt", "hi"])

@@ -1,4 +1,4 @@
-"""convert_vqa.py on a tiny VQA v2 written here in the official schema (2 splits, real JPEGs).
+"""convert_vqa.py on a toy VQA v2 written here in the official schema (2 splits, real JPEGs).
 
 The train split is built so that every filter reason fires exactly once; the last test
 checks that training on the output keeps the question in the prompt and supervises only
@@ -289,7 +289,7 @@ def test_template_and_max_per_split(vqa, tmp_path):
 @pytest.fixture(scope="module")
 def qwen_tokenizer(tmp_path_factory):
     """The toy world's Qwen-style tokenizer (ChatML + Qwen3 template, no BOS, <|image_pad|>),
-    built alone: the LM and tower that the `toy` fixture also trains are not needed here."""
+    built alone: the LM and tower that the `tiny` fixture also trains are not needed here."""
     from transformers import AutoTokenizer
 
     from toy_world import build_tokenizer

@@ -29,7 +29,7 @@ def make_checkpoint(directory, seed: int = 0, **spec_kwargs):
     with torch.no_grad():
         for p in model.projector.parameters():
             p.normal_(0, 0.3)
-    meta = {"step": 7, "run": "export-test", "train_config": {"data_format": "sa1b", "data_root": "data/toy/train",
+    meta = {"step": 7, "run": "export-test", "train_config": {"data_format": "sa1b", "data_root": "data/tiny/train",
                                                               "lr": 2e-3, "batch_size": 4}}
     save_checkpoint(model, str(directory), meta)
     return model.eval(), tok
@@ -104,8 +104,8 @@ def assert_exact(model, tok, ckpt, out, tmp_path, capsys, generate: bool = True)
 
 @pytest.mark.device
 @pytest.mark.parametrize("projector,layer,select", [("linear", -1, "all"), ("mlp2x_gelu", -2, "patch")])
-def test_toy_clip_qwen3_exports_exactly(toy, tmp_path, capsys, projector, layer, select):
-    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=toy.vision, llm=toy.llm, projector=projector,
+def test_toy_clip_qwen3_exports_exactly(tiny, tmp_path, capsys, projector, layer, select):
+    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=tiny.vision, llm=tiny.llm, projector=projector,
                                  feature_layer=layer, feature_select=select, feature_post_norm=False)
     assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
     assert not os.path.exists(tmp_path / "hf.partial")
@@ -115,15 +115,15 @@ def test_toy_clip_qwen3_exports_exactly(toy, tmp_path, capsys, projector, layer,
     assert cfg["vision_feature_layer"] == layer and cfg["image_seq_length"] == model.spec.num_image_tokens
     assert "auto_map" not in cfg  # nothing needs trust_remote_code
     card = (tmp_path / "hf" / "README.md").read_text()
-    assert "LlavaForConditionalGeneration" in card and "optimizer steps: 7" in card and "data/toy/train" in card
+    assert "LlavaForConditionalGeneration" in card and "optimizer steps: 7" in card and "data/tiny/train" in card
     assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys)
 
 
-def test_modelscope_chinese_clip_exports_exactly(toy, tmp_path, capsys):
+def test_modelscope_chinese_clip_exports_exactly(tiny, tmp_path, capsys):
     from tests.test_backbones import write_modelscope_clip
 
     write_modelscope_clip(tmp_path / "ms")
-    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "ms"), llm=toy.llm,
+    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "ms"), llm=tiny.llm,
                                  feature_layer=-1, feature_select="all", feature_post_norm=False)
     assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -131,17 +131,17 @@ def test_modelscope_chinese_clip_exports_exactly(toy, tmp_path, capsys):
     assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys, generate=False)
 
 
-def test_qwen3vl_text_model_exports_as_plain_qwen3(toy, tmp_path, capsys):
+def test_qwen3vl_text_model_exports_as_plain_qwen3(tiny, tmp_path, capsys):
     """Image slots wrapped in <|vision_start|>/<|vision_end|>; the export's plain 1-D RoPE equals
     Qwen3-VL's interleaved M-RoPE for text: checked against the original full model."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from tests.test_backbones import make_qwen3vl
 
-    tok = AutoTokenizer.from_pretrained(toy.llm)
+    tok = AutoTokenizer.from_pretrained(tiny.llm)
     full = make_qwen3vl(tmp_path / "qwen3vl", vocab_size=len(tok))
     tok.save_pretrained(tmp_path / "qwen3vl")
-    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=toy.vision, llm=str(tmp_path / "qwen3vl"),
+    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=tiny.vision, llm=str(tmp_path / "qwen3vl"),
                                  projector="mlp2x_gelu", feature_layer=-2, feature_select="patch",
                                  feature_post_norm=False)
     assert model.spec.image_wrap
@@ -161,7 +161,7 @@ def test_qwen3vl_text_model_exports_as_plain_qwen3(toy, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family", ["dinov3", "siglip"])
-def test_other_towers_export_exactly(toy, tmp_path, capsys, family):
+def test_other_towers_export_exactly(tiny, tmp_path, capsys, family):
     """DINOv3 with every token (CLS + 4 registers + patches: LLaVA's "full"); SigLIP with patch
     selection, which has no prefix token to drop, so "full" as well."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -175,7 +175,7 @@ def test_other_towers_export_exactly(toy, tmp_path, capsys, family):
         torch.manual_seed(0)
         SiglipVisionModel(SiglipVisionConfig(**VC)).save_pretrained(tmp_path / "tower")
         select, n_tokens = "patch", 16
-    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "tower"), llm=toy.llm,
+    model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "tower"), llm=tiny.llm,
                                  feature_layer=-1, feature_select=select, feature_post_norm=False)
     assert model.spec.num_image_tokens == n_tokens
     assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
@@ -194,23 +194,23 @@ def assert_refused(ckpt, out, capsys, *needles: str) -> None:
     assert not os.path.exists(out) and not os.path.exists(f"{out}.partial")
 
 
-def test_post_norm_on_a_clip_tower_is_refused(toy, tmp_path, capsys):
+def test_post_norm_on_a_clip_tower_is_refused(tiny, tmp_path, capsys):
     """The course's setting (ln_post on all tokens): no exact LLaVA equivalent."""
-    make_checkpoint(tmp_path / "ckpt", vision_tower=toy.vision, llm=toy.llm, feature_post_norm=True)
+    make_checkpoint(tmp_path / "ckpt", vision_tower=tiny.vision, llm=tiny.llm, feature_post_norm=True)
     assert_refused(tmp_path / "ckpt", tmp_path / "hf", capsys, "feature_post_norm", "--no-feature_post_norm")
 
 
-def test_dinov3_patch_only_is_refused(toy, tmp_path, capsys):
+def test_dinov3_patch_only_is_refused(tiny, tmp_path, capsys):
     from tests.test_backbones import make_dinov3
 
     make_dinov3(tmp_path / "dino")
-    make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "dino"), llm=toy.llm, feature_select="patch",
+    make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "dino"), llm=tiny.llm, feature_select="patch",
                     feature_post_norm=False)
     assert_refused(tmp_path / "ckpt", tmp_path / "hf", capsys, "registers", "--feature_select all")
 
 
-def test_existing_output_is_kept_without_overwrite(toy, tmp_path, capsys):
-    make_checkpoint(tmp_path / "ckpt", vision_tower=toy.vision, llm=toy.llm, feature_post_norm=False)
+def test_existing_output_is_kept_without_overwrite(tiny, tmp_path, capsys):
+    make_checkpoint(tmp_path / "ckpt", vision_tower=tiny.vision, llm=tiny.llm, feature_post_norm=False)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")
     capsys.readouterr()

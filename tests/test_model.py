@@ -8,17 +8,17 @@ from model import Projector, load_checkpoint, read_checkpoint_meta, save_checkpo
 from tests.conftest import tolerance
 
 
-def toy_batch(model, tok, fmt, toy, n=4):
+def toy_batch(model, tok, fmt, tiny, n=4):
     """A collated batch on the model's device (the test device for toy_model)."""
-    records, _, root = read_records("sa1b", toy.train, max_samples=n)
+    records, _, root = read_records("sa1b", tiny.train, max_samples=n)
     ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform), ImageLoader(root))
     return to_device(collate([ds[i] for i in range(n)], tok.pad_token_id), next(model.projector.parameters()).device)
 
 
 @pytest.mark.device
-def test_slot_count_mismatch_raises(toy_model, toy):
+def test_slot_count_mismatch_raises(toy_model, tiny):
     model, tok, fmt = toy_model
-    batch = toy_batch(model, tok, fmt, toy, 2)
+    batch = toy_batch(model, tok, fmt, tiny, 2)
     ids = batch["input_ids"].clone()
     first_slot = (ids[0] == model.image_token_id).nonzero()[0, 0]
     ids[0, first_slot] = tok.pad_token_id  # one slot short
@@ -27,9 +27,9 @@ def test_slot_count_mismatch_raises(toy_model, toy):
 
 
 @pytest.mark.device
-def test_only_the_projector_receives_gradients(toy_model, toy):
+def test_only_the_projector_receives_gradients(toy_model, tiny):
     model, tok, fmt = toy_model
-    batch = toy_batch(model, tok, fmt, toy)
+    batch = toy_batch(model, tok, fmt, tiny)
     model.train()
     assert not model.llm.training and not model.vision.training  # frozen parts stay in eval
     model.zero_grad(set_to_none=True)
@@ -44,9 +44,9 @@ def test_only_the_projector_receives_gradients(toy_model, toy):
 
 
 @pytest.mark.device
-def test_lean_loss_equals_full_logits_loss(toy_model, toy):
+def test_lean_loss_equals_full_logits_loss(toy_model, tiny):
     model, tok, fmt = toy_model
-    batch = toy_batch(model, tok, fmt, toy)
+    batch = toy_batch(model, tok, fmt, tiny)
     with torch.no_grad():
         loss_sum, n = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
         embeds = model.embed(batch["input_ids"], model.encode_images(batch["pixel_values"]))
@@ -57,9 +57,9 @@ def test_lean_loss_equals_full_logits_loss(toy_model, toy):
 
 
 @pytest.mark.device
-def test_image_features_land_in_the_slots(toy_model, toy):
+def test_image_features_land_in_the_slots(toy_model, tiny):
     model, tok, fmt = toy_model
-    batch = toy_batch(model, tok, fmt, toy, 2)
+    batch = toy_batch(model, tok, fmt, tiny, 2)
     feats = model.encode_images(batch["pixel_values"])                  # [B, N, D_v]
     embeds = model.embed(batch["input_ids"], feats)
     slots = batch["input_ids"] == model.image_token_id
@@ -94,12 +94,12 @@ def test_save_load_round_trip_is_exact_and_strict(toy_model, tmp_path):
         load_checkpoint(str(tmp_path / "ck"))
 
 
-def test_generate_batched_equals_one_by_one(toy_model, toy):
+def test_generate_batched_equals_one_by_one(toy_model, tiny):
     from eval_llava import Assistant
 
     model, tok, fmt = toy_model
     asst = Assistant.from_model(model, tok)
-    records, _, root = read_records("sa1b", toy.eval, max_samples=3)
+    records, _, root = read_records("sa1b", tiny.eval, max_samples=3)
     items = [(ImageLoader(root)(r.image), [{"role": "user", "content": q}])
              for r, q in zip(records, ["描述这张图片", "这张图片里有什么？", "请描述这张图片。"])]
     together = asst.reply_batch(items, max_new_tokens=12)
@@ -116,7 +116,7 @@ def test_projector_shapes_and_names():
         Projector("qformer", 8, 16)
 
 
-def test_frozen_loads_are_strict_about_missing_weights(toy, tmp_path):
+def test_frozen_loads_are_strict_about_missing_weights(tiny, tmp_path):
     """A tower folder without some of its weights must not load as random frozen weights."""
     import shutil
 
@@ -125,7 +125,7 @@ def test_frozen_loads_are_strict_about_missing_weights(toy, tmp_path):
     from model import load_vision_tower
 
     bad = tmp_path / "vision"
-    shutil.copytree(toy.vision, bad)
+    shutil.copytree(tiny.vision, bad)
     state = load_file(str(bad / "model.safetensors"))
     state.pop(next(k for k in state if "encoder.layers.0" in k))
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})

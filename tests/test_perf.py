@@ -9,8 +9,8 @@ import torch
 from dataset import EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed, read_records
 
 
-def _batch_items(toy, model, tok, fmt, n=6):
-    records, _, root = read_records("sa1b", toy.eval)
+def _batch_items(tiny, model, tok, fmt, n=6):
+    records, _, root = read_records("sa1b", tiny.eval)
     ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform), ImageLoader(root),
                        instructions="zh")
     return [ds[i] for i in range(n)]
@@ -24,9 +24,9 @@ def _loss_and_grad(model, batch):
     return (ls / nt).item(), int(nt), model.projector.linear_1.weight.grad.clone()
 
 
-def test_packed_batch_gives_the_padded_loss_and_gradient(toy, toy_model):
+def test_packed_batch_gives_the_padded_loss_and_gradient(tiny, toy_model):
     model, tok, fmt = toy_model
-    items = _batch_items(toy, model, tok, fmt)
+    items = _batch_items(tiny, model, tok, fmt)
     padded, packed = collate(items, tok.pad_token_id), collate_packed(items, tok.pad_token_id)
     assert packed["input_ids"].shape == (1, sum(len(i["input_ids"]) for i in items))
     assert padded["input_ids"].numel() > packed["input_ids"].numel()   # the padding is gone
@@ -41,9 +41,9 @@ def test_packed_batch_gives_the_padded_loss_and_gradient(toy, toy_model):
     assert _loss_and_grad(model, no_pos)[0] != pytest.approx(loss_a, rel=1e-5)
 
 
-def test_gradient_checkpointing_keeps_loss_and_gradient(toy, toy_model):
+def test_gradient_checkpointing_keeps_loss_and_gradient(tiny, toy_model):
     model, tok, fmt = toy_model
-    batch = collate(_batch_items(toy, model, tok, fmt, 4), tok.pad_token_id)
+    batch = collate(_batch_items(tiny, model, tok, fmt, 4), tok.pad_token_id)
     model.train()
     before = _loss_and_grad(model, batch)
     calls = []
@@ -84,8 +84,12 @@ def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     result = main(["--arch", "tiny", "--batch_size", "2", "--steps", "1", "--warmup", "1", "--json", str(out)])
     on_disk = json.loads(out.read_text())
     assert on_disk == json.loads(json.dumps(result))
-    for key in ("samples_per_s", "tokens_per_s", "peak_mem_bytes", "step_ms"):
-        assert on_disk["ours"][key] > 0 and on_disk["reference"][key] > 0, key
+    for who in ("ours", "reference"):   # the figures agree with each other: one step of batch 2, seq tokens each
+        r = on_disk[who]
+        assert r["samples_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3), rel=0.01)
+        assert r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * on_disk["seq_len"], rel=0.01)
+        assert r["peak_mem_bytes"] > 2**20                             # the RSS of a process that holds torch
+    assert on_disk["seq_len"] == 4 + 17 + 64 and on_disk["supervised_tokens"] == 48
     assert on_disk["ratio"] == pytest.approx(on_disk["ours"]["samples_per_s"] / on_disk["reference"]["samples_per_s"],
                                              rel=1e-2)
     assert "mfu" in on_disk and on_disk["mfu"] is None                  # no peak FLOP/s for a CPU
@@ -118,12 +122,12 @@ def test_benchmark_compares_equal_computations_and_sweeps_both_models():
     assert alone["image_tokens"] == 16 and alone["comparison"] == []
 
 
-def test_step_flops_counts_each_part(toy, toy_model):
+def test_step_flops_counts_each_part(tiny, toy_model):
     """The FLOP count behind MFU: vision only from images, LLM quadratic in length, head per token."""
     from utils.flops import sample_lengths, step_flops
 
     model, tok, fmt = toy_model
-    items = _batch_items(toy, model, tok, fmt, 4)
+    items = _batch_items(tiny, model, tok, fmt, 4)
     padded, packed = collate(items, tok.pad_token_id), collate_packed(items, tok.pad_token_id)
     assert sample_lengths(packed) == sample_lengths(padded) == [len(i["input_ids"]) for i in items]
     lengths = sample_lengths(padded)

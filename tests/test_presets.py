@@ -21,33 +21,33 @@ QWEN3VL_STYLE_TEMPLATE = (
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
-def common(toy, tmp_path, steps=6):
-    return ["--data_root", toy.train, "--eval_data_root", toy.eval, "--max_steps", str(steps), "--batch_size", "4",
+def common(tiny, tmp_path, steps=6):
+    return ["--data_root", tiny.train, "--eval_data_root", tiny.eval, "--max_steps", str(steps), "--batch_size", "4",
             "--num_workers", "0", "--eval_interval", "0", "--eval_samples", "8", "--sample_replies", "0",
             "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck"), "--run_name", "p"]
 
 
-def test_course_preset_with_the_modelscope_clip(toy, tmp_path):
+def test_course_preset_with_the_modelscope_clip(tiny, tmp_path):
     write_modelscope_clip(tmp_path / "clip_ms")
     summary = train_stage1.main(["--model", "clip-zh-qwen3-0.6b", "--vision_tower", str(tmp_path / "clip_ms"),
-                                 "--llm", toy.llm, *common(toy, tmp_path)])
+                                 "--llm", tiny.llm, *common(tiny, tmp_path)])
     spec = read_checkpoint_meta(summary["checkpoint"])["spec"]
     assert (spec["projector"], spec["vision_type"], spec["num_image_tokens"]) == ("linear", "modelscope_chinese_clip", 17)
     assert (spec["feature_layer"], spec["feature_select"], spec["feature_post_norm"]) == (-1, "all", True)
     assert spec["image_transform"]["mode"] == "square" and spec["image_wrap"] is False
-    assert spec["vision_path"] == str(tmp_path / "clip_ms") and spec["llm_path"] == toy.llm
+    assert spec["vision_path"] == str(tmp_path / "clip_ms") and spec["llm_path"] == tiny.llm
     meta = read_checkpoint_meta(summary["checkpoint"])
     assert meta["train_config"]["model"] == "clip-zh-qwen3-0.6b" and meta["train_config"]["max_samples"] == 100_000
 
 
-def test_llava15_preset_with_a_dual_tower_clip(toy, tmp_path):
+def test_llava15_preset_with_a_dual_tower_clip(tiny, tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
     CLIPModel(CLIPConfig(vision_config=VC, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                             num_attention_heads=4, vocab_size=99, bos_token_id=0,
                                                             eos_token_id=1))).save_pretrained(tmp_path / "clip")
     summary = train_stage1.main(["--model", "llava15-qwen3-1.7b", "--vision_tower", str(tmp_path / "clip"),
-                                 "--llm", toy.llm, "--global_batch_size", "8", *common(toy, tmp_path)])
+                                 "--llm", tiny.llm, "--global_batch_size", "8", *common(tiny, tmp_path)])
     spec = read_checkpoint_meta(summary["checkpoint"])["spec"]
     assert (spec["projector"], spec["feature_layer"], spec["feature_select"], spec["num_image_tokens"]) == (
         "mlp2x_gelu", -2, "patch", 16)
@@ -55,12 +55,12 @@ def test_llava15_preset_with_a_dual_tower_clip(toy, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def qwen3vl_llm(toy, tmp_path_factory):
-    """A tiny Qwen3-VL checkpoint with the toy (Qwen-style) tokenizer and the template beside it."""
+def qwen3vl_llm(tiny, tmp_path_factory):
+    """A tiny Qwen3-VL checkpoint with the tiny (Qwen-style) tokenizer and the template beside it."""
     path = tmp_path_factory.mktemp("qwen3vl")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(toy.llm)
+    tok = AutoTokenizer.from_pretrained(tiny.llm)
     make_qwen3vl(path, vocab_size=len(tok))
     tok.chat_template = None
     tok.save_pretrained(path)
@@ -71,13 +71,14 @@ def qwen3vl_llm(toy, tmp_path_factory):
     return path
 
 
-def test_align_plan_command_line_under_torchrun(toy, tmp_path, qwen3vl_llm):
+@pytest.mark.slow
+def test_align_plan_command_line_under_torchrun(tiny, tmp_path, qwen3vl_llm):
     make_dinov3(tmp_path / "dinov3")
     # The plan's layout: <dataset_root_dir>/download/llava-laion-cc-sbu-558k/chat.json, images beside it.
     root = tmp_path / "data" / "download" / "llava-laion-cc-sbu-558k"
     root.mkdir(parents=True)
-    shutil.copy(os.path.join(toy.train, "chat.json"), root / "chat.json")
-    os.symlink(os.path.join(toy.train, "images"), root / "images")
+    shutil.copy(os.path.join(tiny.train, "chat.json"), root / "chat.json")
+    os.symlink(os.path.join(tiny.train, "images"), root / "images")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
            "train_stage1.py", "--stage", "align", "--model.type", "dinov3-qwen3vltext-align",
            "--model.align_max_steps", "4", "--model.align_global_batch_size", "8",
@@ -85,7 +86,7 @@ def test_align_plan_command_line_under_torchrun(toy, tmp_path, qwen3vl_llm):
            "--dataset.dataset_root_dir", str(tmp_path / "data"), "--run_root_dir", str(tmp_path / "runs"),
            "--trackers", '["jsonl"]', "--run_id", "align", "--vision_tower", str(tmp_path / "dinov3"),
            "--llm", str(qwen3vl_llm), "--num_workers", "0", "--eval_samples", "8", "--sample_replies", "1",
-           "--eval_data_root", toy.eval, "--eval_chat_json", os.path.join(toy.eval, "chat.json")]
+           "--eval_data_root", tiny.eval, "--eval_chat_json", os.path.join(tiny.eval, "chat.json")]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

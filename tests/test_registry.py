@@ -28,7 +28,7 @@ def test_missing_id_stops_with_the_exact_download_command(tmp_path):
         resolve_model("no-such-model", str(tmp_path))
 
 
-def test_training_without_the_models_names_all_of_them_and_one_download_command(tmp_path, toy):
+def test_training_without_the_models_names_all_of_them_and_one_download_command(tmp_path, tiny):
     with pytest.raises(SystemExit) as err:
         train_stage1.main(["--model", "clip-zh-qwen3-0.6b", "--models_dir", str(tmp_path), "--data_root", str(tmp_path)])
     message = str(err.value)
@@ -36,7 +36,7 @@ def test_training_without_the_models_names_all_of_them_and_one_download_command(
     assert f"python scripts/download_models.py --preset clip-zh-qwen3-0.6b --models_dir {tmp_path}" in message
     # Only part of the preset missing (the tower given as a folder): the missing id by name.
     with pytest.raises(SystemExit) as err:
-        train_stage1.main(["--model", "clip-zh-qwen3-0.6b", "--vision_tower", toy.vision, "--models_dir", str(tmp_path),
+        train_stage1.main(["--model", "clip-zh-qwen3-0.6b", "--vision_tower", tiny.vision, "--models_dir", str(tmp_path),
                            "--data_root", str(tmp_path)])
     assert f"python scripts/download_models.py qwen3-0.6b --models_dir {tmp_path}" in str(err.value)
 
@@ -148,7 +148,7 @@ def test_summary_of_every_preset_from_bundled_configs(tmp_path):
         assert os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{model_id}.json"))
 
 
-def test_one_feature_table_for_describe_training_and_the_dataset_preview(toy, tmp_path, monkeypatch, capsys):
+def test_one_feature_table_for_describe_training_and_the_dataset_preview(tiny, tmp_path, monkeypatch, capsys):
     """A local CLIP folder: describe, training and dataset.py's preview all take the family's
     defaults (layer -2, patch tokens), so all three count the same image slots."""
     import shutil
@@ -164,13 +164,13 @@ def test_one_feature_table_for_describe_training_and_the_dataset_preview(toy, tm
     clip = str(tmp_path / "clip")
     CLIPVisionModel(CLIPVisionConfig(**VC)).save_pretrained(clip)
     assert vision_defaults(clip) == {"feature_layer": -2, "feature_select": "patch", "feature_post_norm": False}
-    model, _ = build_model(ModelSpec(clip, toy.llm, **vision_defaults(clip)))
-    assert describe(clip, toy.llm)["image_tokens_per_image"] == model.spec.num_image_tokens == 16
+    model, _ = build_model(ModelSpec(clip, tiny.llm, **vision_defaults(clip)))
+    assert describe(clip, tiny.llm)["image_tokens_per_image"] == model.spec.num_image_tokens == 16
     (tmp_path / "elsewhere").mkdir()
-    shutil.copy(f"{toy.train}/chat.json", tmp_path / "elsewhere" / "chat.json")  # images stay in toy.train
+    shutil.copy(f"{tiny.train}/chat.json", tmp_path / "elsewhere" / "chat.json")  # images stay in tiny.train
     argv = ["dataset.py", "--data_format", "chat", "--chat_json", str(tmp_path / "elsewhere" / "chat.json"),
-            "--llm", toy.llm, "--vision_tower", clip, "--max_samples", "5"]
-    monkeypatch.setattr(sys, "argv", argv + ["--image_root", toy.train])
+            "--llm", tiny.llm, "--vision_tower", clip, "--max_samples", "5"]
+    monkeypatch.setattr(sys, "argv", argv + ["--image_root", tiny.train])
     dataset.main()
     out = capsys.readouterr().out
     assert "16 image slots (patch tokens)" in out and "<|image_pad|> x 16" in out

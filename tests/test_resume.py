@@ -17,8 +17,8 @@ from tests.conftest import ROOT
 from utils.checkpoint import find_latest
 
 
-def args(toy, out, name, steps, *extra):
-    return ["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train, "--eval_data_root", toy.eval,
+def args(tiny, out, name, steps, *extra):
+    return ["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.train, "--eval_data_root", tiny.eval,
             "--max_steps", str(steps), "--batch_size", "4", "--num_workers", "0", "--eval_interval", "0",
             "--eval_samples", "8", "--sample_replies", "0", "--save_interval", "4", "--keep_last", "0",
             "--run_name", name, "--runs_dir", str(out / "runs"), "--checkpoints_dir", str(out / "ck"),
@@ -56,24 +56,25 @@ def projector(ckpt):
 
 
 @pytest.fixture(scope="module")
-def straight(toy, tmp_path_factory):
+def straight(tiny, tmp_path_factory):
     """The uninterrupted reference: 160 steps in one process."""
     out = tmp_path_factory.mktemp("straight")
-    proc = cli(args(toy, out, "ref", 160))
+    proc = cli(args(tiny, out, "ref", 160))
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log[-3000:]
     return out
 
 
-def test_kill_9_then_resume_auto_is_bit_identical(toy, tmp_path, straight):
-    proc = cli(args(toy, tmp_path, "r", 160))
+@pytest.mark.slow
+def test_kill_9_then_resume_auto_is_bit_identical(tiny, tmp_path, straight):
+    proc = cli(args(tiny, tmp_path, "r", 160))
     wait_for_checkpoint(proc, tmp_path / "ck" / "r")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     resumed_at = int(os.path.basename(find_latest(str(tmp_path / "ck" / "r")))[5:])
     assert resumed_at < 160
-    proc = cli(args(toy, tmp_path, "r", 160, "--resume", "auto"))
+    proc = cli(args(tiny, tmp_path, "r", 160, "--resume", "auto"))
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log[-3000:]
     assert "resumed from" in log and f"at step {resumed_at}" in log
@@ -82,8 +83,9 @@ def test_kill_9_then_resume_auto_is_bit_identical(toy, tmp_path, straight):
     assert losses(tmp_path / "runs" / "r") == losses(straight / "runs" / "ref")  # every step once, identical
 
 
-def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(toy, tmp_path, straight):
-    proc = cli(args(toy, tmp_path, "t", 160, "--save_interval", "1000"))  # no periodic save: only the stop's
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tiny, tmp_path, straight):
+    proc = cli(args(tiny, tmp_path, "t", 160, "--save_interval", "1000"))  # no periodic save: only the stop's
     # Wait until training has started (the metrics file grows), then ask it to stop.
     deadline = time.time() + 300
     while not (tmp_path / "runs" / "t" / "metrics.jsonl").exists() or not (tmp_path / "runs" / "t" / "metrics.jsonl").stat().st_size:
@@ -95,13 +97,13 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(toy, tmp_path, s
     assert "--resume auto" in log and "stopped at step" in log
     stopped = find_latest(str(tmp_path / "ck" / "t"))
     assert stopped is not None and not stopped.endswith("step_000160")
-    proc = cli(args(toy, tmp_path, "t", 160, "--save_interval", "1000", "--resume", "auto"))
+    proc = cli(args(tiny, tmp_path, "t", 160, "--save_interval", "1000", "--resume", "auto"))
     assert proc.communicate(timeout=600)[0] and proc.returncode == 0
     a, b = projector(straight / "ck" / "ref" / "step_000160"), projector(tmp_path / "ck" / "t" / "step_000160")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_crash_between_write_and_rename_keeps_the_previous_checkpoint(toy, tmp_path, monkeypatch):
+def test_a_crash_between_write_and_rename_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     import utils.checkpoint as ck
 
     real = os.replace
@@ -113,20 +115,21 @@ def test_a_crash_between_write_and_rename_keeps_the_previous_checkpoint(toy, tmp
 
     monkeypatch.setattr(ck.os, "replace", crash_on_second_step_dir)
     with pytest.raises(OSError, match="simulated"):
-        train_stage1.main(args(toy, tmp_path, "c", 12))
+        train_stage1.main(args(tiny, tmp_path, "c", 12))
     monkeypatch.setattr(ck.os, "replace", real)
     latest = find_latest(str(tmp_path / "ck" / "c"))
     assert latest.endswith("step_000004")
     assert not os.path.exists(tmp_path / "ck" / "c" / "step_000008")
-    summary = train_stage1.main(args(toy, tmp_path, "c", 12, "--resume", "auto"))
+    summary = train_stage1.main(args(tiny, tmp_path, "c", 12, "--resume", "auto"))
     assert summary["steps"] == 12 and summary["checkpoint"].endswith("step_000012")
 
 
-def test_torchrun_two_processes_equal_one_process_and_only_rank0_writes(toy, tmp_path):
-    base = args(toy, tmp_path, "one", 6, "--global_batch_size", "8")
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process_and_only_rank0_writes(tiny, tmp_path):
+    base = args(tiny, tmp_path, "one", 6, "--global_batch_size", "8")
     one = train_stage1.main(base)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train_stage1.py",
-           *args(toy, tmp_path, "two", 6, "--global_batch_size", "8")]
+           *args(tiny, tmp_path, "two", 6, "--global_batch_size", "8")]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -141,20 +144,20 @@ def test_torchrun_two_processes_equal_one_process_and_only_rank0_writes(toy, tmp
 
 
 @pytest.fixture
-def uneven_chat(toy, tmp_path):
+def uneven_chat(tiny, tmp_path):
     """Answers of 1 to 4 captions: micro-batches with unequal supervised-token counts."""
-    data = json.load(open(os.path.join(toy.train, "chat.json"), encoding="utf-8"))[:64]
+    data = json.load(open(os.path.join(tiny.train, "chat.json"), encoding="utf-8"))[:64]
     for i, rec in enumerate(data):
         rec["conversations"][1]["value"] = rec["conversations"][1]["value"] * (1 + i % 4)
-        rec["image"] = os.path.join(toy.train, rec["image"])
+        rec["image"] = os.path.join(tiny.train, rec["image"])
     path = tmp_path / "uneven.json"
     path.write_text(json.dumps(data, ensure_ascii=False))
     return str(path)
 
 
-def test_accumulated_loss_is_the_mean_over_all_tokens(toy, tmp_path, uneven_chat):
+def test_accumulated_loss_is_the_mean_over_all_tokens(tiny, tmp_path, uneven_chat):
     def run(name, batch, accum):
-        return train_stage1.main(args(toy, tmp_path, name, 3, "--data_format", "chat", "--chat_json", uneven_chat,
+        return train_stage1.main(args(tiny, tmp_path, name, 3, "--data_format", "chat", "--chat_json", uneven_chat,
                                       "--eval_chat_json", uneven_chat, "--batch_size", str(batch),
                                       "--grad_accum", str(accum), "--max_grad_norm", "0"))
 
@@ -168,7 +171,7 @@ def test_accumulated_loss_is_the_mean_over_all_tokens(toy, tmp_path, uneven_chat
     assert all(abs(la[s] - lb[s]) < 1e-5 * abs(la[s]) for s in la)
 
 
-def test_non_finite_steps_are_skipped_counted_and_abort_when_persistent(toy, tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_counted_and_abort_when_persistent(tiny, tmp_path, monkeypatch):
     from model import LlavaStage1
 
     real = LlavaStage1.forward
@@ -180,26 +183,26 @@ def test_non_finite_steps_are_skipped_counted_and_abort_when_persistent(toy, tmp
         return (ls * float("nan"), n) if self.training and calls["n"] in calls["bad"] else (ls, n)
 
     monkeypatch.setattr(LlavaStage1, "forward", flaky)
-    summary = train_stage1.main(args(toy, tmp_path, "nan", 6))
+    summary = train_stage1.main(args(tiny, tmp_path, "nan", 6))
     assert summary["nonfinite_steps"] == 1 and summary["steps"] == 6
     p = projector(summary["checkpoint"])
     assert all(torch.isfinite(v).all() for v in p.values())
     calls.update(n=0, bad=set(range(1, 100)))
     with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
-        train_stage1.main(args(toy, tmp_path, "nan2", 6, "--max_nonfinite", "3"))
+        train_stage1.main(args(tiny, tmp_path, "nan2", 6, "--max_nonfinite", "3"))
 
 
-def test_refuses_to_mix_runs_unless_told(toy, tmp_path):
-    train_stage1.main(args(toy, tmp_path, "same", 4))
+def test_refuses_to_mix_runs_unless_told(tiny, tmp_path):
+    train_stage1.main(args(tiny, tmp_path, "same", 4))
     with pytest.raises(SystemExit, match="--resume auto.*--overwrite"):
-        train_stage1.main(args(toy, tmp_path, "same", 4))
-    summary = train_stage1.main(args(toy, tmp_path, "same", 4, "--overwrite"))
+        train_stage1.main(args(tiny, tmp_path, "same", 4))
+    summary = train_stage1.main(args(tiny, tmp_path, "same", 4, "--overwrite"))
     assert summary["steps"] == 4 and len(losses(tmp_path / "runs" / "same")) == 4
 
 
-def test_the_hf_token_reaches_no_file_and_no_log(toy, tmp_path, capsys):
+def test_the_hf_token_reaches_no_file_and_no_log(tiny, tmp_path, capsys):
     secret = "hf_SECRETtoken0123456789"
-    train_stage1.main(args(toy, tmp_path, "tok", 4, "--hf_token", secret, "--eval_interval", "2", "--sample_replies", "1"))
+    train_stage1.main(args(tiny, tmp_path, "tok", 4, "--hf_token", secret, "--eval_interval", "2", "--sample_replies", "1"))
     out = capsys.readouterr()
     assert secret not in out.out + out.err
     for root, _, files in os.walk(tmp_path):

@@ -15,8 +15,8 @@ import train_stage1
 from tests.conftest import ROOT
 
 
-def base_args(toy, out, name="h", steps=30, *extra):
-    return ["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train, "--eval_data_root", toy.eval,
+def base_args(tiny, out, name="h", steps=30, *extra):
+    return ["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.train, "--eval_data_root", tiny.eval,
             "--max_steps", str(steps), "--batch_size", "8", "--num_workers", "0", "--eval_samples", "16",
             "--sample_replies", "0", "--run_name", name, "--runs_dir", str(out / "runs"),
             "--checkpoints_dir", str(out / "ck"), *extra]
@@ -28,10 +28,10 @@ def run_cli(argv, timeout=300, **kw):
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
-def chat_args(toy, out, image_root, *extra):
-    return ["--vision_tower", toy.vision, "--llm", toy.llm, "--data_format", "chat",
-            "--chat_json", os.path.join(toy.train, "chat.json"), "--image_root", image_root,
-            "--eval_data_root", toy.eval, "--eval_chat_json", os.path.join(toy.eval, "chat.json"),
+def chat_args(tiny, out, image_root, *extra):
+    return ["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_format", "chat",
+            "--chat_json", os.path.join(tiny.train, "chat.json"), "--image_root", image_root,
+            "--eval_data_root", tiny.eval, "--eval_chat_json", os.path.join(tiny.eval, "chat.json"),
             "--max_steps", "20", "--batch_size", "8", "--num_workers", "0", "--eval_samples", "8",
             "--sample_replies", "0", "--run_name", "e", "--runs_dir", str(out / "runs"),
             "--checkpoints_dir", str(out / "ck"), *extra]
@@ -39,11 +39,12 @@ def chat_args(toy, out, image_root, *extra):
 
 # --------------------------------------------------------------------------- no progress possible
 
-def test_no_usable_sample_in_a_whole_pass_stops_with_the_reasons(toy, tmp_path):
-    res = run_cli(chat_args(toy, tmp_path, str(tmp_path / "wrong_root")))
+@pytest.mark.slow
+def test_no_usable_sample_in_a_whole_pass_stops_with_the_reasons(tiny, tmp_path):
+    res = run_cli(chat_args(tiny, tmp_path, str(tmp_path / "wrong_root")))
     assert res.returncode == 1, res.stdout[-2000:]
     err = res.stderr.strip().splitlines()[-1]
-    n = len(json.load(open(os.path.join(toy.train, "chat.json"))))
+    n = len(json.load(open(os.path.join(tiny.train, "chat.json"))))
     assert err.startswith(f"no usable samples in a whole pass over the {n:,} training records: missing_image {n}, "
                           f"e.g. {tmp_path / 'wrong_root' / 'images'}")
     # The first-sample preview says why it shows nothing.
@@ -51,24 +52,24 @@ def test_no_usable_sample_in_a_whole_pass_stops_with_the_reasons(toy, tmp_path):
     assert not os.path.exists(tmp_path / "ck" / "e")                  # no checkpoint of a run that never trained
 
 
-def test_a_long_run_of_empty_batches_stops_early(toy, tmp_path):
+def test_a_long_run_of_empty_batches_stops_early(tiny, tmp_path):
     with pytest.raises(SystemExit, match="no usable samples in 3 batches in a row of the"):
-        train_stage1.main(chat_args(toy, tmp_path, str(tmp_path / "wrong_root"), "--max_empty_batches", "3"))
+        train_stage1.main(chat_args(tiny, tmp_path, str(tmp_path / "wrong_root"), "--max_empty_batches", "3"))
 
 
-def test_fewer_records_than_one_batch_stop_with_advice(toy, tmp_path):
+def test_fewer_records_than_one_batch_stop_with_advice(tiny, tmp_path):
     few = tmp_path / "few"
     few.mkdir()
-    records = json.load(open(os.path.join(toy.train, "chat.json")))[:3]
+    records = json.load(open(os.path.join(tiny.train, "chat.json")))[:3]
     (few / "chat.json").write_text(json.dumps(records, ensure_ascii=False))
     with pytest.raises(SystemExit, match="3 training records make no full batch of 8: lower --batch_size"):
-        train_stage1.main(chat_args(toy, tmp_path, toy.train, "--chat_json", str(few / "chat.json")))
+        train_stage1.main(chat_args(tiny, tmp_path, tiny.train, "--chat_json", str(few / "chat.json")))
 
 
 # --------------------------------------------------------------------------- Ctrl-C
 
 class _Gate(BaseHTTPRequestHandler):
-    """Serves the toy images; after the first request every request waits for `open`."""
+    """Serves the tiny images; after the first request every request waits for `open`."""
 
     root = ""
     served = 0
@@ -95,19 +96,20 @@ class _Gate(BaseHTTPRequestHandler):
         pass
 
 
-def test_second_ctrl_c_while_waiting_for_data_quits_without_a_traceback(toy, tmp_path):
+@pytest.mark.slow
+def test_second_ctrl_c_while_waiting_for_data_quits_without_a_traceback(tiny, tmp_path):
     """The data stalls (a slow image server) while the loop waits: the first Ctrl-C promises a
     save after the step, the second quits at once, in words, without a traceback."""
-    _Gate.root, _Gate.served = toy.train, 0
+    _Gate.root, _Gate.served = tiny.train, 0
     _Gate.open.clear()
     _Gate.asked.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    records = json.load(open(os.path.join(toy.train, "chat.json")))[:64]
+    records = json.load(open(os.path.join(tiny.train, "chat.json")))[:64]
     for r in records:
         r["image"] = f"http://127.0.0.1:{server.server_port}/{r['image']}"
     (tmp_path / "chat.json").write_text(json.dumps(records, ensure_ascii=False))
-    argv = chat_args(toy, tmp_path, str(tmp_path), "--chat_json", str(tmp_path / "chat.json"), "--num_workers", "2",
+    argv = chat_args(tiny, tmp_path, str(tmp_path), "--chat_json", str(tmp_path / "chat.json"), "--num_workers", "2",
                      "--eval_interval", "0")
     proc = subprocess.Popen([sys.executable, "train_stage1.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -130,10 +132,11 @@ def test_second_ctrl_c_while_waiting_for_data_quits_without_a_traceback(toy, tmp
 
 # --------------------------------------------------------------------------- logs in a file
 
-def test_a_redirected_log_has_lines_not_bar_redraws(toy, tmp_path):
+@pytest.mark.slow
+def test_a_redirected_log_has_lines_not_bar_redraws(tiny, tmp_path):
     log = tmp_path / "train.log"
     with open(log, "w") as fh:
-        res = subprocess.run([sys.executable, "train_stage1.py", *base_args(toy, tmp_path, "f", 20, "--log_interval",
+        res = subprocess.run([sys.executable, "train_stage1.py", *base_args(tiny, tmp_path, "f", 20, "--log_interval",
                                                                             "5", "--eval_interval", "10")],
                              cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -159,8 +162,8 @@ def test_healthy_short_run_is_silent_and_logs_memory_and_a_step_0_eval(toy, tmp_
     assert summary["eval_loss_before"] > summary["eval_loss"]
 
 
-def test_zero_learning_rate_raises_the_flat_loss_alarm(toy, tmp_path, capsys):
-    summary = train_stage1.main(base_args(toy, tmp_path, "lr0", 20, "--lr", "0", "--eval_interval", "10"))
+def test_zero_learning_rate_raises_the_flat_loss_alarm(tiny, tmp_path, capsys):
+    summary = train_stage1.main(base_args(tiny, tmp_path, "lr0", 20, "--lr", "0", "--eval_interval", "10"))
     kinds = [a["kind"] for a in summary["alarms"]]
     assert "flat_loss" in kinds and "grad_zero" not in kinds
     assert "! ALARM at step 10: held-out loss" in capsys.readouterr().out
@@ -173,24 +176,24 @@ def test_zero_learning_rate_raises_the_flat_loss_alarm(toy, tmp_path, capsys):
     assert "alarm/flat_loss" in acc.Tags()["scalars"] and any(t.startswith("alarms") for t in acc.Tags()["tensors"])
 
 
-def test_projector_output_scaled_to_zero_raises_grad_and_gap_alarms(toy, tmp_path, monkeypatch):
+def test_projector_output_scaled_to_zero_raises_grad_and_gap_alarms(tiny, tmp_path, monkeypatch):
     from model import Projector
 
     real = Projector.forward
     monkeypatch.setattr(Projector, "forward", lambda self, x: 0.0 * real(self, x))
-    summary = train_stage1.main(base_args(toy, tmp_path, "zero", 20, "--eval_interval", "10"))
+    summary = train_stage1.main(base_args(tiny, tmp_path, "zero", 20, "--eval_interval", "10"))
     by_kind = {a["kind"]: a for a in summary["alarms"]}
     assert by_kind["grad_zero"]["step"] == 1
     assert by_kind["image_gap"]["step"] == 20 and "image slots" in by_kind["image_gap"]["message"]
     assert summary["image_ablation_gap"] == 0.0
 
 
-def test_a_high_skip_rate_raises_the_skip_alarm(toy, tmp_path):
-    records = json.load(open(os.path.join(toy.train, "chat.json")))
+def test_a_high_skip_rate_raises_the_skip_alarm(tiny, tmp_path):
+    records = json.load(open(os.path.join(tiny.train, "chat.json")))
     for r in records[::5]:                                           # every fifth image missing: 20%
         r["image"] = "images/missing.png"
     (tmp_path / "chat.json").write_text(json.dumps(records, ensure_ascii=False))
-    summary = train_stage1.main(chat_args(toy, tmp_path, toy.train, "--chat_json", str(tmp_path / "chat.json"),
+    summary = train_stage1.main(chat_args(tiny, tmp_path, tiny.train, "--chat_json", str(tmp_path / "chat.json"),
                                           "--log_interval", "5"))
     alarm = next(a for a in summary["alarms"] if a["kind"] == "skip_rate")
     assert "samples skipped" in alarm["message"] and summary["skipped"]["missing_image"] > 0

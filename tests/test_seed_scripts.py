@@ -45,6 +45,7 @@ def test_wheel_name_rejects_nonsense():
         wheel_name("3.11", "2.8", "12.8", "maybe", "linux_x86_64")
 
 
+@pytest.mark.slow
 def test_check_flash_attn_json_on_this_torch():
     out = subprocess.run([sys.executable, "scripts/check_flash_attn.py", "--json"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
@@ -64,6 +65,7 @@ def test_check_flash_attn_json_on_this_torch():
 # --------------------------------------------------------------------------- chat_qwen3
 
 def test_chat_keeps_history_streams_and_clears(toy, monkeypatch, capsys):
+    """On the trained toy LM (replies are real text, so streaming shows)."""
     from scripts import chat_qwen3
 
     if not torch.cuda.is_available():
@@ -80,10 +82,9 @@ def test_chat_keeps_history_streams_and_clears(toy, monkeypatch, capsys):
     assert first in t2.prompt and t2.prompt.count("<|im_start|>user") == 2
     assert f"<|im_start|>assistant\n{t1.reply}<|im_end|>" in t2.prompt
     assert first not in t3.prompt and second not in t3.prompt and t3.prompt.count("<|im_start|>user") == 1
-    # Streaming printed each reply as it was generated.
-    assert any(t.reply for t in session.turns)
-    for t in session.turns:
-        assert t.reply in out
+    # Streaming printed each reply as it was generated, in order.
+    assert all(t.reply for t in session.turns)
+    assert out.index(t1.reply) < out.index(t2.reply, out.index(t1.reply) + len(t1.reply)) < out.rindex(t3.reply)
     assert "[history cleared]" in out
     # EOF ends the loop cleanly.
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
@@ -288,11 +289,11 @@ def test_save_examples_sa1b_skips_and_counts(tmp_path):
     assert sentinel.read_text() == "untouched"
 
 
-def test_save_examples_chat_writes_question_and_answer(toy, tmp_path):
+def test_save_examples_chat_writes_question_and_answer(tiny, tmp_path):
     from scripts.save_examples import main
 
-    written, skipped = main(["--data_format", "chat", "--data_root", toy.train, "--out", str(tmp_path), "--n", "2"])
+    written, skipped = main(["--data_format", "chat", "--data_root", tiny.train, "--out", str(tmp_path), "--n", "2"])
     assert written == 2 and not skipped
-    chat = json.load(open(os.path.join(toy.train, "chat.json"), encoding="utf-8"))
+    chat = json.load(open(os.path.join(tiny.train, "chat.json"), encoding="utf-8"))
     text = (tmp_path / "00001.txt").read_text(encoding="utf-8")
     assert text == f"Q: 描述这张图片\nA: {chat[1]['conversations'][1]['value']}\n"
