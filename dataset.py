@@ -22,7 +22,7 @@ import random
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -410,13 +410,30 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.per_rank - self.start
 
 
+class Batch(TypedDict, total=False):
+    """What collate and collate_packed return, and the training loop reads. A batch whose
+    samples were all skipped carries only the counts (size 0)."""
+
+    input_ids: torch.Tensor        # [B, T] right-padded; packed: [1, sum T]
+    labels: torch.Tensor           # like input_ids; IGNORE_INDEX wherever the loss is not taken
+    attention_mask: torch.Tensor   # [B, T] 1 = token; packed: all ones (the model ignores it)
+    position_ids: torch.Tensor     # packed only: [1, sum T], restarting at 0 for each sample
+    pixel_values: torch.Tensor     # [B, 3, H, W], or instead
+    image_features: torch.Tensor   # [B, N, D_v] from the feature cache
+    size: int                      # usable samples (B)
+    index: list[int]               # their record indices
+    skipped: Counter               # skip reason -> count, for this batch
+    skip_examples: dict            # skip reason -> one example (a path, a URL)
+    truncated: int                 # answers cut by --max_text_len
+
+
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _images_and_counts(batch: list[dict]) -> tuple[list[dict], dict]:
+def _images_and_counts(batch: list[dict]) -> tuple[list[dict], Batch]:
     """The usable samples, and what every batch carries: skip reasons, sizes, stacked images."""
     good = [b for b in batch if "skip" not in b]
     out: dict[str, Any] = {"skipped": Counter(b["skip"] for b in batch if "skip" in b), "size": len(good),
@@ -431,7 +448,7 @@ def _images_and_counts(batch: list[dict]) -> tuple[list[dict], dict]:
     return good, out
 
 
-def collate(batch: list[dict], pad_id: int) -> dict:
+def collate(batch: list[dict], pad_id: int) -> Batch:
     """Right-padded training batch; skipped samples leave only their reason behind."""
     good, out = _images_and_counts(batch)
     if not good:
@@ -442,7 +459,7 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     return out
 
 
-def collate_packed(batch: list[dict], pad_id: int) -> dict:
+def collate_packed(batch: list[dict], pad_id: int) -> Batch:
     """Padding-free batch: all samples in one row [1, sum T] with position_ids restarting at 0
     per sample. No pad token is computed; with flash-attention 2 the kernel runs variable
     lengths, with SDPA/eager transformers builds a block-diagonal causal mask."""

@@ -84,3 +84,26 @@ def test_epoch_sampler_is_a_deterministic_partition():
     assert a == EpochSampler(10, seed=3, epoch=1, rank=0, world_size=2).indices()
     assert a != EpochSampler(10, seed=3, epoch=2, rank=0, world_size=2).indices()
     assert list(EpochSampler(10, seed=3, epoch=1, rank=0, world_size=2, start=2)) == a[2:]
+
+
+def test_the_toy_world_cache_key_covers_the_prompt_code_and_instruction_pools(monkeypatch):
+    """The cached toy LM is trained through prompts.py and the instruction pools: editing either
+    must rebuild it rather than silently reuse a stale one."""
+    import inspect
+
+    import prompts
+    import toy_world
+
+    size = toy_world.SIZES["test"]
+    before = toy_world.recipe_hash(size)
+    assert toy_world.recipe_hash(size) == before                          # stable while nothing changes
+    monkeypatch.setitem(toy_world.INSTRUCTION_POOLS, "zh", [*toy_world.INSTRUCTION_POOLS["zh"], "看图说话"])
+    assert toy_world.recipe_hash(size) != before
+    monkeypatch.undo()
+    real = inspect.getsource
+    monkeypatch.setattr(toy_world.inspect, "getsource", lambda obj: real(obj) + ("# edited" if obj is prompts else ""))
+    assert toy_world.recipe_hash(size) != before
+    monkeypatch.undo()
+    monkeypatch.setattr(toy_world.inspect, "getsource",
+                        lambda obj: real(obj) + ("# edited" if obj is toy_world.build_llm else ""))
+    assert toy_world.recipe_hash(size) != before
