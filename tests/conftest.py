@@ -26,10 +26,10 @@ def tolerance(device: str | torch.device = DEVICE) -> dict:
     return dict(rtol=1e-5, atol=1e-5) if torch.device(device).type == "cpu" else dict(rtol=2e-2, atol=2e-2)
 
 
-@pytest.fixture(scope="session")
-def toy():
-    """Built once into .cache/ (git-ignored) and reused while its recipe stamp matches; a file
-    lock keeps concurrent pytest processes from building it twice. Tests only read it."""
+def cached_world(size: str):
+    """A toy world built once into .cache/ (git-ignored) and reused while its recipe stamp
+    matches; a file lock keeps concurrent pytest processes from building it twice. Tests only
+    read it."""
     import fcntl
 
     from toy_world import ensure_toy_world
@@ -38,24 +38,21 @@ def toy():
     os.makedirs(base, exist_ok=True)
     with open(os.path.join(base, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return ensure_toy_world("test", os.path.join(base, "models", "toy"), os.path.join(base, "data", "toy"),
+        return ensure_toy_world(size, os.path.join(base, "models", "toy"), os.path.join(base, "data", "toy"),
                                 log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """The trained toy world (its LM prior and tower pretrained): for evidence of alignment."""
+    return cached_world("test")
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    """The toy world's formats with random, untrained weights (built in about a second, cached
-    like `toy`): for every test that needs real files but no evidence of alignment."""
-    import fcntl
-
-    from toy_world import ensure_toy_world
-
-    base = os.environ.get("LLAVA_TOY_TEST_DIR", os.path.join(ROOT, ".cache", "toy_test"))
-    os.makedirs(base, exist_ok=True)
-    with open(os.path.join(base, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return ensure_toy_world("tiny", os.path.join(base, "models", "toy"), os.path.join(base, "data", "toy"),
-                                log=lambda *a: None)
+    """The toy world's formats with random, untrained weights (built in about a second): for
+    every test that needs real files but no evidence of alignment."""
+    return cached_world("tiny")
 
 
 def pytest_collection_modifyitems(items):
