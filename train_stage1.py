@@ -380,7 +380,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
             epoch, position, batch = next(stream)
             micro.append(to_device(batch, device))
         # One all-reduce carries the step's counts and whether any rank was asked to stop.
-        counts = torch.tensor([sum(supervised_tokens(b["labels"]) for b in micro), sum(b["size"] for b in micro),
+        supervised = sum(supervised_tokens(b["labels"]) for b in micro)
+        counts = torch.tensor([supervised, sum(b["size"] for b in micro),
                                sum(int(b["attention_mask"].sum()) for b in micro), float(stop.requested)],
                               dtype=torch.float64, device=device)
         n_tokens, n_samples, n_seq_tokens, stopping = all_reduce_sum(counts).tolist()
@@ -419,7 +420,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[0],
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
                    "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch, "train/nonfinite_steps": nonfinite,
-                   **mfu(model, micro, sum(supervised_tokens(b["labels"]) for b in micro), bool(cfg.features_cache), dt)}
+                   **mfu(model, micro, supervised, bool(cfg.features_cache), dt)}
         periodic = cfg.log_interval and step % cfg.log_interval == 0
         if periodic:
             scalars.update(periodic_scalars(device, tally))
