@@ -404,16 +404,21 @@ def load_qwen3vl_text(path: str, dtype: torch.dtype, attn_implementation: str) -
 
 
 def load_llm(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-             trust_remote_code: bool = False) -> nn.Module:
+             trust_remote_code: bool = False, quantization_config: Any = None) -> nn.Module:
     """A causal LM from a local directory, frozen and in eval mode. A Qwen3-VL folder gives
-    its text model (AutoModelForCausalLM rejects that config)."""
+    its text model (AutoModelForCausalLM rejects that config). `quantization_config`: a 4-bit
+    base for QLoRA (tuning.quantization_config)."""
     from transformers import AutoModelForCausalLM
 
     if llm_type(path) == "qwen3_vl":
+        if quantization_config is not None:
+            raise SystemExit(f"{path}: a 4-bit Qwen3-VL text model is not supported; use a Qwen3 LLM for QLoRA")
         llm = load_qwen3vl_text(path, dtype, attn_implementation)
     else:
+        extra = {"quantization_config": quantization_config, "device_map": {"": torch.cuda.current_device()}} \
+            if quantization_config is not None else {}
         llm = from_pretrained_strict(AutoModelForCausalLM, path, "LLM", dtype=dtype, attn_implementation=attn_implementation,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, **extra)
     llm.requires_grad_(False)
     llm.eval()
     return llm

@@ -1,8 +1,8 @@
 """Data: readers for each on-disk format, image decoding and preprocessing, the dataset,
 the sampler and the collates. How a sample becomes token ids and labels is prompts.py's.
 
-Every sample is in LLaVA form: one image and `conversations` of human/gpt turns with an
-`<image>` placeholder in a human turn. A sample that cannot be used is skipped and counted by
+Every sample is in LLaVA form: one image (or none: a text-only record) and `conversations` of
+human/gpt turns with an `<image>` placeholder in a human turn when there is an image. A sample that cannot be used is skipped and counted by
 reason (`skipped` in each batch), never silently dropped and never fatal.
 
 CPU check (reads the demo's data after `python train_stage1.py --demo` has built it):
@@ -30,8 +30,9 @@ from PIL import Image, ImageOps
 
 from backbones import (CLIP_MEAN, CLIP_STD, arch_config, image_tokens, knows_vision_markers, load_tokenizer,
                        preprocessing, resolve_model, vision_defaults)
-from prompts import (CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_TOKEN, INSTRUCTION_POOLS, PromptFormat,
-                     caption_messages, encode_conversation, ensure_image_token)
+from prompts import (CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN, INSTRUCTION_POOLS,
+                     PromptFormat, caption_messages, encode_conversation, ensure_image_token,
+                     history_matches_live_chat, with_image_placeholder)
 from utils import console
 from utils.config import HelpFormatter
 from utils.feature_cache import image_key
@@ -186,7 +187,8 @@ def to_messages(conversations: list[dict]) -> list[dict]:
 
 @dataclass
 class Record:
-    """One raw sample before its image is loaded. Exactly one of `caption`/`conversations`."""
+    """One raw sample before its image is loaded. Exactly one of `caption`/`conversations`;
+    `image` is "" for a text-only record (LLaVA's mix665k has ~40k)."""
 
     image: str
     caption: str | None = None
@@ -277,24 +279,78 @@ def read_chat_json(chat_json: str, max_samples: int = 0) -> tuple[list[Record], 
         if max_samples and len(records) >= max_samples:
             break
         try:
-            if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"]:
-                raise SampleError("bad_record", "no image")
+            if not isinstance(item, dict):
+                raise SampleError("bad_record", "not an object")
+            image = item.get("image", "")  # no "image" key: a text-only record
+            if not isinstance(image, str):
+                raise SampleError("bad_record", f"image {image!r}")
             conv = item.get("conversations")
             if not isinstance(conv, list) or len(conv) < 2:
                 raise SampleError("bad_conversation", "fewer than 2 turns")
-            messages = to_messages(conv)
-            if [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2) or len(messages) % 2:
-                raise SampleError("bad_roles", str([m["role"] for m in messages]))
+            messages = checked_turns(to_messages(conv))
+            if not image and any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+                raise SampleError("placeholder_without_image", str(item.get("id", "")))
             meta = {k: v for k, v in item.items() if k not in ("image", "conversations")}
-            records.append(Record(image=item["image"], conversations=messages, meta=meta))
+            records.append(Record(image=image, conversations=messages, meta=meta))
         except SampleError as e:
             skipped[e.reason] += 1
     return records, skipped
 
 
+def checked_turns(messages: list[dict]) -> list[dict]:
+    """user/assistant alternating, starting with the user and ending with an answer."""
+    if [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2) or len(messages) % 2:
+        raise SampleError("bad_roles", str([m["role"] for m in messages]))
+    return messages
+
+
+# CogVLM-SFT-311K's dialogue subsets, the ones the course's stage 2 trains on (its third,
+# llava_details-minigpt4_3500_formate, holds long descriptions under "captions").
+COGVLM_SUBSETS = ("llava_instruction_single_conversation_formate", "llava_instruction_multi_conversations_formate")
+
+
+def read_cogvlm_sft(data_root: str, labels: str = "labels_zh", max_samples: int = 0,
+                    subsets: tuple[str, ...] = COGVLM_SUBSETS) -> tuple[list[Record], Counter]:
+    """CogVLM-SFT-311K: `<root>/<subset>/images/<stem>.jpg` + `<root>/<subset>/<labels>/<stem>.json`
+    holding {"conversations": [{"role", "content"}, ...]} (labels_zh Chinese, labels English).
+    The text has no `<image>`: it goes before the first user turn's text, where eval_llava.py
+    puts it in a chat. A label file without its image is counted ("label_without_image")."""
+    records: list[Record] = []
+    skipped: Counter = Counter()
+    found = [s for s in subsets if os.path.isdir(os.path.join(data_root, s, labels))]
+    if not found:
+        raise FileNotFoundError(f"no CogVLM-SFT subset with a {labels}/ folder under {data_root} "
+                                f"(looked for {', '.join(subsets)})")
+    for subset in found:
+        for label in sorted(glob.glob(os.path.join(data_root, subset, labels, "*.json"))):
+            if max_samples and len(records) >= max_samples:
+                return records, skipped
+            stem = os.path.splitext(os.path.basename(label))[0]
+            image = os.path.join(subset, "images", f"{stem}.jpg")
+            try:
+                if not os.path.isfile(os.path.join(data_root, image)):
+                    raise SampleError("label_without_image", image)
+                try:
+                    with open(label, encoding="utf-8") as fh:
+                        item = json.load(fh)
+                except (OSError, ValueError) as e:
+                    raise SampleError("bad_label_file", f"{label}: {e}") from None
+                conv = item.get("conversations") if isinstance(item, dict) else None
+                if not isinstance(conv, list) or len(conv) < 2:
+                    raise SampleError("bad_conversation", f"{label}: fewer than 2 turns")
+                messages = with_image_placeholder(checked_turns(to_messages(conv)))
+                records.append(Record(image=image, conversations=messages, meta={"subset": subset, "id": stem}))
+            except SampleError as e:
+                skipped[e.reason] += 1
+    return records, skipped
+
+
 def read_records(data_format: str, data_root: str = "", chat_json: str = "",
-                 max_samples: int = 0) -> tuple[list[Record], Counter, str]:
+                 max_samples: int = 0, labels: str = "labels_zh") -> tuple[list[Record], Counter, str]:
     """Dispatch on --data_format. Returns (records, skip counts, image root)."""
+    if data_format == "cogvlm_sft":
+        records, skipped = read_cogvlm_sft(data_root, labels, max_samples)
+        return records, skipped, data_root
     if data_format == "sa1b":
         records, skipped = read_sa1b(data_root, max_samples)
         return records, skipped, data_root
@@ -302,21 +358,32 @@ def read_records(data_format: str, data_root: str = "", chat_json: str = "",
         path = chat_json or os.path.join(data_root, "chat.json")
         records, skipped = read_chat_json(path, max_samples)
         return records, skipped, data_root or os.path.dirname(os.path.abspath(path))
-    raise ValueError(f"unknown data format {data_format!r} (sa1b | chat)")
+    raise ValueError(f"unknown data format {data_format!r} (sa1b | chat | cogvlm_sft)")
+
+
+DATA_FORMATS = ("sa1b", "chat", "cogvlm_sft")
 
 
 # --------------------------------------------------------------------------- dataset and collate
 
 class Stage1Dataset(torch.utils.data.Dataset):
-    """Records -> {input_ids, labels, pixel_values} or {"skip": reason}.
+    """Records -> {input_ids, labels, pixel_values} (no pixels for a text-only record) or
+    {"skip": reason}. Serves every stage: captions, VQA, instruction dialogues.
 
     Instruction choice for caption records depends only on (seed, epoch, index), so a
     resumed run sees the same prompts as an uninterrupted one.
+
+    Multi-turn dialogues: every answer is trained on exactly the tokens a live chat in
+    eval_llava.py feeds before it. When the template renders history as a chat generated it
+    (prompts.history_matches_live_chat), one sample supervises all answers; otherwise (Qwen3,
+    whose generated turn follows an empty think block that history drops) a k-answer dialogue
+    becomes k samples, sample t supervising answer t after the first t-1 turns as history.
+    `per_turn` forces either way (None: decided by that probe).
     """
 
     def __init__(self, records: list[Record], tokenizer, fmt: PromptFormat, transform: ImageTransform,
                  loader: ImageLoader, max_text_len: int = 128, instructions: str = "course", seed: int = 0,
-                 features=None):
+                 features=None, per_turn: bool | None = None):
         self.records, self.tokenizer, self.fmt = records, tokenizer, fmt
         self.transform, self.loader = transform, loader
         self.features = features  # a utils.feature_cache.FeatureCache: no decoding, no ViT
@@ -324,43 +391,63 @@ class Stage1Dataset(torch.utils.data.Dataset):
         self.max_text_len, self.instructions, self.seed = max_text_len, INSTRUCTION_POOLS[instructions], seed
         self.epoch = 0
         self._unexpected = 0
+        if per_turn is None:
+            multi = any(r.conversations is not None and len(r.conversations) > 2 for r in records)
+            per_turn = multi and not history_matches_live_chat(tokenizer, fmt.chat_template_kwargs)
+        self.per_turn = per_turn
+        # (record, answers kept): one item per record, or one per answer of each dialogue.
+        self.items: list[tuple[int, int]] = []
+        for i, r in enumerate(records):
+            answers = len(r.conversations) // 2 if r.conversations is not None else 1
+            self.items += [(i, t) for t in range(1, answers + 1)] if per_turn else [(i, answers)]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.items)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def record(self, idx: int) -> Record:
+        return self.records[self.items[idx][0]]
+
     def text_lengths(self) -> list[int]:
-        """Characters of text per record: a cheap stand-in for token counts when grouping."""
-        return [len(r.caption) if r.caption is not None else sum(len(m["content"]) for m in r.conversations)
-                for r in self.records]
+        """Characters of text per item: a cheap stand-in for token counts when grouping."""
+        return [len(self.records[i].caption) if self.records[i].caption is not None
+                else sum(len(m["content"]) for m in self.records[i].conversations[:2 * t]) for i, t in self.items]
 
     def messages(self, idx: int) -> list[dict]:
-        rec = self.records[idx]
+        i, answers = self.items[idx]
+        rec = self.records[i]
         if rec.conversations is not None:
-            return rec.conversations
-        rng = random.Random(self.seed * 1_000_003 + self.epoch * 10_007 + idx)
+            return rec.conversations[:2 * answers]
+        rng = random.Random(self.seed * 1_000_003 + self.epoch * 10_007 + i)
         return caption_messages(rec.caption or "", rng.choice(self.instructions))
 
     def __getitem__(self, idx: int) -> dict:
+        rec = self.record(idx)
         try:
             messages = self.messages(idx)
-            ids, labels = encode_conversation(self.tokenizer, self.fmt, messages, self.max_text_len, self._prompts)
-            if self.features is not None:
-                image = {"image_features": self.features[image_key(self.records[idx].image, self.loader.root)]}
+            ids, labels = encode_conversation(self.tokenizer, self.fmt, messages, self.max_text_len, self._prompts,
+                                              images=int(bool(rec.image)), supervise_history=not self.per_turn)
+            if not rec.image:
+                image = {}
+            elif self.features is not None:
+                image = {"image_features": self.features[image_key(rec.image, self.loader.root)]}
             else:
-                image = {"pixel_values": self.transform(self.loader(self.records[idx].image))}
+                image = {"pixel_values": self.transform(self.loader(rec.image))}
         except SampleError as e:
-            return {"skip": e.reason, "detail": e.detail or self.records[idx].image, "index": idx}
+            return {"skip": e.reason, "detail": e.detail or rec.image, "index": idx}
         except KeyError as e:  # MissingFeatures: the image failed when caching, or is not in the cache
-            return {"skip": getattr(e, "reason", "not_in_feature_cache"), "detail": self.records[idx].image, "index": idx}
+            return {"skip": getattr(e, "reason", "not_in_feature_cache"), "detail": rec.image, "index": idx}
         except Exception as e:  # noqa: BLE001 - bad data must never end a run; say what it was
             if self._unexpected < 3:
-                print(f"! sample {idx} ({self.records[idx].image}): unexpected {type(e).__name__}: {e}", flush=True)
+                print(f"! sample {idx} ({rec.image}): unexpected {type(e).__name__}: {e}", flush=True)
             self._unexpected += 1
-            return {"skip": f"unexpected_{type(e).__name__}", "detail": f"{self.records[idx].image}: {e}", "index": idx}
-        truncated = labels[-1] != self.fmt.end_of_turn_id
+            return {"skip": f"unexpected_{type(e).__name__}", "detail": f"{rec.image}: {e}", "index": idx}
+        # Cut short: an answer lost its tail, or a dialogue its trailing turns (fewer closed answers).
+        closed = sum(1 for t in labels if t == self.fmt.end_of_turn_id)
+        wanted = 1 if self.per_turn or rec.conversations is None else len(messages) // 2
+        truncated = labels[-1] != self.fmt.end_of_turn_id or closed < wanted
         return {"input_ids": ids, "labels": labels, **image, "index": idx, "truncated": truncated}
 
 
@@ -418,8 +505,8 @@ class Batch(TypedDict, total=False):
     labels: torch.Tensor           # like input_ids; IGNORE_INDEX wherever the loss is not taken
     attention_mask: torch.Tensor   # [B, T] 1 = token; packed: all ones (the model ignores it)
     position_ids: torch.Tensor     # packed only: [1, sum T], restarting at 0 for each sample
-    pixel_values: torch.Tensor     # [B, 3, H, W], or instead
-    image_features: torch.Tensor   # [B, N, D_v] from the feature cache
+    pixel_values: torch.Tensor     # [B_img, 3, H, W] (B_img <= B: text-only samples have none), or instead
+    image_features: torch.Tensor   # [B_img, N, D_v] from the feature cache
     size: int                      # usable samples (B)
     index: list[int]               # their record indices
     skipped: Counter               # skip reason -> count, for this batch
@@ -442,9 +529,12 @@ def _images_and_counts(batch: list[dict]) -> tuple[list[dict], Batch]:
                            "skip_examples": {b["skip"]: b.get("detail", "") for b in reversed(batch) if "skip" in b}}
     if good:
         out["index"] = [b["index"] for b in good]
-        for key in ("pixel_values", "image_features"):  # [B, 3, H, W] images or [B, N, D_v] cached features
-            if key in good[0]:
-                out[key] = torch.from_numpy(np.stack([b[key] for b in good]))
+        # [B_img, 3, H, W] images or [B_img, N, D_v] cached features, in sample order; text-only
+        # samples have none (the model fills image slots row by row, so the order matches).
+        for key in ("pixel_values", "image_features"):
+            with_image = [b[key] for b in good if key in b]
+            if with_image:
+                out[key] = torch.from_numpy(np.stack(with_image))
     return good, out
 
 

@@ -139,9 +139,12 @@ def heldout_loss(model: LlavaStage1, ds: Stage1Dataset, n: int = 0, batch_size: 
         if not batch["size"]:
             continue
         batch = to_device(batch, device)
-        images = batch[key]                                          # [B, 3, H, W] or [B, N, D_v]
+        images = batch.get(key)                                      # [B_img, 3, H, W] or [B_img, N, D_v]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **{key: images})
+            if images is None:  # text-only samples: nothing to swap
+                loss_sum, tokens = loss_sum + ls.item(), tokens + int(nt)
+                continue
             wrong = torch.roll(images, 1, 0) if len(images) > 1 else other
             if wrong is not None:
                 ws, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **{key: wrong})
@@ -185,11 +188,13 @@ def heldout_items(ds: Stage1Dataset, n: int, instruction: str | None = None):
     """
     items, refs = [], []
     for i in range(min(n, len(ds)) if n else len(ds)):
-        messages = ds.messages(i)
-        if instruction is not None and ds.records[i].caption is not None:
-            messages = caption_messages(ds.records[i].caption, instruction)
+        messages, record = ds.messages(i), ds.record(i)
+        if instruction is not None and record.caption is not None:
+            messages = caption_messages(record.caption, instruction)
+        if not record.image:
+            continue  # a text-only record: nothing to look at
         try:
-            image = ds.loader(ds.records[i].image)
+            image = ds.loader(record.image)
         except SampleError as e:
             console.warn(f"held-out record {i} left out: {e}")
             continue
@@ -336,9 +341,10 @@ def run_vqa(assistant: Assistant, chat_json: str, image_root: str, out_dir: str,
 
 
 def official_vqa_accuracy(assistant: Assistant, questions_json: str, annotations_json: str, image_dir: str,
-                          template: str, split: str = "val2014") -> float:
+                          template: str, split: str = "val2014", replies_out: list | None = None) -> float:
     """Official-metric accuracy on VQA v2 files as they come (no conversion step): the demo's
-    check that a projector aligned on captions lets the frozen LM answer questions."""
+    check that a projector aligned on captions lets the frozen LM answer questions.
+    `replies_out` receives (question, reply) pairs for a caller that looks further."""
     with open(questions_json, encoding="utf-8") as fh:
         questions = json.load(fh)["questions"]
     with open(annotations_json, encoding="utf-8") as fh:
@@ -347,6 +353,8 @@ def official_vqa_accuracy(assistant: Assistant, questions_json: str, annotations
               [{"role": "user", "content": template.replace("{question}", q["question"])}]) for q in questions]
     replies, _ = answer_all(assistant, items, "", 64, 8, "toy vqa")
     predictions = [{"question_id": q["question_id"], "answer": r} for q, r in zip(questions, replies) if r is not None]
+    if replies_out is not None:
+        replies_out += list(zip(questions, replies))
     return evaluate(annotations, predictions)["overall"]
 
 

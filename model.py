@@ -1,4 +1,5 @@
-"""LLaVA stage-1 model: frozen vision tower -> trainable projector -> frozen LLM.
+"""LLaVA model: frozen vision tower -> trainable projector -> LLM (frozen in stage 1; tuned in
+full or through LoRA adapters in stages 2 and 3, see tuning.py).
 
 Shape legend (used in every comment below):
     B    batch size (samples)           N     image tokens per image
@@ -8,7 +9,7 @@ Shape legend (used in every comment below):
     image [B,3,H,W] -> VisionTower -> [B,N,D_v] -> Projector -> [B,N,D_lm] --+
     ids [B,T] (N slots per image) -> embed_tokens -> [B,T,D_lm] <- scatter -+-> LLM -> loss
 
-Only the projector has trainable parameters. CPU checks (nothing is downloaded):
+In stage 1 only the projector has trainable parameters. CPU checks (nothing is downloaded):
     python model.py --summary --model clip-zh-qwen3-0.6b
     python model.py --summary --vision_tower models/toy/vision --llm models/toy/llm
     python model.py --list
@@ -32,6 +33,8 @@ from backbones import (MODELSCOPE_CLIP, PRESETS, REGISTRY, VISION_TYPES, describ
                        from_pretrained_strict, image_tokens, knows_vision_markers, load_llm,
                        load_modelscope_chinese_clip, load_tokenizer, prefix_tokens, preprocessing, resolve_model)
 from prompts import CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_TOKEN, ensure_image_token
+from tuning import (LLM_DIR, Tuning, assert_trainable, check_device, load_adapter, quantization_config,
+                    save_llm)
 from utils import console
 from utils.atomic import atomic_path, atomic_write
 from utils.checkpoint import WEIGHTS_FILE, find_latest
@@ -169,11 +172,13 @@ class LlavaStage1(nn.Module):
         self.llm = llm
         self.spec = spec
         self.image_token_id = image_token_id
+        self.tuning = Tuning()          # what trains (tuning.py); stage 1: the projector only
         self.checkpointed_layers: list[nn.Module] = []
 
     def train(self, mode: bool = True) -> "LlavaStage1":
         super().train(mode)
-        self.llm.eval()                 # frozen parts never leave eval mode
+        if self.tuning.llm == "none":
+            self.llm.eval()             # frozen parts never leave eval mode (LoRA dropout needs train mode)
         if self.vision is not None:
             self.vision.eval()
         for layer in self.checkpointed_layers:
@@ -199,20 +204,24 @@ class LlavaStage1(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def assert_only_projector_trainable(self) -> None:
-        bad = [n for n, _ in self.trainable_parameters() if not n.startswith("projector.")]
-        if bad:
-            raise RuntimeError(f"stage 1 trains the projector only; also trainable: {bad[:5]}")
+        assert_trainable(self, Tuning())
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.vision is None:
             raise RuntimeError("this model was built without a vision tower; pass image_features")
         return self.vision(pixel_values)                             # [B, N, D_v]
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with projected image features written into the image slots."""
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with projected image features written into the image slots.
+
+        image_features holds the batch's images in order ([B_img, N, D_v], B_img <= B: text-only
+        samples have none); None for a batch without any image. The projector runs even then
+        (on no rows), so every process computes the same graph."""
         slots = input_ids == self.image_token_id                     # [B, T]
-        # next(parameters()) also works when training wraps the projector in DDP.
-        feats = self.projector(image_features.to(next(self.projector.parameters()).dtype))  # [B_img, N, D_lm]
+        weight = next(self.projector.parameters())
+        if image_features is None:
+            image_features = weight.new_zeros(0, self.spec.num_image_tokens, self.spec.vision_hidden_size)
+        feats = self.projector(image_features.to(weight.dtype))      # [B_img, N, D_lm]
         n_slots, n_feats = int(slots.sum()), feats.shape[0] * feats.shape[1]
         if n_slots != n_feats:
             # transformers' LLaVA raises here too: a silent mismatch trains garbage.
@@ -223,7 +232,7 @@ class LlavaStage1(nn.Module):
         return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
 
     def _features(self, pixel_values, image_features):
-        if image_features is None:
+        if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         return image_features
 
@@ -302,11 +311,14 @@ class LlavaStage1(nn.Module):
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtype: torch.dtype | None = None,
                 attn_implementation: str = "sdpa", models_dir: str = "models",
-                trust_remote_code: bool = False) -> tuple[LlavaStage1, Any]:
+                trust_remote_code: bool = False, llm_dtype: torch.dtype | None = None,
+                load_in_4bit: bool = False) -> tuple[LlavaStage1, Any]:
     """Load the frozen parts from local directories and create the projector.
 
     Frozen weights are stored in bf16 on CUDA (half the memory, full tensor-core speed) and
-    fp32 on CPU; the projector stays fp32 (autocast handles its matmuls).
+    fp32 on CPU; the projector stays fp32 (autocast handles its matmuls). `llm_dtype`
+    overrides the LLM's (fp32 master weights when it is tuned in full); `load_in_4bit` loads
+    it as QLoRA's NF4 base (CUDA only).
     Returns (model, tokenizer); `spec` is completed in place.
     """
     device = torch.device(device)
@@ -321,12 +333,18 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtyp
     spec.image_transform = preprocessing(spec.vision_path, vision.image_size)
     if spec.image_wrap is None:
         spec.image_wrap = knows_vision_markers(spec.llm_path)
-    llm = load_llm(spec.llm_path, frozen_dtype, attn_implementation, trust_remote_code)
+    llm = load_llm(spec.llm_path, llm_dtype or frozen_dtype, attn_implementation, trust_remote_code,
+                   quantization_config() if load_in_4bit else None)
     tokenizer = load_tokenizer(spec.llm_path, trust_remote_code)
     spec.llm_hidden_size = llm.config.hidden_size
     image_token_id = ensure_image_token(tokenizer, spec.image_token)
     projector = Projector(spec.projector, spec.vision_hidden_size, spec.llm_hidden_size)
-    model = LlavaStage1(vision, projector, llm, spec, image_token_id).to(device)
+    model = LlavaStage1(vision, projector, llm, spec, image_token_id)
+    if load_in_4bit:  # from_pretrained placed the 4-bit base already (bitsandbytes weights refuse .to())
+        vision.to(device)
+        projector.to(device)
+    else:
+        model.to(device)
     model.assert_only_projector_trainable()
     return model, tokenizer
 
@@ -338,15 +356,20 @@ def _locate(name: str, stored_path: str, models_dir: str) -> str:
     return resolve_model(name, models_dir)
 
 
-def save_checkpoint(model: LlavaStage1, directory: str, extra: dict | None = None) -> str:
-    """Write `projector.safetensors` (weights + JSON metadata) and a readable `model_spec.json`.
+def save_checkpoint(model: LlavaStage1, directory: str, extra: dict | None = None, tokenizer: Any = None) -> str:
+    """Write `projector.safetensors` (weights + JSON metadata), a readable `model_spec.json`,
+    and when the LLM was tuned its weights (tuning.save_llm: llm/ or adapter/).
 
-    Written to a temp name and renamed, so a crash leaves either the old file or the new one.
+    Each file is written to a temp name and renamed (and a training step folder is committed
+    as a whole by utils.checkpoint.save_step), so a crash leaves the old files or the new ones.
     """
-    meta = {"spec": asdict(model.spec), **(extra or {})}
-    projector = getattr(model.projector, "module", model.projector)  # unwrap DDP
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in projector.state_dict().items()}
+    meta = {"spec": asdict(model.spec), "tuning": asdict(model.tuning), **(extra or {})}
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.projector.state_dict().items()}
     path = os.path.join(directory, CHECKPOINT_FILE)
+    if model.tuning.llm != "none":
+        if tokenizer is None:
+            raise ValueError("saving a tuned LLM needs its tokenizer (the llm/ folder must load on its own)")
+        save_llm(model.llm, tokenizer, directory, model.tuning)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
     atomic_write(os.path.join(directory, "model_spec.json"), json.dumps(meta, indent=2, ensure_ascii=False))
@@ -379,28 +402,51 @@ def load_projector_weights(model: LlavaStage1, path: str) -> None:
     """Strict load: every key present, no extras, same shapes (a silent partial load is how
     'loss stuck at 7.5' reports start)."""
     state = load_file(checkpoint_file(path), device="cpu")
-    projector = getattr(model.projector, "module", model.projector)  # unwrap DDP
-    missing, unexpected = projector.load_state_dict(state, strict=False)
+    missing, unexpected = model.projector.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{path}: projector keys do not match; missing={missing} unexpected={unexpected}")
 
 
 def load_checkpoint(path: str, device: torch.device | str = "cpu", vision_tower: str | None = None,
-                    llm: str | None = None, **build_kwargs) -> tuple[LlavaStage1, Any, dict]:
-    """Rebuild the model from a checkpoint alone; `vision_tower`/`llm` override stored paths."""
+                    llm: str | None = None, trainable: bool = False, **build_kwargs) -> tuple[LlavaStage1, Any, dict]:
+    """Rebuild the model of any stage from a checkpoint alone; `vision_tower`/`llm` override
+    stored paths (`llm`: the base LLM; a full-tuned checkpoint carries its own LLM in llm/).
+
+    Everything is loaded strictly: the projector, a tuned LLM (from_pretrained refusing missing
+    weights) and LoRA adapters (every tensor checked). `trainable`: LoRA adapters come back
+    trainable (resume); `model.tuning` is the checkpoint's either way.
+    """
     meta = read_checkpoint_meta(path)
     spec = ModelSpec.from_dict(meta["spec"])
+    tuning = Tuning(**meta.get("tuning", {}))
+    folder = os.path.dirname(os.path.abspath(checkpoint_file(path)))
     stored = asdict(spec)
     if vision_tower:
         spec.vision_tower, spec.vision_path = vision_tower, ""
-    if llm:
+    if tuning.llm == "full":
+        if llm:
+            raise ValueError(f"{path}: the LLM was tuned in full and lives in {LLM_DIR}/; --llm cannot replace it")
+        spec.llm_path = os.path.join(folder, LLM_DIR)
+    elif llm:
         spec.llm, spec.llm_path = llm, ""
+    device = torch.device(device)
+    if tuning.load_in_4bit and device.type != "cuda":
+        # The adapter applies to the base in full precision too (what merging does); say so.
+        console.warn(f"{path}: trained over a 4-bit base (QLoRA); on {device.type} the base loads in full precision")
+    elif tuning.load_in_4bit:
+        check_device(tuning, device)
+        build_kwargs.setdefault("load_in_4bit", True)
+    if tuning.llm == "full" and device.type == "cuda" and trainable:
+        build_kwargs.setdefault("llm_dtype", torch.float32)   # master weights for more training
     model, tokenizer = build_model(spec, device, **build_kwargs)
     for key in ("num_image_tokens", "vision_hidden_size", "llm_hidden_size"):
         if stored[key] != getattr(spec, key):
             raise ValueError(f"{path}: checkpoint has {key}={stored[key]} but the loaded models give "
                              f"{getattr(spec, key)}; wrong --vision_tower/--llm?")
     load_projector_weights(model, path)
+    if tuning.llm == "lora":
+        model.llm = load_adapter(model.llm, folder, trainable)
+    model.tuning = tuning
     return model, tokenizer, meta
 
 

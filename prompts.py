@@ -152,13 +152,37 @@ def encode_prompt(tokenizer, fmt: PromptFormat, messages: list[dict]) -> tuple[l
     return ids, mask
 
 
+def history_matches_live_chat(tokenizer, chat_template_kwargs: dict) -> bool:
+    """Whether the template renders an earlier answer, as history, exactly as the tokens a live
+    chat generated for it at that turn (the generation prompt followed by the answer).
+
+    ChatML without thinking does; Qwen3's does not: the turn being generated follows an empty
+    `<think></think>` block that the same answer loses once it is history. Supervising an
+    earlier answer inside the full rendering would then train a prefix inference never shows,
+    so such conversations are trained one turn per sample (dataset.Stage1Dataset).
+    """
+    probe = "PROBEANSWER"
+    first = [{"role": "user", "content": "hi"}]
+    live = tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True, **chat_template_kwargs)
+    history = tokenizer.apply_chat_template(first + [{"role": "assistant", "content": probe},
+                                                     {"role": "user", "content": "more"}],
+                                            tokenize=False, add_generation_prompt=True, **chat_template_kwargs)
+    return history.startswith(live + probe)
+
+
 def encode_conversation(tokenizer, fmt: PromptFormat, messages: list[dict], max_text_len: int,
-                        prompt_cache: dict | None = None) -> tuple[list[int], list[int]]:
+                        prompt_cache: dict | None = None, images: int = 1,
+                        supervise_history: bool = True) -> tuple[list[int], list[int]]:
     """Training ids and labels for a conversation that ends with an assistant answer.
 
     Prompt = exactly what inference feeds for the same history; target = answer tokens plus
-    the end-of-turn token, nothing else (-100 elsewhere). `max_text_len` counts tokens other
-    than image slots; an over-long answer loses its tail, never an image slot.
+    the end-of-turn token, nothing else (-100 elsewhere). Earlier answers are supervised too
+    when `supervise_history` (only for templates where history_matches_live_chat).
+    `max_text_len` counts tokens other than image slots. A conversation that does not fit
+    loses whole trailing turns (the caller counts them: fewer end-of-turn labels than answers);
+    a per-turn sample (`supervise_history` False) of a later turn that does not fit is skipped;
+    a first answer that does not fit loses its tail, never an image slot.
+    `images` is the number of `<image>` placeholders the user turns must carry (0: text only).
     `prompt_cache` memoises the rendered prompt: caption data has a handful of distinct
     prompts (one per instruction), and rendering the chat template is the costliest step.
     """
@@ -167,22 +191,32 @@ def encode_conversation(tokenizer, fmt: PromptFormat, messages: list[dict], max_
     if not messages[-1]["content"].strip():
         raise SampleError("empty_answer")
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
-    if placeholders != 1:
-        raise SampleError("no_image_placeholder" if placeholders == 0 else "too_many_images")
-    key = tuple((m["role"], m["content"]) for m in messages[:-1])
-    if prompt_cache is not None and key in prompt_cache:
-        prompt, mask = prompt_cache[key]
-    else:
-        prompt, mask = encode_prompt(tokenizer, fmt, messages[:-1])
-        if prompt_cache is not None and len(prompt_cache) < 10_000:  # bounded: VQA questions rarely repeat
-            prompt_cache[key] = (prompt, mask)
-    n_image = len(fmt.image_ids())
-    budget = max_text_len - (len(prompt) - n_image)
+    if placeholders != images:
+        raise SampleError("no_image_placeholder" if placeholders < images else
+                          "placeholder_without_image" if images == 0 else "too_many_images")
+    while True:
+        key = tuple((m["role"], m["content"]) for m in messages[:-1])
+        if prompt_cache is not None and key in prompt_cache:
+            prompt, mask = prompt_cache[key]
+        else:
+            prompt, mask = encode_prompt(tokenizer, fmt, messages[:-1])
+            if prompt_cache is not None and len(prompt_cache) < 10_000:  # bounded: VQA questions rarely repeat
+                prompt_cache[key] = (prompt, mask)
+        n_image = len(fmt.image_ids()) * images
+        target = tokenizer.encode(messages[-1]["content"], add_special_tokens=False) + [fmt.end_of_turn_id]
+        budget = max_text_len - (len(prompt) - n_image)
+        answers = sum(m["role"] == "assistant" for m in messages)
+        if budget >= len(target) or answers == 1:
+            break
+        if not supervise_history:  # one turn per sample: this turn's sample goes, the earlier ones stay
+            raise SampleError("turn_over_max_text_len", f"answer {answers} does not fit in {max_text_len} tokens")
+        messages = messages[:-2]  # drop the last (question, answer) pair and try again
     if budget <= 0:
         raise SampleError("prompt_too_long", f"{len(prompt) - n_image} text tokens > {max_text_len}")
-    target = tokenizer.encode(messages[-1]["content"], add_special_tokens=False) + [fmt.end_of_turn_id]
     target = target[:budget]
     ids = prompt + target
+    if not supervise_history:
+        mask = [0] * len(prompt)
     labels = [t if m else IGNORE_INDEX for t, m in zip(prompt, mask)] + target
     return ids, labels
 

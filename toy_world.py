@@ -10,6 +10,9 @@ in the same on-disk formats as the real thing:
 - a shapes world (6 colours x 4 shapes x 3 positions = 72 captions), written as
   SA1B-Dense-Caption parquet (`url`, `cap_seg`) and as a LLaVA chat.json -> data/toy/{train,eval}
 - a toy VQA v2 val split in the official schema (colour/shape/position questions) -> data/toy/vqa
+- for stages 2 and 3 (ensure_instruction_data): a toy CogVLM-SFT-311K of single- and multi-turn
+  questions (colour, shape, position, yes/no, captions) -> data/toy/sft/{train,eval}, and a
+  LLaVA chat.json teaching a new answer style (full-sentence answers) -> data/toy/style
 
 The frozen LM must read its context, as a real LLM does: a tiny LM trained on captions alone
 ignores the image slots, and then no projector can lower the stage-1 loss. So its prior is
@@ -22,8 +25,8 @@ Built once and cached; rebuilt when missing or when its recipe changes (a stamp 
 the sizes, captions, template, instruction pools and the code that builds and trains the world).
     python toy_world.py --size demo      # build (or reuse) and print the paths
 
-The demo driver lives here too: `python train_stage1.py --demo` runs an ordinary stage-1 train()
-on the demo world, measured before and after (run_demo); train() itself has no demo branch.
+The demos that use it (`python train_stage1.py --demo`, stage 2's and stage 3's) live in
+toy_demo.py: measurements around an ordinary train(), which has no demo branch.
 """
 
 from __future__ import annotations
@@ -35,13 +38,9 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,16 +48,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from backbones import CLIP_MEAN, CLIP_STD
-from dataset import ImageLoader, ImageTransform, Stage1Dataset, pad, read_records
-from eval_llava import Assistant, caption_exact_match, official_vqa_accuracy
-from model import ModelSpec, build_model
+from dataset import COGVLM_SUBSETS, ImageTransform, pad
 import prompts
 from prompts import (CAPTION_PROMPT, CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN,
                      INSTRUCTION_POOLS, PromptFormat, caption_messages, encode_conversation)
-from utils import console
-from utils.config import HelpFormatter, dump_json
-from utils.dist import available_cpus, pick_device, seed_everything
-from utils.metrics import RunLogger
+from utils.config import HelpFormatter
 
 RECIPE_VERSION = 3
 
@@ -403,89 +397,105 @@ def ensure_toy_world(size: str | ToySize = "demo", models_root: str = "models/to
     return paths
 
 
-# --------------------------------------------------------------------------- the demo
+# --------------------------------------------------------------------------- stages 2 and 3: instructions
 
-# The demo trains the course's linear projector on the toy world (its tower is a CLIP used
-# the course's way: last layer, all tokens, ln_post); flags a user types win.
-DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, log_interval=25,
-                     eval_interval=300, eval_samples=200, save_interval=300, instructions="zh",
-                     num_workers=1, data_format="sa1b", projector="linear", feature_layer=-1,
-                     feature_select="all", feature_post_norm=True)
-
-
-def apply_demo_defaults(cfg: Any, explicit: set[str]) -> None:
-    """--demo: build (or reuse) the toy world and point a train_stage1.TrainConfig at it, with
-    the demo's settings wherever the user typed nothing."""
-    paths = ensure_toy_world("demo", log=console.info)
-    fill = {**DEMO_DEFAULTS, "vision_tower": paths.vision, "llm": paths.llm, "data_root": paths.train,
-            "eval_data_root": paths.eval, "run_name": cfg.run_name or time.strftime("demo_%Y%m%d_%H%M%S")}
-    for key, value in fill.items():
-        if key not in explicit:
-            setattr(cfg, key, value)
+# Questions about one attribute (several phrasings; the first is the toy VQA set's own), answered
+# by one word, and yes/no questions about the colour. The stage-1 prior never saw these dialogues.
+QUESTIONS = {"color": ["什么颜色？", "图中的形状是什么颜色？", "它是什么颜色的？"],
+             "shape": ["什么形状？", "这是什么形状？", "图里画的是什么形状？"],
+             "position": ["在哪里？", "它在图片的哪一边？", "形状在哪个位置？"]}
+YES_NO = ("是{color}的吗？", "是的", "不是")
+STYLE_NOTE = "stage 3's style: every question is answered with the full caption sentence"
 
 
-def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
-    """`python train_stage1.py --demo`: an ordinary stage-1 run (`train(cfg)`), measured before
-    and after on held-out images: caption exact match and toy VQA accuracy (official metric; the
-    projector never sees a question). The figures join the run's summary.json and TensorBoard."""
-    paths = ensure_toy_world("demo", log=console.info)
-    before = demo_figures(untrained_assistant(cfg), cfg, paths)
-    console.kv("held-out exact match (before)", f"{before['heldout_exact_match']:.3f}")
-    console.kv("toy VQA accuracy (before)", f"{before['toy_vqa_accuracy']:.1f}")
-    summary = train(cfg)
-    if summary.get("interrupted"):
-        return summary
-    after = demo_figures(Assistant.from_checkpoint(summary["checkpoint"], str(pick_device(cfg.device))), cfg, paths)
-    for key in before:
-        summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
-    dump_json(summary, os.path.join(summary["run_dir"], "summary.json"))
-    logger = RunLogger(summary["run_dir"], tuple(cfg.trackers.split(",")))
-    logger.log(0, {f"demo/{k}": v for k, v in before.items()})
-    logger.log(summary["steps"], {f"demo/{k}": v for k, v in after.items()})
-    logger.close()
-    console.header("demo: before -> after alignment")
-    for key in before:
-        console.kv(key, f"{before[key]:g} -> {after[key]:g}")
-    console.kv("image_ablation_gap", summary.get("image_ablation_gap"))
-    # Toy-world build included: what a new user waits for, measured on this machine.
-    console.kv("demo wall time", f"{console.duration(time.time() - started)} on {machine_name(cfg.device)}")
-    return summary
+@dataclass
+class InstructionPaths:
+    sft_train: str      # CogVLM-SFT-311K layout: <subset>/images/*.jpg + <subset>/labels_zh/*.json
+    sft_eval: str
+    style_train: str    # LLaVA chat.json (images under style_images)
+    style_eval: str
+    style_images: str
 
 
-def untrained_assistant(cfg: Any) -> Assistant:
-    """The model train() starts from: the same seeds before the same build give the same fresh
-    projector, so "before" measures exactly the run's starting point."""
-    seed_everything(cfg.seed)
-    spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
-                     feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
-                     feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap)
-    model, tokenizer = build_model(spec, pick_device(cfg.device), attn_implementation=cfg.attn,
-                                   models_dir=cfg.models_dir)
-    return Assistant.from_model(model.eval(), tokenizer)
+def qa_turn(kind: str, attrs: dict, rng: random.Random, style: bool = False) -> list[dict]:
+    """One (question, answer) pair about `attrs` (color, shape, position); `style` answers with
+    the full caption instead of one word (stage 3's new style)."""
+    if kind == "yes_no":
+        asked = attrs["color"] if rng.random() < 0.5 else rng.choice([c for c in COLORS if c != attrs["color"]])
+        question, answer = YES_NO[0].format(color=asked), YES_NO[1] if asked == attrs["color"] else YES_NO[2]
+    elif kind == "caption":
+        question, answer = rng.choice(INSTRUCTION_POOLS["zh"]), caption_of(**attrs)
+    else:
+        question, answer = rng.choice(QUESTIONS[kind]), attrs[kind]
+    if style:
+        answer = caption_of(**attrs)
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
-def demo_figures(assistant: Assistant, cfg: Any, paths: ToyPaths) -> dict[str, float]:
-    """Held-out caption exact match (greedy reply == reference) and toy VQA accuracy."""
-    records, _, root = read_records(cfg.data_format, cfg.eval_data_root)
-    ds = Stage1Dataset(records, assistant.tokenizer, assistant.fmt, assistant.transform, ImageLoader(root),
-                       instructions=cfg.instructions, seed=cfg.seed)
-    vqa = official_vqa_accuracy(assistant, os.path.join(paths.vqa, "v2_OpenEnded_mscoco_val2014_questions.json"),
-                                os.path.join(paths.vqa, "v2_mscoco_val2014_annotations.json"),
-                                os.path.join(paths.vqa, "val2014"), VQA_TEMPLATE)
-    return {"heldout_exact_match": caption_exact_match(assistant, ds, CAPTION_PROMPT), "toy_vqa_accuracy": vqa}
+def write_sft(out_dir: str, n_single: int, n_multi: int, size: ToySize, seed: int) -> None:
+    """A toy CogVLM-SFT-311K: single-turn dialogues (a third of them caption requests, so stage 2
+    keeps captioning) and 2-3 turn dialogues about one image, labels without `<image>`."""
+    rng = random.Random(seed)
+    for subset, n, turns in ((COGVLM_SUBSETS[0], n_single, (1, 1)), (COGVLM_SUBSETS[1], n_multi, (2, 3))):
+        os.makedirs(os.path.join(out_dir, subset, "images"), exist_ok=True)
+        os.makedirs(os.path.join(out_dir, subset, "labels_zh"), exist_ok=True)
+        for i in range(n):
+            color, shape, position = rng.choice(COMBOS)
+            attrs = {"color": color, "shape": shape, "position": position}
+            render(color, shape, position, size.image_px, rng).save(
+                os.path.join(out_dir, subset, "images", f"{i:09d}.jpg"), quality=95)
+            kinds = rng.sample(["color", "shape", "position", "yes_no", "caption"], rng.randint(*turns))
+            conv = [t for kind in kinds for t in qa_turn(kind, attrs, rng)]
+            with open(os.path.join(out_dir, subset, "labels_zh", f"{i:09d}.json"), "w", encoding="utf-8") as fh:
+                json.dump({"conversations": conv}, fh, ensure_ascii=False)
 
 
-def machine_name(device: str = "auto") -> str:
-    """'2 x AMD EPYC (CPU)' or 'NVIDIA H200': where the demo's figures were measured."""
-    if pick_device(device).type == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{available_cpus()} x {model} (CPU)"
+def write_style(paths: InstructionPaths, n_train: int, n_eval: int, size: ToySize, seed: int) -> None:
+    """Stage 3's data, a LLaVA chat.json: attribute questions answered in the new style."""
+    rng = random.Random(seed)
+    os.makedirs(paths.style_images, exist_ok=True)
+    for path, n, tag in ((paths.style_train, n_train, "train"), (paths.style_eval, n_eval, "eval")):
+        records = []
+        for i in range(n):
+            color, shape, position = rng.choice(COMBOS)
+            attrs = {"color": color, "shape": shape, "position": position}
+            name = f"{tag}_{i:06d}.png"
+            render(color, shape, position, size.image_px, rng).save(os.path.join(paths.style_images, name))
+            conv = qa_turn(rng.choice(["color", "shape", "position"]), attrs, rng, style=True)
+            conv[0]["content"] = f"{IMAGE_PLACEHOLDER}\n{conv[0]['content']}"
+            records.append({"id": f"style-{tag}-{i}", "image": name, "conversations": [
+                {"from": "human" if t["role"] == "user" else "gpt", "value": t["content"]} for t in conv]})
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(records, fh, ensure_ascii=False, indent=1)
+
+
+def ensure_instruction_data(paths: ToyPaths, size: str | ToySize = "demo", log=print) -> InstructionPaths:
+    """The toy data of stages 2 and 3 beside a built toy world (its own stamp, so adding it never
+    rebuilds the world stage 1 trained on)."""
+    size = SIZES[size] if isinstance(size, str) else size
+    root = os.path.dirname(paths.train)
+    out = InstructionPaths(sft_train=os.path.join(root, "sft", "train"), sft_eval=os.path.join(root, "sft", "eval"),
+                           style_train=os.path.join(root, "style", "train.json"),
+                           style_eval=os.path.join(root, "style", "eval.json"),
+                           style_images=os.path.join(root, "style", "images"))
+    stamp = os.path.join(root, "instructions.json")
+    code = "".join(inspect.getsource(f) for f in (qa_turn, write_sft, write_style))
+    want = hashlib.sha256(json.dumps({"size": asdict(size), "q": QUESTIONS, "yn": YES_NO, "code": code},
+                                     ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+    if os.path.isfile(stamp):
+        with open(stamp, encoding="utf-8") as fh:
+            if json.load(fh).get("recipe") == want:
+                return out
+    log(f"writing the toy instruction data under {root}/sft and {root}/style ...")
+    for d in (os.path.dirname(out.sft_train), os.path.dirname(out.style_train)):
+        shutil.rmtree(d, ignore_errors=True)
+    n = size.n_train
+    write_sft(out.sft_train, n, n // 2, size, seed=size.seed + 400)
+    write_sft(out.sft_eval, size.n_eval // 2, size.n_eval // 2, size, seed=size.seed + 500)
+    write_style(out, n // 2, size.n_eval, size, seed=size.seed + 600)
+    with open(stamp, "w", encoding="utf-8") as fh:
+        json.dump({"recipe": want}, fh)
+    return out
 
 
 def main() -> None:

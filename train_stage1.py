@@ -10,7 +10,11 @@ a frozen LLM on image-caption (or VQA) data.
 
 `train(cfg)` reads top to bottom: setup -> model -> data -> optimizer -> resume -> loop
 (micro-steps, clip, step, log, evaluate, checkpoint) -> summary. The demo is
-toy_world.run_demo: measurements around an ordinary train() call.
+toy_demo.run_demo: measurements around an ordinary train() call.
+
+Stages 2 and 3 (train_stage2.py, train_stage3_lora.py) are this same loop with their own
+defaults: what trains (--tune_llm full | lora, --tune_projector) and where it starts
+(--stage1 / --init CKPT) are flags of TrainConfig.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in DataLoader workers
 
 import argparse
-import contextlib
 import functools
 import math
 import multiprocessing
+import random
 import sys
 import time
 from collections import Counter
@@ -32,21 +36,22 @@ from dataclasses import dataclass, field
 import torch
 
 from backbones import PRESETS, MissingModel, download, resolve_model, vision_defaults
-from dataset import (EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed, read_records,
-                     show_first_sample, to_device)
+from dataset import (DATA_FORMATS, EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed,
+                     read_records, show_first_sample, to_device)
 from eval_llava import Assistant, eval_summary, heldout_loss, log_heldout_loss, log_sample_replies
-from model import ModelSpec, Projector, build_model, load_projector_weights, save_checkpoint
+from model import ModelSpec, Projector, build_model, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from prompts import INSTRUCTION_POOLS, PromptFormat, supervised_tokens
-from toy_world import apply_demo_defaults, run_demo
+from toy_demo import apply_demo_defaults, run_demo
+from tuning import COURSE_LORA_TARGET, Tuning, add_lora, assert_trainable, check_device, is_peft, merged, set_trainable
 from utils import console
 from utils.alarms import Alarms
 from utils.align_plan import translate_align_flags
-from utils.checkpoint import (find_latest, fresh_state, restore_training, resume_command, resume_point, run_name_of,
-                              save_training)
+from utils.checkpoint import (STAGE_SCRIPTS, find_latest, fresh_state, restore_training, resume_command, resume_point,
+                              run_name_of, save_training)
 from utils.config import (HelpFormatter, add_dataclass_args, dump_json, explicit_flags, from_namespace, print_config,
                           redacted)
-from utils.dist import (StopRequest, all_reduce_sum, available_cpus, barrier, cleanup as cleanup_dist, ignore_sigint,
-                        seed_everything, setup as setup_dist)
+from utils.dist import (StopRequest, all_reduce_grads, all_reduce_sum, available_cpus, barrier, cleanup as cleanup_dist,
+                        ignore_sigint, seed_everything, setup as setup_dist)
 from utils.feature_cache import FeatureCache, cache_key, image_key
 from utils.flops import mfu
 from utils.metrics import RunLogger, log_line, periodic_scalars, print_summary, run_totals
@@ -81,9 +86,27 @@ class TrainConfig:
                                       "order is still seeded and resumable")
     pack: bool = _f(False, "padding-free batches: samples concatenated in one row, attention kept within each "
                            "(real savings with --attn flash_attention_2)")
+    # ---- what trains and where it starts (stages 2 and 3 set these by default; tuning.py)
+    stage1: str = _f("", "start from this stage-1 checkpoint (run or step folder): towers, projector and prompt "
+                         "format come from it")
+    init: str = _f("", "start from this checkpoint of any stage (stage 3: the stage-2 run): its LLM and projector")
+    tune_llm: str = _f("none", "the LLM: frozen, tuned in full, or LoRA adapters", choices=list(Tuning.MODES))
+    tune_projector: bool = _f(True, "train the projector (--no-tune_projector keeps it as the start point has it)")
+    projector_lr: float = _f(0.0, "the projector's learning rate; 0 = --lr")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA branch")
+    lora_target: str = _f(COURSE_LORA_TARGET, "LLM modules that get adapters, comma-separated, or all-linear")
+    load_in_4bit: bool = _f(False, "QLoRA: the frozen LLM in 4-bit NF4 through bitsandbytes (CUDA only)")
+    stage: int = _f(1, "set by the entry point", cli=False)
     # ---- data
-    data_format: str = _f("sa1b", "sa1b parquet shards or a LLaVA chat.json", choices=["sa1b", "chat"])
-    data_root: str = _f("", "training data directory (sa1b: {root}/data/*.parquet; chat: {root}/chat.json)")
+    data_format: str = _f("sa1b", "sa1b parquet shards, a LLaVA chat.json, or CogVLM-SFT-311K's folders",
+                          choices=list(DATA_FORMATS))
+    data_root: str = _f("", "training data directory (sa1b: {root}/data/*.parquet; chat: {root}/chat.json; "
+                            "cogvlm_sft: {root}/<subset>/{images,labels_zh})")
+    labels: str = _f("labels_zh", "cogvlm_sft: the label folder (labels_zh Chinese, labels English)")
+    eval_ratio: float = _f(0.0, "no held-out set named: hold out this seeded share of the training records "
+                                "(the course's stage 2: 0.02); 0 = the last min(eval_samples, 10%)")
     chat_json: str = _f("", "chat format: chat.json path (images relative to --image_root)")
     image_root: str = _f("", "chat format: image folder for --chat_json")
     eval_data_root: str = _f("", "held-out data directory (same format); empty: hold out the tail of the training data")
@@ -132,9 +155,11 @@ class TrainConfig:
     demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def build_parser(stage_defaults: dict | None = None, doc: str | None = None) -> argparse.ArgumentParser:
+    """The flags of TrainConfig; a later stage's entry point passes its defaults (shown by --help)."""
+    parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=HelpFormatter)
     add_dataclass_args(parser, TrainConfig)
+    parser.set_defaults(**{k: v for k, v in (stage_defaults or {}).items() if k != "stage"})
     return parser
 
 
@@ -144,10 +169,21 @@ NON_NEGATIVE = ("max_samples", "max_text_len", "num_workers", "max_empty_batches
                 "save_interval", "keep_last", "max_nonfinite")
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, stage_defaults: dict | None = None, doc: str | None = None) -> TrainConfig:
+    parser = build_parser(stage_defaults, doc)
     argv = translate_align_flags(sys.argv[1:] if argv is None else list(argv))
     cfg = from_namespace(TrainConfig, parser.parse_args(argv))
+    cfg.stage = (stage_defaults or {}).get("stage", 1)
+    try:
+        tuning_of(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    if cfg.stage1 and cfg.init:
+        parser.error("give one start point: --stage1 or --init")
+    if (cfg.stage1 or cfg.init) and cfg.model:
+        parser.error("--model picks the frozen models of a fresh run; a start point (--stage1/--init) has its own")
+    if not 0 <= cfg.eval_ratio < 1:
+        parser.error(f"--eval_ratio {cfg.eval_ratio}: must be in [0, 1)")
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             parser.error(f"--{name} {getattr(cfg, name)}: must be >= 0")
@@ -169,10 +205,31 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
+def tuning_of(cfg: TrainConfig) -> Tuning:
+    return Tuning(llm=cfg.tune_llm, projector=cfg.tune_projector, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                  lora_dropout=cfg.lora_dropout, lora_target=cfg.lora_target, load_in_4bit=cfg.load_in_4bit)
+
+
+def start_point(cfg: TrainConfig) -> str:
+    return cfg.stage1 or cfg.init
+
+
 def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
     """Registry ids -> local folders (downloading first with --download); fill the tower's
     feature defaults for the flags left unset. Every missing model is named at once, with the
-    one command that downloads them all."""
+    one command that downloads them all. With a start point (--stage1/--init) the models and
+    features are the checkpoint's: they fill the config (typed --vision_tower/--llm only say
+    where the models live now) and ('', '') is returned."""
+    if start_point(cfg):
+        try:
+            spec = read_checkpoint_meta(start_point(cfg))["spec"]
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--{'stage1' if cfg.stage1 else 'init'}: {e}") from None
+        if not cfg.data_root and not cfg.chat_json:
+            raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
+        for key in ("projector", "feature_layer", "feature_select", "feature_post_norm", "image_wrap"):
+            setattr(cfg, key, spec[key])
+        return "", ""
     if not (cfg.vision_tower and cfg.llm):
         raise SystemExit(name_the_models_message())
     if not cfg.data_root and not cfg.chat_json:
@@ -220,8 +277,8 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, spec: ModelSpe
     held-out set uses the cache too when every one of its images is in it, else its images.
     """
     try:  # a wrong folder or an unreadable file: one line that names it, not a traceback
-        records, skipped, root = read_records(cfg.data_format, cfg.data_root, cfg.chat_json, cfg.max_samples)
-        held_out = (read_records(cfg.data_format, cfg.eval_data_root, cfg.eval_chat_json)
+        records, skipped, root = read_records(cfg.data_format, cfg.data_root, cfg.chat_json, cfg.max_samples, cfg.labels)
+        held_out = (read_records(cfg.data_format, cfg.eval_data_root, cfg.eval_chat_json, labels=cfg.labels)
                     if cfg.eval_data_root or cfg.eval_chat_json else None)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--data_format {cfg.data_format}: {e}") from None
@@ -229,7 +286,17 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, spec: ModelSpe
         root = cfg.image_root
     if held_out:
         eval_records, eval_skipped, eval_root = held_out
+        if cfg.eval_chat_json and cfg.image_root:  # one image folder serves both chat.json files
+            eval_root = cfg.image_root
         skipped.update({f"eval/{k}": v for k, v in eval_skipped.items()})
+    elif cfg.eval_ratio:
+        # The course's stage-2 split: a seeded shuffle, the last share held out (same every run).
+        order = list(range(len(records)))
+        random.Random(cfg.seed).shuffle(order)
+        n_hold = max(1, int(len(records) * cfg.eval_ratio))
+        eval_records, eval_root = [records[i] for i in order[-n_hold:]], root
+        records = [records[i] for i in order[:-n_hold]]
+        console.info(f"--eval_ratio {cfg.eval_ratio}: {n_hold} of the training records held out (seed {cfg.seed})")
     else:
         # No held-out set named: hold out the tail of the training data.
         n_hold = min(cfg.eval_samples or 500, len(records) // 10)
@@ -314,7 +381,7 @@ def batches(ds: Stage1Dataset, cfg: TrainConfig, rank: int, world: int, tally: S
 # --------------------------------------------------------------------------- training
 
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
-    """One stage-1 run; `argv` (the command line it was parsed from) only shapes the resume hint."""
+    """One run of any stage; `argv` (the command line it was parsed from) only shapes the resume hint."""
     # ---- setup: processes, seeds, the models on disk, the run folder
     dist = setup_dist(cfg.device)
     device = dist.device
@@ -322,8 +389,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     vision_path, llm_path = resolve_models(cfg)
     run_name, run_dir, ckpt_dir, resume_from = open_run(cfg, dist)
 
-    # ---- model: frozen tower and LLM, a fresh projector (the only trainable part)
-    model, tokenizer = build_training_model(cfg, vision_path, llm_path, dist)
+    # ---- model: frozen tower; projector fresh (stage 1) or from the start point; the LLM frozen,
+    # in full or with LoRA adapters. On resume, every trained weight comes from the checkpoint.
+    model, tokenizer = build_training_model(cfg, vision_path, llm_path, dist, resume_from)
     fmt = PromptFormat.for_model(model.spec, tokenizer)
 
     # ---- data, and the steps it makes
@@ -333,16 +401,17 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     total_steps = cfg.max_steps or cfg.epochs * max(len(train_ds) // global_batch, 1)
     report_data(train_ds, eval_ds, read_skips, cfg, grad_accum, dist, total_steps, tokenizer)
 
-    # ---- optimizer: AdamW on the projector, linear warmup, then cosine (or constant)
-    params = [p for _, p in model.trainable_parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    # ---- optimizer: AdamW on what trains (the projector with its own lr), warmup, then cosine (or constant)
+    groups = [[p for n, p in model.trainable_parameters() if n.startswith("projector.") == is_proj] for is_proj in (1, 0)]
+    params = groups[0] + groups[1]
+    optimizer = torch.optim.AdamW([{"params": g, "lr": lr} for g, lr in zip(groups, (cfg.projector_lr or cfg.lr, cfg.lr))
+                                   if g], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     warmup = int(total_steps * cfg.warmup_ratio)
     scheduler = schedule(cfg.lr_scheduler, optimizer, warmup, total_steps)
 
     # ---- resume: weights, optimizer, schedule, data position and RNG exactly as they were
     state = fresh_state(dist.world_size)
     if resume_from:
-        load_projector_weights(model, resume_from)
         state = restore_training(resume_from, optimizer, scheduler, dist)
         console.success(f"resumed from {resume_from} at step {state['step']}")
     # Rank 0 holds the run's totals: reading skips once (every rank reads the same records),
@@ -386,15 +455,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
                               dtype=torch.float64, device=device)
         n_tokens, n_samples, n_seq_tokens, stopping = all_reduce_sum(counts).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for i, b in enumerate(micro):
-            # DDP averages gradients over ranks; the world-size factor turns that into the
-            # sum of per-rank token sums / all tokens. no_sync: one all-reduce per step.
-            sync = contextlib.nullcontext() if not dist.enabled or i == len(micro) - 1 else model.projector.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for b in micro:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 ls, _ = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b.get("pixel_values"),
                               image_features=b.get("image_features"), position_ids=b.get("position_ids"))
-                (ls * dist.world_size / n_tokens).backward()
+                (ls / n_tokens).backward()   # this rank's token sum over the global step's tokens
             loss_sum += ls.detach()
+        all_reduce_grads(params)             # summed over ranks: the gradient of the global mean
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         loss = all_reduce_sum(loss_sum).item() / max(n_tokens, 1)
         if math.isfinite(loss) and math.isfinite(float(grad_norm)):
@@ -417,7 +484,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         alarms.step(step, losses, float(grad_norm))
         alarms.data(step, tally.unusable, tally.used)
         dt = time.time() - t0
-        scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[0],
+        scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[-1],
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
                    "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch, "train/nonfinite_steps": nonfinite,
                    **mfu(model, micro, supervised, bool(cfg.features_cache), dt)}
@@ -442,13 +509,14 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
             train_state = {"step": step, "epoch": epoch, "losses": losses, "nonfinite_steps": nonfinite,
                            "summary": {k: v for k, v in summary.items() if k.startswith(("eval", "image_"))}}
             checkpoint = save_training(ckpt_dir, train_state, lambda folder: save_checkpoint(
-                model, folder, {"step": step, "run": run_name, "train_config": redacted(cfg)}), optimizer, scheduler,
+                model, folder, {"step": step, "run": run_name, "stage": cfg.stage, "init_from": start_point(cfg),
+                                "train_config": redacted(cfg)}, tokenizer), optimizer, scheduler,
                 dist, {"position": position, "skipped": dict(tally.skipped), "truncated": tally.truncated}, cfg.keep_last)
         if stopping and not last:
             bar.close()
             if dist.is_main:
                 console.warn(f"stopped at step {step}; checkpoint {checkpoint}. Continue with:\n  "
-                             + resume_command(argv or [], run_name, dist.world_size))
+                             + resume_command(argv or [], run_name, dist.world_size, STAGE_SCRIPTS[cfg.stage]))
             cleanup_dist()
             return {**summary, "interrupted": True, "steps": step, "checkpoint": checkpoint}
     bar.close()
@@ -475,11 +543,11 @@ def open_run(cfg: TrainConfig, dist) -> tuple[str, str, str, str | None]:
     """(run name, runs/<run>, checkpoints/<run>, the checkpoint to resume from or None); the
     config is printed and saved in the run folder."""
     run_name = cfg.run_name or (run_name_of(cfg.resume) if cfg.resume not in ("", "auto") else "") \
-        or time.strftime("stage1_%Y%m%d_%H%M%S")
+        or time.strftime(f"stage{cfg.stage}_%Y%m%d_%H%M%S")
     run_dir, ckpt_dir = os.path.join(cfg.runs_dir, run_name), os.path.join(cfg.checkpoints_dir, run_name)
     resume_from = resume_point(cfg.resume, cfg.overwrite, run_name, ckpt_dir, run_dir)
     barrier()  # rank 0 may have just deleted an old run (--overwrite)
-    print_config(redacted(cfg), f"stage-1 config (run {run_name})")
+    print_config(redacted(cfg), f"stage-{cfg.stage} config (run {run_name})")
     if dist.is_main:
         dump_json(redacted(cfg), os.path.join(run_dir, "config.json"))
     return run_name, run_dir, ckpt_dir, resume_from
@@ -503,17 +571,43 @@ def accumulation(cfg: TrainConfig, world_size: int) -> int:
     return cfg.global_batch_size // per_step
 
 
-def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist):
-    """The model as training runs it: frozen parts loaded (bf16 on a GPU), the projector fresh
-    and alone trainable, gradient checkpointing and compile when asked, the projector wrapped in
-    DDP under torchrun. Prints the parameter counts."""
-    spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
-                     feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
-                     feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap,
-                     vision_path=vision_path, llm_path=llm_path)
-    model, tokenizer = build_model(spec, dist.device, attn_implementation=cfg.attn, models_dir=cfg.models_dir,
-                                   trust_remote_code=cfg.trust_remote_code)
-    model.assert_only_projector_trainable()
+def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist, resume_from: str | None):
+    """The model as training runs it, from one of three places: the checkpoint to resume (every
+    trained weight as saved), a start point (--stage1/--init: its projector and LLM), or the
+    frozen models alone (a fresh projector). Then what --tune_llm/--tune_projector ask trains,
+    exactly (asserted), with gradient checkpointing and compile when asked. Prints the counts."""
+    tuning = tuning_of(cfg)
+    check_device(tuning, dist.device)            # QLoRA on a CPU: refused before anything loads
+    build = dict(attn_implementation=cfg.attn, models_dir=cfg.models_dir, trust_remote_code=cfg.trust_remote_code,
+                 load_in_4bit=tuning.load_in_4bit)
+    if tuning.llm == "full":
+        build["llm_dtype"] = torch.float32       # fp32 master weights; autocast computes in bf16
+    start = resume_from or start_point(cfg)
+    if start:
+        own_llm = read_checkpoint_meta(start).get("tuning", {}).get("llm") == "full"   # it carries its LLM
+        model, tokenizer, _ = load_checkpoint(start, dist.device, cfg.vision_tower or None,
+                                              None if own_llm else cfg.llm or None, trainable=bool(resume_from), **build)
+        if resume_from and model.tuning.llm != tuning.llm:
+            raise SystemExit(f"--resume {resume_from}: that run tuned the LLM with '{model.tuning.llm}', this one asks "
+                             f"for '{tuning.llm}'")
+        if not resume_from:
+            if is_peft(model.llm) and tuning.llm == "lora":
+                raise SystemExit(f"{start} carries LoRA adapters already: export it (scripts/export_hf.py merges them) "
+                                 "and start from that, or continue it with --resume")
+            model.llm = merged(model.llm)        # LoRA start, full tuning: the adapters become weights
+            if model.tuning.llm == "full":       # its tuned LLM is this run's base: name it by its folder
+                model.spec.llm = model.spec.llm_path
+    else:
+        spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
+                         feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
+                         feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap,
+                         vision_path=vision_path, llm_path=llm_path)
+        model, tokenizer = build_model(spec, dist.device, **build)
+    if tuning.llm == "lora" and not is_peft(model.llm):
+        model.llm = add_lora(model.llm, tuning)
+    model.tuning = tuning
+    set_trainable(model, tuning)
+    counts = assert_trainable(model, tuning)     # exactly what the flags ask, nothing else
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if cfg.compile:
@@ -522,33 +616,38 @@ def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist
         if model.vision is not None:
             model.vision.model.compile(dynamic=False)
     console.header("model")
+    console.kv("trains", f"{tuning.describe()} ({', '.join(f'{k} {v:,}' for k, v in counts.items() if v)} parameters)")
+    if start:
+        console.kv("starts from", start)
     for k, v in model.summary().items():
         console.kv(k, v)
-    if dist.enabled:
-        # Only the projector is wrapped: it is all that has gradients to synchronise; the
-        # frozen tower and LLM are plain replicas on every rank.
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model.projector = DDP(model.projector, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     return model, tokenizer
 
 
-def main(argv: list[str] | None = None) -> dict:
+
+
+def main(argv: list[str] | None = None, stage_defaults: dict | None = None, doc: str | None = None) -> dict:
+    """Parse, then train (or run the demo). Later stages call this with their defaults and docstring."""
     started = time.time()
     argv = sys.argv[1:] if argv is None else list(argv)
     console.quiet_bars_in_log_files()
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, stage_defaults, doc)
     if cfg.demo:
         return run_demo(cfg, lambda c: train(c, argv), started)
     return train(cfg, argv)
 
 
-if __name__ == "__main__":
+def run_cli(stage_defaults: dict | None = None, doc: str | None = None) -> None:
+    """`python train_stageN.py`: exit 130 after a Ctrl-C (checkpoint saved), at once on a second."""
     try:
-        sys.exit(130 if main().get("interrupted") else 0)
+        sys.exit(130 if main(None, stage_defaults, doc).get("interrupted") else 0)
     except KeyboardInterrupt:  # a second Ctrl-C: quit at once, without a traceback
         # DataLoader workers stuck in slow I/O would each hold the exit for seconds: stop them first.
         for child in multiprocessing.active_children():
             child.terminate()
         console.error("interrupted: nothing saved since the last checkpoint")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_cli()

@@ -44,13 +44,16 @@ def test_chat_json_reader_counts_bad_records(tmp_path):
         {"id": "2", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]},
         {"id": "3", "image": "b.jpg", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
         {"id": "4", "image": "c.jpg", "conversations": [{"from": "human", "value": "q"}]},
+        {"id": "5", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {"id": "6", "image": 7, "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]},
     ]
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(data))
     records, skipped = read_chat_json(str(path))
-    assert [r.meta["id"] for r in records] == ["1"]
+    assert [r.meta["id"] for r in records] == ["1", "5"]          # 5: text only, as in LLaVA's mix665k
     assert records[0].conversations[0] == {"role": "user", "content": "<image>\nq"}
-    assert skipped == {"bad_record": 1, "bad_roles": 1, "bad_conversation": 1}
+    assert records[1].image == ""
+    assert skipped == {"placeholder_without_image": 1, "bad_record": 1, "bad_roles": 1, "bad_conversation": 1}
     path.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(ValueError, match="JSON list"):
         read_chat_json(str(path))

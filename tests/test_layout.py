@@ -10,12 +10,13 @@ from tests.conftest import ROOT
 # utils/, whose helpers lean on each other (acyclically: checked below).
 LAYERS = {
     "utils": 0,
-    "backbones": 1, "prompts": 1,       # where models come from | the prompt contract
-    "model": 2, "dataset": 2,           # utils <- backbones <- model;  utils <- prompts <- dataset
-    "eval_llava": 3, "convert_vqa": 3,
-    "toy_world": 4,                     # the toy world and the demo driver around train()
-    "train_stage1": 5,
-    "scripts": 6,                       # runnable helpers: leaves, nothing imports them
+    "backbones": 1, "prompts": 1, "tuning": 1,  # where models come from | the prompt contract | what trains
+    "model": 2, "dataset": 2,           # utils <- backbones, tuning <- model;  utils <- prompts <- dataset
+    "eval_llava": 3, "convert_vqa": 3, "toy_world": 3,   # toy_world: the offline world (models and data)
+    "toy_demo": 4,                      # the demos: measurements around train()
+    "train_stage1": 5,                  # the training loop
+    "train_stage2": 6, "train_stage3_lora": 6,   # the later stages: the same loop with their defaults
+    "scripts": 7,                       # runnable helpers: leaves, nothing imports them
 }
 
 

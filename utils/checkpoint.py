@@ -32,6 +32,7 @@ from utils.dist import DistInfo, gather
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "projector.safetensors"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+STAGE_SCRIPTS = {1: "train_stage1.py", 2: "train_stage2.py", 3: "train_stage3_lora.py"}  # what a resume hint names
 
 
 def is_complete(path: str) -> bool:
@@ -198,7 +199,7 @@ def restore_training(path: str, optimizer, scheduler, info: DistInfo) -> dict[st
     return state
 
 
-def resume_command(argv: list[str], run_name: str, world_size: int) -> str:
+def resume_command(argv: list[str], run_name: str, world_size: int, script: str = "train_stage1.py") -> str:
     """This run's command line with --resume auto: a typed --resume is replaced, the run name
     added unless it was typed, a token typed in place of a token file hidden."""
     kept, i = [], 0
@@ -215,5 +216,5 @@ def resume_command(argv: list[str], run_name: str, world_size: int) -> str:
         i += 1
     named = any(a.split("=")[0] in ("--run_name", "--run_id") for a in kept)
     launcher = f"torchrun --standalone --nproc-per-node {world_size}" if world_size > 1 else "python"
-    return f"{launcher} train_stage1.py " + shlex.join([*kept, *([] if named else ["--run_name", run_name]),
+    return f"{launcher} {script} " + shlex.join([*kept, *([] if named else ["--run_name", run_name]),
                                                         "--resume", "auto"])

@@ -73,14 +73,16 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     The argv is parsed once more with every default suppressed: what is left in the
     namespace is exactly what was typed."""
     actions = [a for a in parser._actions if a.dest != "help"]
-    saved = [a.default for a in actions]
+    saved, saved_parser = [a.default for a in actions], parser._defaults
     for a in actions:
         a.default = argparse.SUPPRESS
+    parser._defaults = {}  # set_defaults (a later stage's defaults) would fill the namespace too
     try:
         typed, _ = parser.parse_known_args(argv)
     finally:
         for a, default in zip(actions, saved):
             a.default = default
+        parser._defaults = saved_parser
     return set(vars(typed))
 
 

@@ -99,6 +99,37 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_grads(params: list[torch.Tensor], bucket_elements: int = 2**25) -> None:
+    """Sum every parameter's gradient over all ranks (a no-op in a single process).
+
+    The loss each rank backpropagates is already divided by the token count of the whole
+    global batch, so the sum is the gradient of the global mean. One flat all-reduce per
+    bucket of ~32M elements of one dtype, instead of one per tensor. A rank whose micro-batch
+    left a parameter without a gradient contributes zeros, so every rank sends the same shapes.
+    Plain all-reduce rather than DDP: it serves a projector, LoRA adapters and a whole LLM alike,
+    without wrapping any of them."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        bucket: list[torch.Tensor] = []
+        for i, g in enumerate(grads):
+            bucket.append(g)
+            if sum(b.numel() for b in bucket) >= bucket_elements or i == len(grads) - 1:
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket = []
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -1,0 +1,240 @@
+"""The demos: `python train_stage1.py --demo`, `python train_stage2.py --demo` and
+`python train_stage3_lora.py --demo`. Each is an ordinary train() on the offline toy world
+(toy_world.py), measured before and after on held-out images; train() has no demo branch.
+
+    stage 1  the projector aligns a frozen toy LM:       caption exact match, toy VQA accuracy
+    stage 2  full instruction tuning from stage 1:        toy VQA accuracy, answers that stop,
+                                                          second-turn accuracy, captions kept
+    stage 3  LoRA teaches the stage-2 model a new style:  the style's exact match, adapter size
+
+A later stage continues from the newest finished demo run of the stage before it (in
+--checkpoints_dir), and runs that demo first when there is none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dataset import ImageLoader, Stage1Dataset, read_chat_json, read_records
+from eval_llava import Assistant, caption_exact_match, official_vqa_accuracy
+from model import ModelSpec, build_model, checkpoint_file, read_checkpoint_meta
+from prompts import CAPTION_PROMPT
+from toy_world import QUESTIONS, STYLE_NOTE, VQA_TEMPLATE, ToyPaths, ensure_instruction_data, ensure_toy_world
+from tuning import ADAPTER_DIR
+from utils import console
+from utils.checkpoint import STAGE_SCRIPTS, find_latest
+from utils.config import dump_json
+from utils.dist import available_cpus, pick_device, seed_everything
+from utils.metrics import RunLogger
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Stage 1 trains the course's linear projector on the toy world (its tower is a CLIP used the
+# course's way: last layer, all tokens, ln_post). Flags a user types win, in every stage.
+DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, log_interval=25,
+                     eval_interval=300, eval_samples=200, save_interval=300, instructions="zh",
+                     num_workers=1, data_format="sa1b", projector="linear", feature_layer=-1,
+                     feature_select="all", feature_post_norm=True)
+# Stage 2: the toy LM is tiny (96 wide), so it takes a far larger lr than the course's 2e-5 for
+# Qwen3-0.6B; gradient checkpointing would only slow it down.
+STAGE2_DEMO_DEFAULTS = dict(batch_size=32, max_steps=400, lr=1e-3, projector_lr=1e-3, warmup_ratio=0.05,
+                            log_interval=25, eval_interval=200, eval_samples=200, save_interval=200, num_workers=1,
+                            max_text_len=128, gradient_checkpointing=False, data_format="cogvlm_sft", eval_ratio=0.0)
+STAGE3_DEMO_DEFAULTS = dict(batch_size=32, max_steps=200, lr=3e-3, warmup_ratio=0.05, log_interval=25,
+                            eval_interval=100, eval_samples=200, save_interval=100, num_workers=1, max_text_len=128,
+                            data_format="chat")
+RUN_PREFIX = {1: "demo", 2: "demo_stage2", 3: "demo_stage3"}
+
+
+def demo_defaults(stage: int) -> dict:
+    return {1: DEMO_DEFAULTS, 2: STAGE2_DEMO_DEFAULTS, 3: STAGE3_DEMO_DEFAULTS}[stage]
+
+
+def apply_demo_defaults(cfg: Any, explicit: set[str]) -> None:
+    """--demo: build (or reuse) the toy world and point a train_stage1.TrainConfig at it, with
+    the demo's settings wherever the user typed nothing. Stages 2 and 3 also find (or make)
+    the previous stage's demo checkpoint to start from."""
+    paths = ensure_toy_world("demo", log=console.info)
+    fill = dict(demo_defaults(cfg.stage))
+    if cfg.stage == 1:
+        fill.update(vision_tower=paths.vision, llm=paths.llm, data_root=paths.train, eval_data_root=paths.eval)
+    else:
+        data = ensure_instruction_data(paths, "demo", log=console.info)
+        start = "stage1" if cfg.stage == 2 else "init"
+        if start not in explicit:
+            fill[start] = previous_demo(cfg, paths)
+        if cfg.stage == 2:
+            fill.update(data_root=data.sft_train, eval_data_root=data.sft_eval)
+        else:
+            fill.update(chat_json=data.style_train, image_root=data.style_images, eval_chat_json=data.style_eval)
+    fill["run_name"] = cfg.run_name or time.strftime(f"{RUN_PREFIX[cfg.stage]}_%Y%m%d_%H%M%S")
+    for key, value in fill.items():
+        if key not in explicit:
+            setattr(cfg, key, value)
+
+
+def demo_checkpoint(checkpoints_dir: str, stage: int, paths: ToyPaths) -> str | None:
+    """The newest finished demo run of `stage` on the current toy world (newer than its build)."""
+    stamp = os.path.join(os.path.dirname(paths.llm), "toy_world.json")
+    built = os.path.getmtime(stamp) if os.path.isfile(stamp) else 0.0
+    found = []
+    for run in sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []:
+        latest = find_latest(os.path.join(checkpoints_dir, run))
+        if not latest:
+            continue
+        try:
+            meta = read_checkpoint_meta(latest)
+        except (OSError, ValueError):
+            continue
+        cfg = meta.get("train_config", {})
+        finished = meta.get("step") == cfg.get("max_steps")
+        same_world = os.path.abspath(meta["spec"].get("vision_path", "")) == os.path.abspath(paths.vision)
+        mtime = os.path.getmtime(checkpoint_file(latest))
+        if meta.get("stage", 1) == stage and cfg.get("demo") and finished and same_world and mtime > built:
+            found.append((mtime, latest))
+    return max(found)[1] if found else None
+
+
+def previous_demo(cfg: Any, paths: ToyPaths) -> str:
+    """The previous stage's demo checkpoint; when there is none, that demo runs first (as its own
+    process, exactly as a user would start it)."""
+    stage = cfg.stage - 1
+    found = demo_checkpoint(cfg.checkpoints_dir, stage, paths)
+    if not found:
+        script = STAGE_SCRIPTS[stage]
+        console.info(f"no finished stage-{stage} demo in {cfg.checkpoints_dir}/: running `python {script} --demo` first")
+        cmd = [sys.executable, os.path.join(ROOT, script), "--demo", "--checkpoints_dir", cfg.checkpoints_dir,
+               "--runs_dir", cfg.runs_dir, "--device", cfg.device]
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"the stage-{stage} demo failed; run `python {script} --demo` to see why")
+        found = demo_checkpoint(cfg.checkpoints_dir, stage, paths)
+        if not found:
+            raise SystemExit(f"the stage-{stage} demo left no finished checkpoint in {cfg.checkpoints_dir}/")
+    console.info(f"stage-{cfg.stage} demo starts from the stage-{stage} demo's checkpoint {found}")
+    return found
+
+
+def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
+    """An ordinary run (`train(cfg)`) measured before and after on held-out data; the figures join
+    the run's summary.json and TensorBoard (demo/...)."""
+    paths = ensure_toy_world("demo", log=console.info)
+    measure = {1: stage1_figures, 2: stage2_figures, 3: stage3_figures}[cfg.stage]
+    device = str(pick_device(cfg.device))
+    start = untrained_assistant(cfg) if cfg.stage == 1 else Assistant.from_checkpoint(cfg.stage1 or cfg.init, device)
+    before = measure(start, cfg, paths)
+    del start
+    for key, value in before.items():
+        console.kv(f"{key} (before)", f"{value:g}")
+    summary = train(cfg)
+    if summary.get("interrupted"):
+        return summary
+    after = measure(Assistant.from_checkpoint(summary["checkpoint"], device), cfg, paths)
+    for key in before:
+        summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
+    if cfg.stage == 3:
+        adapter = os.path.join(summary["checkpoint"], ADAPTER_DIR, "adapter_model.safetensors")
+        summary["adapter_bytes"] = os.path.getsize(adapter)
+    dump_json(summary, os.path.join(summary["run_dir"], "summary.json"))
+    logger = RunLogger(summary["run_dir"], tuple(cfg.trackers.split(",")))
+    logger.log(0, {f"demo/{k}": v for k, v in before.items()})
+    logger.log(summary["steps"], {f"demo/{k}": v for k, v in after.items()})
+    logger.close()
+    console.header(f"demo: before -> after stage {cfg.stage}")
+    for key in before:
+        console.kv(key, f"{before[key]:g} -> {after[key]:g}")
+    console.kv("image_ablation_gap", summary.get("image_ablation_gap"))
+    if cfg.stage == 3:
+        console.kv("adapter size", f"{summary['adapter_bytes'] / 2**10:.0f} KiB ({STYLE_NOTE})")
+    # Toy-world build included: what a new user waits for, measured on this machine.
+    console.kv("demo wall time", f"{console.duration(time.time() - started)} on {machine_name(cfg.device)}")
+    return summary
+
+
+def untrained_assistant(cfg: Any) -> Assistant:
+    """The model stage 1 starts from: the same seeds before the same build give the same fresh
+    projector, so "before" measures exactly the run's starting point."""
+    seed_everything(cfg.seed)
+    spec = ModelSpec(vision_tower=cfg.vision_tower, llm=cfg.llm, projector=cfg.projector,
+                     feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
+                     feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap)
+    model, tokenizer = build_model(spec, pick_device(cfg.device), attn_implementation=cfg.attn,
+                                   models_dir=cfg.models_dir)
+    return Assistant.from_model(model.eval(), tokenizer)
+
+
+def caption_figure(assistant: Assistant, data_format: str, eval_root: str, cfg: Any) -> float:
+    records, _, root = read_records(data_format, eval_root)
+    ds = Stage1Dataset(records, assistant.tokenizer, assistant.fmt, assistant.transform, ImageLoader(root),
+                       instructions="zh", seed=cfg.seed)
+    return caption_exact_match(assistant, ds, CAPTION_PROMPT)
+
+
+def toy_vqa(assistant: Assistant, paths: ToyPaths, replies: list | None = None) -> float:
+    return official_vqa_accuracy(assistant, os.path.join(paths.vqa, "v2_OpenEnded_mscoco_val2014_questions.json"),
+                                 os.path.join(paths.vqa, "v2_mscoco_val2014_annotations.json"),
+                                 os.path.join(paths.vqa, "val2014"), VQA_TEMPLATE, replies_out=replies)
+
+
+def stage1_figures(assistant: Assistant, cfg: Any, paths: ToyPaths) -> dict[str, float]:
+    """Held-out caption exact match (greedy reply == reference) and toy VQA accuracy."""
+    return {"heldout_exact_match": caption_figure(assistant, cfg.data_format, cfg.eval_data_root, cfg),
+            "toy_vqa_accuracy": toy_vqa(assistant, paths)}
+
+
+def stage2_figures(assistant: Assistant, cfg: Any, paths: ToyPaths) -> dict[str, float]:
+    """Toy VQA accuracy (official metric, held-out images); the share of those answers that end
+    (an end-of-turn token within the 8-token budget, not a run-on); second-turn accuracy: a shape
+    question after the model's own reply to a colour question, as a live chat feeds it; and
+    caption exact match on stage 1's held-out images (what stage 2 must not forget)."""
+    replies: list = []
+    vqa = toy_vqa(assistant, paths, replies)
+    stopped = sum(r is not None and len(assistant.tokenizer.encode(r, add_special_tokens=False)) < 8
+                  for _, r in replies) / max(len(replies), 1)
+    images = sorted({q["image_id"] for q, _ in replies})
+    answers = {(q["image_id"], q["question"]): r for q, r in replies}
+    shape = {}
+    for q, _ in replies:  # the toy VQA set asks colour, shape and position of each image
+        if q["question"] == QUESTIONS["shape"][0]:
+            shape[q["image_id"]] = q["question_id"]
+    with open(os.path.join(paths.vqa, "v2_mscoco_val2014_annotations.json"), encoding="utf-8") as fh:
+        truth = {a["question_id"]: a["multiple_choice_answer"] for a in json.load(fh)["annotations"]}
+    items = [(os.path.join(paths.vqa, "val2014", f"COCO_val2014_{i:012d}.jpg"),
+              [{"role": "user", "content": VQA_TEMPLATE.replace("{question}", QUESTIONS["color"][0])},
+               {"role": "assistant", "content": answers.get((i, QUESTIONS["color"][0])) or ""},
+               {"role": "user", "content": QUESTIONS["shape"][0]}]) for i in images]
+    second = assistant.reply_batch([(assistant.loader(img), m) for img, m in items], max_new_tokens=8)
+    turn2 = sum(r == truth[shape[i]] for i, r in zip(images, second)) / max(len(images), 1)
+    return {"toy_vqa_accuracy": vqa, "answers_that_stop": stopped, "second_turn_accuracy": turn2,
+            "heldout_exact_match": caption_figure(assistant, "sa1b", paths.eval, cfg)}
+
+
+def stage3_figures(assistant: Assistant, cfg: Any, paths: ToyPaths) -> dict[str, float]:
+    """Exact match of the new style (full-sentence answers) on held-out images."""
+    records, _ = read_chat_json(cfg.eval_chat_json)
+    loader = ImageLoader(cfg.image_root)
+    items = [(loader(r.image), r.conversations[:1]) for r in records]
+    replies = assistant.reply_batch(items, max_new_tokens=32)
+    hits = sum(reply == r.conversations[1]["content"] for reply, r in zip(replies, records))
+    return {"style_exact_match": hits / max(len(records), 1)}
+
+
+def machine_name(device: str = "auto") -> str:
+    """'2 x AMD EPYC (CPU)' or 'NVIDIA H200': where the demo's figures were measured."""
+    if pick_device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{available_cpus()} x {model} (CPU)"
