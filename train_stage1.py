@@ -363,7 +363,10 @@ def batches(ds: Stage1Dataset, cfg: TrainConfig, rank: int, world: int, tally: S
             ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
             collate_fn=functools.partial(collate_packed if cfg.pack else collate, pad_id=pad_id),
             pin_memory=torch.cuda.is_available(), drop_last=True,
-            prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=ignore_sigint)
+            prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=ignore_sigint,
+            # Its own generator: a DataLoader otherwise draws its base seed from the global RNG,
+            # which a resumed run restores before the loader starts; dropout (LoRA) would shift.
+            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         for i, batch in enumerate(loader, start=start + 1):
             tally.add(batch)
             if batch["size"]:

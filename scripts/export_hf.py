@@ -1,6 +1,7 @@
-"""Export a stage-1 checkpoint as a plain transformers LLaVA folder: weights, configs, processor
-(image processor + tokenizer + chat template) and a README model card. The folder loads with
-no custom code:
+"""Export a checkpoint of any stage as a plain transformers LLaVA folder: weights, configs,
+processor (image processor + tokenizer + chat template) and a README model card. A stage-2
+checkpoint brings its tuned LLM; a stage-3 one has its LoRA adapters merged into the weights
+(W + BA x alpha/r). The folder loads with no custom code:
 
     LlavaForConditionalGeneration.from_pretrained(DIR); AutoProcessor.from_pretrained(DIR)
 
@@ -40,6 +41,7 @@ from backbones import VISION_TYPES, prefix_tokens, read_json  # noqa: E402
 from dataset import ImageTransform  # noqa: E402
 from prompts import IMAGE_PLACEHOLDER, PromptFormat, encode_prompt  # noqa: E402
 from model import LlavaStage1, ModelSpec, checkpoint_file, load_checkpoint, read_checkpoint_meta  # noqa: E402
+from tuning import Tuning, merged  # noqa: E402
 from utils import console  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
 
@@ -241,6 +243,8 @@ def model_card(meta: dict, spec: ModelSpec, plan: Plan, dtype: torch.dtype, para
         f"- {k}: `{cfg[k]}`" for k in ("lr", "batch_size", "global_batch_size", "grad_accum", "epochs", "max_steps",
                                        "lr_scheduler", "warmup_ratio", "weight_decay", "seed") if k in cfg]
     tower = spec.vision_type
+    stage = meta.get("stage", 1)
+    tuning = Tuning(**meta.get("tuning", {})).describe()
     vllm = (f"vLLM's LLaVA implementation builds this tower, so `vllm serve {where}` is expected to work as for "
             "llava-hf models (not tested by this project; the projector act must be one vLLM knows)."
             if tower in VLLM_TOWERS else
@@ -251,14 +255,15 @@ def model_card(meta: dict, spec: ModelSpec, plan: Plan, dtype: torch.dtype, para
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
-tags: [llava, stage-1-alignment]
+tags: [llava, stage-{stage}]
 ---
 
-# {meta.get('run') or 'stage-1 projector'} (LLaVA stage-1 alignment)
+# {meta.get('run') or f'stage-{stage} model'} (LLaVA stage {stage})
 
-A frozen vision tower and a frozen LLM joined by a projector trained on image-caption /
-VQA data (stage 1: only the projector learned). Exported from a `llava-stage1` checkpoint as a
-plain `LlavaForConditionalGeneration`; it loads with no custom code.
+A frozen vision tower and an LLM joined by a projector. What trained: {tuning}
+(stage 1 aligns the projector on image-caption / VQA data; stage 2 tunes the LLM in full on
+instructions; stage 3 adds LoRA adapters, merged into the weights here). Exported as a plain
+`LlavaForConditionalGeneration`; it loads with no custom code.
 
 ## Model
 
@@ -382,6 +387,7 @@ def export(checkpoint: str, out: str, dtype: str = "auto", overwrite: bool = Fal
     spec = ModelSpec.from_dict(meta["spec"])
     plan_export(spec)  # refuse before loading gigabytes of frozen weights
     model, tokenizer, meta = load_checkpoint(path, "cpu", vision_tower=vision_tower, llm=llm)
+    model.llm = merged(model.llm)  # a stage-3 (LoRA) checkpoint: adapters folded in, a plain LLM again
     model.eval()
     partial = out + ".partial"
     shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier export
