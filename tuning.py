@@ -20,6 +20,7 @@ the metadata that rebuilds the model):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -102,10 +103,20 @@ def add_lora(llm: nn.Module, tuning: Tuning) -> nn.Module:
         # Norms to fp32 for stability; no gradient checkpointing here (a flag of its own).
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
     try:
-        return get_peft_model(llm, lora_config(tuning))
+        with quiet_peft():
+            return get_peft_model(llm, lora_config(tuning))
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         names = sorted({n.split(".")[-1] for n, m in llm.named_modules() if isinstance(m, nn.Linear)})
         raise SystemExit(f"--lora_target {tuning.lora_target}: {e}. Linear layers of this LLM: {names}") from None
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers `is_gradient_checkpointing`, which transformers 5.2x calls deprecated:
+    one FutureWarning per wrap that says nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def is_peft(llm: nn.Module) -> bool:
@@ -160,8 +171,7 @@ def load_adapter(llm: nn.Module, folder: str, trainable: bool = False) -> nn.Mod
     path = os.path.join(folder, ADAPTER_DIR)
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise FileNotFoundError(f"{folder}: a LoRA checkpoint without {ADAPTER_DIR}/adapter_config.json")
-    with warnings.catch_warnings():  # peft asks transformers a question transformers 5.2x calls deprecated
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         model = PeftModel.from_pretrained(llm, path, is_trainable=trainable)
     saved = load_file(os.path.join(path, "adapter_model.safetensors"))
     loaded = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}

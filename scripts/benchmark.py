@@ -20,6 +20,9 @@ same speed when the LLM dominates; the difference is the largest batch that fits
     python scripts/benchmark.py --arch course --sweep --json course.json                 # GPU: bf16, SDPA
     python scripts/benchmark.py --arch align --sweep --json align.json
     python scripts/benchmark.py --arch small --batch_size 8                              # a quick CPU look
+    # stages 2 and 3 at the course's settings (512 text tokens): ours only, the LLM trains too
+    python scripts/benchmark.py --arch course --tune_llm full --gradient_checkpointing --batch_size 4 --text_len 512 --answer_len 256
+    python scripts/benchmark.py --arch course --tune_llm lora --batch_size 8 --text_len 512 --answer_len 256
 
 Architectures: course (Chinese-CLIP ViT-B/16 + Qwen3-0.6B), align (DINOv3 ViT-B/16 + Qwen3-VL-2B
 text), llava15 (CLIP-L/14-336 + Qwen3-1.7B), small (a scaled-down CLIP + Qwen3 with the real
@@ -56,6 +59,7 @@ import torch  # noqa: E402
 from backbones import VISION_TYPES, arch_config, prefix_tokens  # noqa: E402
 from model import LlavaStage1, ModelSpec, Projector, VisionTower  # noqa: E402
 from prompts import IGNORE_INDEX  # noqa: E402
+from tuning import Tuning, add_lora, assert_trainable, set_trainable  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
@@ -304,12 +308,24 @@ class Models:
 
 
 def build(arch_name: str, dtype: str = "auto", attn: str = "sdpa", device: str = "auto",
-          reference: bool = True) -> Models:
+          reference: bool = True, tune_llm: str = "none", gradient_checkpointing: bool = False) -> Models:
+    """Ours (and the reference); `tune_llm` full or lora trains the LLM as stages 2 and 3 do
+    (full: fp32 master weights; lora: the course's adapters over the frozen base)."""
     dev = pick_device(device)
     torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
                    "fp32": torch.float32}[dtype]
     arch, changes = comparable(ARCHS[arch_name]) if reference else (ARCHS[arch_name], [])
     ours = build_ours(arch, torch_dtype, attn, dev)
+    tuning = Tuning(tune_llm)
+    if tune_llm == "full":
+        ours.llm.float()
+    elif tune_llm == "lora":
+        ours.llm = add_lora(ours.llm, tuning)
+    ours.tuning = tuning
+    set_trainable(ours, tuning)
+    assert_trainable(ours, tuning)
+    if gradient_checkpointing:
+        ours.enable_gradient_checkpointing()
     return Models(arch_name, ours, build_reference(ours, attn) if reference else None, changes, dev, torch_dtype)
 
 
@@ -334,6 +350,8 @@ def run(m: Models, batch_size: int, text_len: int = 64, answer_len: int = 48, ca
     result = {"arch": m.arch, "device": device_name, "batch_size": batch_size, "seq_len": seq,
               "image_tokens": ours.vision.num_tokens, "supervised_tokens": answer_len, "dtype": str(m.dtype),
               "attn": ours.llm.config._attn_implementation, "cached_features": cached_features,
+              "tune_llm": ours.tuning.llm, "gradient_checkpointing": bool(ours.checkpointed_layers),
+              "trainable_params": sum(p.numel() for _, p in ours.trainable_parameters()),
               "flops_per_sample": flops, "peak_flops": peak, "steps": steps, "comparison": m.changes,
               # What the lean loss saves (computed, not measured): one fp32 copy of the logits the
               # loss reads, [B, T, V] in the reference against [M, V] at supervised tokens in ours.
@@ -395,7 +413,9 @@ def print_table(r: dict) -> None:
                      fmt(ref[key]) if ref.get(key) is not None else ref.get("error", "-")))
     rows.append(("logits (fp32)", *(f"{r['logits_bytes'][k] / 2**30:.2f} GiB" for k in ("ours", "reference"))))
     print(f"\narch {r['arch']} on {r['device']} | batch {r['batch_size']} | seq {r['seq_len']} "
-          f"({r['image_tokens']} image + text) | {r['dtype']} | {r['attn']} | cached features {r['cached_features']}")
+          f"({r['image_tokens']} image + text) | {r['dtype']} | {r['attn']} | cached features {r['cached_features']}"
+          f" | LLM {r['tune_llm']}{' + gradient checkpointing' if r['gradient_checkpointing'] else ''}"
+          f" | {r['trainable_params'] / 1e6:.2f}M trainable")
     for a, b, c in rows:
         print(f"  {a:<16}{b:>18}{c:>22}")
     for change in r.get("comparison", []):
@@ -427,11 +447,17 @@ def main(argv: list[str] | None = None) -> dict:
                                                         "at the smaller of the two")
     p.add_argument("--sweep_limit", type=int, default=1024, help="largest batch the sweep tries")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--tune_llm", default="none", choices=list(Tuning.MODES),
+                   help="train the LLM as stage 2 (full) or stage 3 (lora) does; measures ours only")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute LLM layers in backward "
+                                                                        "(stage 2's default)")
     args = p.parse_args(argv)
     kw = dict(text_len=args.text_len, answer_len=args.answer_len, cached_features=args.cached_features,
               steps=args.steps, warmup=args.warmup)
-    measure = ("ours",) if args.no_reference else ("ours", "reference")
-    models = build(args.arch, args.dtype, args.attn, args.device, reference=not args.no_reference)
+    alone = args.no_reference or args.tune_llm != "none" or args.gradient_checkpointing  # the reference is stage 1's
+    measure = ("ours",) if alone else ("ours", "reference")
+    models = build(args.arch, args.dtype, args.attn, args.device, reference=not alone, tune_llm=args.tune_llm,
+                   gradient_checkpointing=args.gradient_checkpointing)
     batch, sweeps = args.batch_size, {}
     if args.sweep:
         for who in measure:

@@ -13,6 +13,12 @@ is 13 GB, val2014 6 GB; --no_images skips them).
     python scripts/download_data.py vqav2 --out data/vqav2
     python scripts/download_data.py vqav2 --out data/vqav2 --splits val
 
+CogVLM-SFT-311K (the course's stage-2 data: Chinese and English single- and multi-turn dialogues
+about ~130k images) comes from ModelScope (ZhipuAI/CogVLM-SFT-311K; on the HF hub
+THUDM/CogVLM-SFT-311K); zip archives in it are extracted in place.
+
+    python scripts/download_data.py cogvlm_sft --out data/CogVLM-SFT-311K
+
 SA1B's parquet rows hold image URLs and captions, not images: prepare the images once with
 scripts/prepare_sa1b.py (the command is printed at the end). Every shard is checked after the
 download (a parquet footer that cannot be read is deleted, and the next run fetches it again);
@@ -50,6 +56,7 @@ VQA_FILES = {  # split -> [(url, what the archive holds)]
     "val": [(f"{VQA_BASE}/v2_Questions_Val_mscoco.zip", "v2_OpenEnded_mscoco_val2014_questions.json"),
             (f"{VQA_BASE}/v2_Annotations_Val_mscoco.zip", "v2_mscoco_val2014_annotations.json")],
 }
+COGVLM_DATASET = "ZhipuAI/CogVLM-SFT-311K"   # https://modelscope.cn/datasets/ZhipuAI/CogVLM-SFT-311K
 COCO_IMAGES = {"train": (f"{COCO_BASE}/train2014.zip", "train2014"), "val": (f"{COCO_BASE}/val2014.zip", "val2014")}
 
 
@@ -71,7 +78,7 @@ def modelscope_dataset_download(dataset_id: str, local_dir: str, patterns: list[
     try:
         from modelscope.hub.snapshot_download import dataset_snapshot_download
     except ImportError:
-        raise SystemExit("SA1B comes from ModelScope: pip install modelscope") from None
+        raise SystemExit(f"{dataset_id} comes from ModelScope: pip install modelscope") from None
     dataset_snapshot_download(dataset_id, local_dir=local_dir, allow_file_pattern=patterns)
 
 
@@ -111,6 +118,33 @@ def download_sa1b(shards: list[int], out: str) -> dict:
     if missing:
         raise SystemExit(f"shard(s) {missing} missing or damaged after the download; run the same command again")
     return {"dataset": SA1B_DATASET, "out": out, "shards": present}
+
+
+# --------------------------------------------------------------------------- CogVLM-SFT-311K from ModelScope
+
+def cogvlm_subsets(out: str) -> list[str]:
+    """Subset folders (anywhere below `out`) that hold images/ and labels_zh/."""
+    return sorted(root for root, dirs, _ in os.walk(out) if "images" in dirs and "labels_zh" in dirs)
+
+
+def download_cogvlm_sft(out: str) -> dict:
+    """Fetch the dataset (ModelScope resumes partial files), extract any zip archives in it, and
+    check that the course's layout is there: <subset>/images + <subset>/labels_zh."""
+    if not cogvlm_subsets(out):
+        console.info(f"CogVLM-SFT-311K: downloading from ModelScope ({COGVLM_DATASET}) -> {out}")
+        modelscope_dataset_download(COGVLM_DATASET, out, ["*"])
+        os.makedirs(out, exist_ok=True)
+        for archive in sorted(f for f in os.listdir(out) if f.endswith(".zip")):
+            stem = archive[:-4]
+            console.info(f"extracting {archive}")
+            extract(os.path.join(out, archive), out, stem)
+    subsets = cogvlm_subsets(out)
+    if not subsets:
+        raise SystemExit(f"{out}: no <subset>/images + <subset>/labels_zh folders after the download; found "
+                         f"{sorted(os.listdir(out))[:10]} (run the same command again to resume)")
+    root = os.path.commonpath([os.path.dirname(s) for s in subsets])
+    return {"dataset": COGVLM_DATASET, "out": out, "data_root": root,
+            "subsets": [os.path.relpath(s, root) for s in subsets]}
 
 
 # --------------------------------------------------------------------------- VQA v2 over HTTP
@@ -190,7 +224,10 @@ def download_vqav2(out: str, splits: list[str], images: bool) -> dict:
     return got
 
 
-def next_steps(dataset: str, out: str, splits: list[str], images: bool) -> str:
+def next_steps(dataset: str, out: str, splits: list[str], images: bool, got: dict | None = None) -> str:
+    if dataset == "cogvlm_sft":
+        return (f"train stage 2 on it:\n  python train_stage2.py --stage1 checkpoints/<stage-1 run> "
+                f"--data_root {(got or {}).get('data_root', out)}")
     if dataset == "sa1b":
         return (f"prepare the images once, then train:\n  python scripts/prepare_sa1b.py --data_root {out} "
                 f"--out {out}_prepared --short_side 256\n  python train_stage1.py --model clip-zh-qwen3-0.6b "
@@ -207,7 +244,7 @@ def next_steps(dataset: str, out: str, splits: list[str], images: bool) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("dataset", choices=["sa1b", "vqav2"], help="what to download")
+    p.add_argument("dataset", choices=["sa1b", "vqav2", "cogvlm_sft"], help="what to download")
     p.add_argument("--out", required=True, help="destination folder")
     p.add_argument("--shards", default="0-9", help="sa1b: parquet shards, e.g. 0-9 (the course's training set) or 10")
     p.add_argument("--splits", default="train,val", help="vqav2: comma-separated splits")
@@ -216,13 +253,15 @@ def main(argv: list[str] | None = None) -> dict:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if args.dataset == "sa1b":
         got = download_sa1b(parse_shards(args.shards), args.out)
+    elif args.dataset == "cogvlm_sft":
+        got = download_cogvlm_sft(args.out)
     else:
         unknown = set(splits) - set(VQA_FILES)
         if unknown or not splits:
             p.error(f"--splits: choose from {sorted(VQA_FILES)}")
         got = download_vqav2(args.out, splits, not args.no_images)
     console.success(f"{args.dataset} ready in {args.out}")
-    console.info(next_steps(args.dataset, args.out, splits, not args.no_images))
+    console.info(next_steps(args.dataset, args.out, splits, not args.no_images, got))
     return got
 
 

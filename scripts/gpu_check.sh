@@ -9,6 +9,8 @@
 #      (LLAVA_TEST_DEVICE=cuda; CPU stays the default everywhere else)
 #   3. scripts/benchmark.py --arch course and --arch align, bf16, SDPA, --sweep
 #                                                                           -> OUT/bench_course.json, bench_align.json
+#   3b. the same for stages 2 and 3 (--tune_llm full / lora, 512 text tokens)
+#                                                                           -> OUT/bench_stage2_full.json, bench_stage3_lora.json
 #   4. 100 steps of the course preset at real size through the ordinary train_stage1.py path: random
 #      weights built from configs/ (scripts/random_models.py), bf16 frozen weights, --pack, the feature
 #      cache (scripts/cache_features.py)                                    -> OUT/train_summary.json, train.log
@@ -33,9 +35,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
 if [ "$DRY" = "--dry-run" ]; then
-    DEVICE=cpu; ARCHS="tiny tiny_align"; LIMIT=4; LAYERS=2; STEPS=4; BATCH=4; NTRAIN=64; BENCH_STEPS=1
+    DEVICE=cpu; ARCHS="tiny tiny_align"; LIMIT=4; LAYERS=2; STEPS=4; BATCH=4; NTRAIN=64; BENCH_STEPS=1; TUNE_LEN=64
 else
-    DEVICE=cuda; ARCHS="course align"; LIMIT=1024; LAYERS=0; STEPS=100; BATCH=16; NTRAIN=1024; BENCH_STEPS=5
+    DEVICE=cuda; ARCHS="course align"; LIMIT=1024; LAYERS=0; STEPS=100; BATCH=16; NTRAIN=1024; BENCH_STEPS=5; TUNE_LEN=512
 fi
 status=()
 step() {  # step NAME SECONDS LOG CMD...: run with a time limit (its output also to LOG unless -),
@@ -75,6 +77,15 @@ for arch in $ARCHS; do
     step "benchmark $arch" 150 - $PY scripts/benchmark.py --arch "$arch" --device "$DEVICE" --sweep --batch_size 16 \
         --sweep_limit $LIMIT --steps $BENCH_STEPS --warmup 2 --json "$OUT/bench_${arch}.json"
 done
+
+# Stages 2 and 3 at the course's settings (512 text tokens): full tuning (fp32 master weights, gradient
+# checkpointing, batch 4) and LoRA (r 8 on q/k/v/o, batch 8): tokens/s and peak memory.
+step "benchmark ${ARCHS%% *} stage 2 (full)" 150 - $PY scripts/benchmark.py --arch "${ARCHS%% *}" --device "$DEVICE" \
+    --tune_llm full --gradient_checkpointing --batch_size 4 --text_len $TUNE_LEN --answer_len $((TUNE_LEN / 2)) \
+    --steps $BENCH_STEPS --warmup 2 --json "$OUT/bench_stage2_full.json"
+step "benchmark ${ARCHS%% *} stage 3 (lora)" 150 - $PY scripts/benchmark.py --arch "${ARCHS%% *}" --device "$DEVICE" \
+    --tune_llm lora --batch_size 8 --text_len $TUNE_LEN --answer_len $((TUNE_LEN / 2)) \
+    --steps $BENCH_STEPS --warmup 2 --json "$OUT/bench_stage3_lora.json"
 
 rm -rf "$WORK/rand" "$WORK/runs" "$WORK/ck"
 step "random real-size models" 120 - $PY scripts/random_models.py --preset clip-zh-qwen3-0.6b --out "$WORK/rand" \

@@ -134,3 +134,33 @@ def test_an_archive_entry_outside_its_folder_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="outside the archive folder"):
         download_data.extract(str(archive), str(tmp_path / "out"), "escape.txt")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_cogvlm_sft_download_extracts_its_archive_into_the_course_layout(tmp_path, monkeypatch, capsys):
+    """ModelScope delivers a zip (mocked here): it is extracted in place, the layout checked, and
+    the stage-2 command names the folder that holds the subsets; a second run downloads nothing."""
+    import json
+    import zipfile
+
+    calls = []
+
+    def download(dataset_id, local_dir, patterns):
+        calls.append(dataset_id)
+        os.makedirs(local_dir, exist_ok=True)
+        with zipfile.ZipFile(os.path.join(local_dir, "CogVLM-SFT-311K.zip"), "w") as zf:
+            sub = "CogVLM-SFT-311K/llava_instruction_single_conversation_formate"
+            zf.writestr(f"{sub}/images/000000001.jpg", b"x")
+            zf.writestr(f"{sub}/labels_zh/000000001.json", json.dumps({"conversations": []}))
+
+    monkeypatch.setattr(download_data, "modelscope_dataset_download", download)
+    out = str(tmp_path / "cog")
+    got = download_data.main(["cogvlm_sft", "--out", out])
+    assert calls == [download_data.COGVLM_DATASET]
+    assert got["data_root"] == os.path.join(out, "CogVLM-SFT-311K")
+    assert got["subsets"] == ["llava_instruction_single_conversation_formate"]
+    download_data.main(["cogvlm_sft", "--out", out])
+    assert calls == [download_data.COGVLM_DATASET]          # already there: nothing fetched again
+
+    monkeypatch.setattr(download_data, "modelscope_dataset_download", lambda *a: None)
+    with pytest.raises(SystemExit, match="labels_zh"):
+        download_data.main(["cogvlm_sft", "--out", str(tmp_path / "empty")])

@@ -6,7 +6,8 @@ FLOPs are 2 x multiply-adds of the matmuls a step must do:
   projector        6 P_proj N per image                       (forward + weight and input grads)
   LLM forward      2 P T + 4 L T^2 d_attn per sample          (P without embeddings)
   LLM backward     the same again: gradients reach the inputs only, frozen weights get none
-  LM head          4 V d per supervised token                 (forward + input grad)
+                   (stage 2, LLM tuned in full: twice that, weight gradients too)
+  LM head          4 V d per supervised token                 (forward + input grad; 6 when tuned in full)
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def step_flops(model: Any, n_images: int, seq_tokens: list[int], n_supervised: i
         flops += n_images * (2 * p_v * n + 4 * v.num_hidden_layers * n * n * v.hidden_size)
     d_attn = lm.num_attention_heads * (getattr(lm, "head_dim", None) or lm.hidden_size // lm.num_attention_heads)
     llm_fwd = sum(2 * p_lm * t + 4 * lm.num_hidden_layers * t * t * d_attn for t in seq_tokens)
-    return flops + 2 * llm_fwd + 4 * lm.vocab_size * lm.hidden_size * n_supervised
+    # A fully tuned LLM (stage 2) also computes weight gradients: a third pass of the same size.
+    # LoRA's adapters are too small to count; its frozen base needs input gradients only.
+    full = getattr(getattr(model, "tuning", None), "llm", "none") == "full"
+    return flops + (3 if full else 2) * llm_fwd + (6 if full else 4) * lm.vocab_size * lm.hidden_size * n_supervised
 
 
 def sample_lengths(batch: dict) -> list[int]:
