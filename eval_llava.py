@@ -1,4 +1,5 @@
-"""Talk to a trained stage-1 model: interactive chat or one-shot answers.
+"""Talk to a trained model of any stage: interactive chat, one-shot answers, batch evaluation;
+or the same against a reference model behind an OpenAI-compatible API (--api_base).
 
 Everything comes from the checkpoint (towers, projector, prompt format); --vision_tower/--llm
 only override where the frozen models live now.
@@ -13,6 +14,8 @@ only override where the frozen models live now.
     python eval_llava.py --vqa_eval --questions Q.json --annotations A.json --predictions P.json
     # captions for a chat.json, an SA1B folder or an image folder (+ BLEU-4/CIDEr-D where references exist)
     python eval_llava.py --checkpoint checkpoints/<run>/final --captions data/toy/eval/chat.json
+    # the same questions to a reference model (key in $OPENAI_API_KEY, never printed or saved)
+    python eval_llava.py --api_base https://api.openai.com/v1 --api_model gpt-4o-mini --vqa data/toy/vqa_chat/chat_val.json
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import re
 import shlex
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +47,7 @@ from utils.caption_metrics import score_captions
 from utils.config import HelpFormatter
 from utils.dist import pick_device
 from utils.metrics import RunLogger
+from utils.openai_api import ApiError, ChatApi, api_messages
 from utils.skips import SampleError
 from utils.vqa_eval import evaluate, main as vqa_eval_main
 
@@ -80,7 +84,7 @@ class Assistant:
 
     def reply_batch(self, items: list[tuple[Any, list[dict]]], max_new_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32,
-                    streamer: Any = None) -> list[str]:
+                    streamer: Any = None, stop: Any = None) -> list[str]:
         """items: (image, messages ending with a user turn) -> reply texts, in order.
 
         The first user turn carries the image; `<image>` is prepended when it is missing.
@@ -97,7 +101,7 @@ class Assistant:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = self.model.generate(ids.to(device), mask.to(device), self.fmt.stop_ids, pixel_values=pixels,
                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                          streamer=streamer)
+                                          streamer=streamer, stop=stop)
             replies += [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out]
         self.model.train(was_training)
         return replies
@@ -109,6 +113,36 @@ class Assistant:
 
             streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         return self.reply_batch([(image, messages)], streamer=streamer, **kwargs)[0]
+
+
+@dataclass
+class ApiAssistant:
+    """A reference model behind an OpenAI-compatible API with Assistant's interface: the same
+    chat, one-shot and batch modes, scored the same way. A failed request is an ApiError in a
+    chat (a message, the question dropped) and a counted failure (`failures`) in a batch."""
+
+    api: ChatApi
+    loader: ImageLoader = field(default_factory=ImageLoader)
+    transform: Any = None                      # the API decodes images itself
+    failures: Counter = field(default_factory=Counter)
+
+    def reply_batch(self, items: list[tuple[Any, list[dict]]], max_new_tokens: int = 64, temperature: float = 0.0,
+                    top_p: float = 1.0, batch_size: int = 32, streamer: Any = None, stop: Any = None) -> list[str | None]:
+        out: list[str | None] = []
+        for image, messages in items:
+            try:
+                out.append(self.api.complete(api_messages(image, messages), max_new_tokens, temperature, top_p))
+            except ApiError as e:
+                self.failures[e.reason] += 1
+                out.append(None)
+        return out
+
+    def reply(self, image: Any, messages: list[dict], stream: bool = False, max_new_tokens: int = 256,
+              temperature: float = 0.0, top_p: float = 1.0) -> str:
+        text = self.api.complete(api_messages(image, messages), max_new_tokens, temperature, top_p)
+        if stream:  # the local model streams as it generates; an API reply arrives whole
+            print(text, flush=True)
+        return text
 
 
 # --------------------------------------------------------------------------- held-out evaluation (used by training too)
@@ -295,29 +329,38 @@ def chat(assistant: Assistant, gen: dict, stdin=None) -> None:
             print()
             console.warn("reply stopped; the question was dropped from the history")
             continue
+        except ApiError as e:  # the reference model's API failed: say why, keep chatting
+            messages.pop()
+            print()
+            console.error(f"the API gave no answer ({e}); the question was dropped from the history")
+            continue
         messages.append({"role": "assistant", "content": reply})
 
 
 # --------------------------------------------------------------------------- batch modes
 
-def answer_all(assistant: Assistant, items: list[tuple[str, list[dict]]], root: str, batch_size: int,
-               max_new_tokens: int, desc: str) -> tuple[list[str | None], Counter]:
-    """(image source, prompt messages) -> replies in order; None where the image failed (counted)."""
-    loader = ImageLoader(root, draft=assistant.transform.size)
+def answer_all(assistant: Assistant | ApiAssistant, items: list[tuple[str, list[dict]]], root: str,
+               batch_size: int, max_new_tokens: int, desc: str) -> tuple[list[str | None], Counter]:
+    """(image source, prompt messages) -> replies in order; None where the image failed or the
+    reference API gave no answer (each counted by reason)."""
+    loader = ImageLoader(root, draft=assistant.transform.size if assistant.transform else None)
     replies: list[str | None] = [None] * len(items)
     skipped: Counter = Counter()
+    failed_before = Counter(getattr(assistant, "failures", {}))
     with console.progress(len(items), desc, unit="q") as bar:
         for start in range(0, len(items), batch_size):
             chunk, index = [], []
             for k in range(start, min(start + batch_size, len(items))):
                 try:
-                    chunk.append((assistant.pixels(loader(items[k][0])), items[k][1]))
+                    chunk.append((loader(items[k][0]), items[k][1]))
                     index.append(k)
                 except SampleError as e:
                     skipped[e.reason] += 1
             for k, reply in zip(index, assistant.reply_batch(chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)):
                 replies[k] = reply
             bar.update(min(batch_size, len(items) - start))
+    for reason, n in (Counter(getattr(assistant, "failures", {})) - failed_before).items():
+        skipped[f"api_{reason}"] += n
     return replies, skipped
 
 
@@ -432,7 +475,13 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--batch_size", type=int, default=32, help="batch modes: questions per generate call")
     b.add_argument("--answer_tokens", type=int, default=16, help="--vqa: answer length limit (VQA answers are short)")
     b.add_argument("--out_dir", default=None, help="batch modes: where predictions and scores go "
-                                                  "(default: runs/eval/<checkpoint name>)")
+                                                  "(default: runs/eval/<checkpoint name>, or runs/eval/api_<model>)")
+    a = p.add_argument_group("reference model behind an OpenAI-compatible API (instead of --checkpoint)")
+    a.add_argument("--api_base", default=None, help="e.g. https://api.openai.com/v1 (POST {base}/chat/completions)")
+    a.add_argument("--api_model", default=None, help="the API's model name")
+    a.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key "
+                                                                   "(read from there only; never printed or saved)")
+    a.add_argument("--api_timeout", type=float, default=60.0, help="seconds per request")
     args = p.parse_args(argv)
     if args.vqa_eval:
         if not (args.annotations and args.predictions):
@@ -441,8 +490,12 @@ def main(argv: list[str] | None = None) -> None:
                       + (["--questions", args.questions] if args.questions else [])
                       + (["--out", os.path.join(args.out_dir, "vqa_scores.json")] if args.out_dir else []))
         return
-    if not args.checkpoint:
-        p.error("--checkpoint is required (except with --vqa_eval)")
+    if args.api_base and args.checkpoint:
+        p.error("give --checkpoint (our model) or --api_base (a reference model), not both")
+    if args.api_base and not args.api_model:
+        p.error("--api_base needs --api_model")
+    if not args.checkpoint and not args.api_base:
+        p.error("--checkpoint is required (except with --vqa_eval, or --api_base for a reference model)")
     one_shot = args.image is not None or args.prompt is not None
     if one_shot and (args.image is None or args.prompt is None):
         p.error("one-shot mode needs both --image and --prompt")
@@ -458,15 +511,29 @@ def main(argv: list[str] | None = None) -> None:
         console.set_stream(None)      # in-process callers (tests) get the console back
 
 
-def _run(args: argparse.Namespace, one_shot: bool) -> None:
+def load_assistant(args: argparse.Namespace) -> Assistant | ApiAssistant:
+    """Our model from --checkpoint, or the reference model behind --api_base (web_demo.py too)."""
+    if args.api_base:
+        try:
+            api = ChatApi(args.api_base, args.api_model, args.api_key_env, timeout=args.api_timeout)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        console.info(f"reference model {args.api_model} at {args.api_base} (key from ${args.api_key_env})")
+        return ApiAssistant(api)
     device = pick_device(args.device)
     console.info(f"loading {args.checkpoint} on {device} ...")
-    assistant = Assistant.from_checkpoint(args.checkpoint, str(device), args.vision_tower, args.llm,
-                                          args.trust_remote_code)
+    return Assistant.from_checkpoint(args.checkpoint, str(device), args.vision_tower, args.llm, args.trust_remote_code)
+
+
+def _run(args: argparse.Namespace, one_shot: bool) -> None:
+    assistant = load_assistant(args)
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.vqa or args.captions:
-        ckpt = os.path.dirname(os.path.abspath(checkpoint_file(args.checkpoint)))   # the step folder
-        out_dir = args.out_dir or os.path.join("runs", "eval", "_".join(ckpt.split(os.sep)[-2:]))
+        if args.api_base:
+            out_dir = args.out_dir or os.path.join("runs", "eval", "api_" + re.sub(r"[^\w.-]+", "_", args.api_model))
+        else:
+            ckpt = os.path.dirname(os.path.abspath(checkpoint_file(args.checkpoint)))   # the step folder
+            out_dir = args.out_dir or os.path.join("runs", "eval", "_".join(ckpt.split(os.sep)[-2:]))
         if args.vqa:
             root = args.image_root or os.path.dirname(os.path.abspath(args.vqa))
             scores = run_vqa(assistant, args.vqa, root, out_dir, args.batch_size, args.answer_tokens)
@@ -480,7 +547,11 @@ def _run(args: argparse.Namespace, one_shot: bool) -> None:
         except SampleError as e:
             console.error(f"could not load the image: {e}")
             sys.exit(2)
-        print(assistant.reply(image, [{"role": "user", "content": args.prompt}], **gen))
+        try:
+            print(assistant.reply(image, [{"role": "user", "content": args.prompt}], **gen))
+        except ApiError as e:
+            console.error(f"the API gave no answer: {e}")
+            sys.exit(3)
     else:
         chat(assistant, gen)
 

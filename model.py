@@ -270,13 +270,18 @@ class LlavaStage1(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop_ids: list[int],
                  pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 streamer: Any = None) -> list[list[int]]:
+                 streamer: Any = None, stop: Any = None) -> list[list[int]]:
         """Reply token ids per sample, stop tokens removed. Greedy when temperature == 0.
 
         input_ids are LEFT-padded for batches; transformers' generate derives positions
-        from the attention mask and uses the KV cache.
+        from the attention mask and uses the KV cache. `stop` (a threading.Event) ends the
+        generation at the next token once set (a browser that left).
         """
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, ids, scores, **kwargs):
+                return torch.full((ids.shape[0],), stop.is_set(), dtype=torch.bool, device=ids.device)
 
         embeds = self.embed(input_ids, self._features(pixel_values, image_features))
         sample = temperature > 0
@@ -284,8 +289,9 @@ class LlavaStage1(nn.Module):
             max_new_tokens=max_new_tokens, do_sample=sample,
             temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
             eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                generation_config=gen_cfg, streamer=streamer)  # [B, new]
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=gen_cfg,
+                                streamer=streamer,
+                                stopping_criteria=StoppingCriteriaList([_Stop()]) if stop is not None else None)  # [B, new]
         replies = []
         for row in out.tolist():
             cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))

@@ -17,7 +17,8 @@ import train_stage1
 from tests.conftest import ROOT
 from utils.checkpoint import resume_command
 
-SCRIPTS = ["train_stage1.py", "train_stage2.py", "train_stage3_lora.py", "eval_llava.py", "convert_vqa.py", "model.py",
+SCRIPTS = ["train_stage1.py", "train_stage2.py", "train_stage3_lora.py", "eval_llava.py", "web_demo.py", "convert_vqa.py",
+           "model.py",
            "dataset.py", "toy_world.py",
            *sorted(f"scripts/{n}" for n in os.listdir(os.path.join(ROOT, "scripts"))
                    if n.endswith(".py") and n != "__init__.py")]

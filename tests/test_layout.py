@@ -13,7 +13,7 @@ LAYERS = {
     "backbones": 1, "prompts": 1, "tuning": 1,  # where models come from | the prompt contract | what trains
     "model": 2, "dataset": 2,           # utils <- backbones, tuning <- model;  utils <- prompts <- dataset
     "eval_llava": 3, "convert_vqa": 3, "toy_world": 3,   # toy_world: the offline world (models and data)
-    "toy_demo": 4,                      # the demos: measurements around train()
+    "toy_demo": 4, "web_demo": 4,       # the demos around train() | the browser chat
     "train_stage1": 5,                  # the training loop
     "train_stage2": 6, "train_stage3_lora": 6,   # the later stages: the same loop with their defaults
     "scripts": 7,                       # runnable helpers: leaves, nothing imports them

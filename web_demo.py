@@ -1,0 +1,269 @@
+"""Chat with a trained model of any stage in the browser (Gradio): upload an image, ask, get a
+streamed reply; follow-up turns keep the history exactly as eval_llava.py's chat does (the same
+prompt code and stop tokens, through the same Assistant).
+
+    python web_demo.py --checkpoint checkpoints/<run>/step_000600          # http://127.0.0.1:7860
+    python web_demo.py --checkpoint checkpoints/demo_<time> --device cpu    # the --demo checkpoint, on a CPU
+    OPENAI_API_KEY=... python web_demo.py --api_base https://api.openai.com/v1 --api_model gpt-4o-mini
+
+Safe by default: it listens on 127.0.0.1 only (--host 0.0.0.0 is an explicit choice, printed
+with a warning), --share is off unless given, the page reads only files a user uploaded (there
+is no server-side path field), uploads are capped in size, and image URLs are off unless
+--allow_urls (then fetched as the dataset's fetcher does: http(s) only, a byte cap, a timeout,
+the pixel cap). One model serves everyone: requests wait in Gradio's queue and generate one at
+a time; a browser that leaves mid-reply stops its generation and never blocks the queue.
+Bad input (not an image, a corrupt file, a decompression bomb, an empty or over-long question)
+gets a chat message, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # nothing leaves the machine unasked
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import glob
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from PIL import Image
+
+from dataset import ImageLoader, decode_image
+from eval_llava import ApiAssistant, Assistant, load_assistant
+from model import checkpoint_file, read_checkpoint_meta
+from tuning import Tuning
+from utils import console
+from utils.config import HelpFormatter
+from utils.openai_api import ApiError
+from utils.skips import SampleError
+
+MAX_UPLOAD = "20mb"              # an upload above this is refused by the server itself
+API_QUESTION_CHARS = 4000        # the reference API's question cap (its own limits vary)
+TOY_EXAMPLES = "data/toy/eval/images"
+
+
+class ChatEngine:
+    """The model behind the page. Generation runs in a worker thread under one lock: one request
+    at a time, and a handler that stops reading (a closed tab) never holds the lock."""
+
+    def __init__(self, assistant: Assistant | ApiAssistant, header: str, max_new_tokens: int):
+        self.assistant, self.header = assistant, header
+        self.lock = threading.Lock()
+        self.question_budget = self._budget(max_new_tokens)
+
+    def _budget(self, max_new_tokens: int) -> int:
+        """Question tokens that fit: the LLM's context minus the image slots, the reply and the template."""
+        if isinstance(self.assistant, ApiAssistant):
+            return API_QUESTION_CHARS
+        cfg = self.assistant.model.llm.config
+        context = min(getattr(cfg, "max_position_embeddings", 4096) or 4096, 8192)
+        return max(16, context - len(self.assistant.fmt.image_ids()) - max_new_tokens - 64)
+
+    def fit(self, question: str) -> tuple[str, bool]:
+        """The question cut to the budget (tokens for our model, characters for an API)."""
+        if isinstance(self.assistant, ApiAssistant):
+            return question[:self.question_budget], len(question) > self.question_budget
+        tok = self.assistant.tokenizer
+        ids = tok.encode(question, add_special_tokens=False)
+        if len(ids) <= self.question_budget:
+            return question, False
+        return tok.decode(ids[:self.question_budget]), True
+
+    def stream(self, image: Image.Image, messages: list[dict], gen: dict, stop: threading.Event) -> Iterator[str]:
+        """The reply so far, growing; an ApiError when the reference API fails."""
+        if isinstance(self.assistant, ApiAssistant):
+            with self.lock:
+                yield self.assistant.reply(image, messages, **gen)
+            return
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.assistant.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict[str, Any] = {}
+
+        def work():
+            try:
+                with self.lock:
+                    result["reply"] = self.assistant.reply_batch([(image, messages)], streamer=streamer, stop=stop,
+                                                                 **gen)[0]
+            except Exception as e:  # noqa: BLE001 - reported in the chat
+                result["error"] = e
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text.strip()
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        yield result["reply"]  # the stripped reply eval_llava keeps in its history
+
+
+def describe(args: argparse.Namespace, assistant: Assistant | ApiAssistant) -> str:
+    """The header: what is loaded (stage, tower, projector, LLM, step) or which reference API."""
+    if isinstance(assistant, ApiAssistant):
+        return f"**参考模型 / reference model** `{args.api_model}` · {args.api_base}"
+    meta = read_checkpoint_meta(args.checkpoint)
+    spec = assistant.model.spec
+    tuning = Tuning(**meta.get("tuning", {})).describe()
+    return (f"**stage {meta.get('stage', 1)}** · step {meta.get('step', '?')} · "
+            f"`{os.path.dirname(checkpoint_file(args.checkpoint))}`  \n"
+            f"视觉塔 / tower `{spec.vision_tower}` ({spec.vision_type}) · projector {spec.projector} · "
+            f"LLM `{spec.llm}` · 训练 / trained: {tuning}")
+
+
+def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int = 256):
+    import gradio as gr
+
+    def note(chatbot: list, question: str, text: str) -> list:
+        """A message from the page itself: shown, never fed to the model as history."""
+        turn = [{"role": "user", "content": question}] if question else []
+        return chatbot + turn + [{"role": "assistant", "content": f"⚠️ {text}"}]
+
+    def load_image(upload: str | None, url: str = ""):
+        """A new image starts a new dialogue. Returns (preview, chatbot, state). The state holds
+        the image, the model's history (as eval_llava keeps it) and what the page shows."""
+        fresh = {"image": None, "messages": [], "shown": []}
+        try:
+            if url and url.strip():
+                if not url.strip().startswith(("http://", "https://")):
+                    raise SampleError("bad_url_scheme", "only http(s) URLs")
+                image = ImageLoader()(url.strip())        # bounded: size, time, retries, pixel cap
+            elif upload:
+                image = decode_image(upload)              # pixel cap (decompression bombs), EXIF, modes
+            else:
+                return None, [], fresh
+        except SampleError as e:
+            why = {"image_too_large": "图片像素太多（可能是解压炸弹）/ too many pixels (a decompression bomb?)",
+                   "corrupt_image": "不是图片或文件已损坏 / not an image, or a corrupt file",
+                   "missing_image": "上传失败 / the upload is missing"}.get(e.reason, str(e))
+            shown = note([], "", f"无法读取图片 / could not read the image: {why}")
+            return None, shown, {**fresh, "shown": shown}
+        return image, [], {"image": image, "messages": [], "shown": []}
+
+    def respond(question: str, state: dict, max_new_tokens: float, temperature: float, top_p: float):
+        """Stream one reply; yields (chatbot, state, cleared question box)."""
+        question = (question or "").strip()
+        chatbot = list(state.get("shown", []))
+
+        def noted(text: str, q: str = question):
+            shown = note(chatbot, q, text)
+            return shown, {**state, "shown": shown}, ""
+
+        if state.get("image") is None:
+            yield noted("请先上传图片 / upload an image first")
+            return
+        if not question:
+            yield noted("问题是空的 / the question is empty", "")
+            return
+        question, cut = engine.fit(question)
+        shown = chatbot + [{"role": "user", "content": question}]
+        if cut:
+            unit = "characters" if isinstance(engine.assistant, ApiAssistant) else "tokens"
+            shown.append({"role": "assistant", "content": f"⚠️ 问题太长，已截断到 {engine.question_budget} 个"
+                                                          f"{'字符' if unit == 'characters' else ' token'} / "
+                                                          f"the question was cut to {engine.question_budget} {unit}"})
+        messages = state["messages"] + [{"role": "user", "content": question}]
+        gen = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p)}
+        stop = threading.Event()
+        reply = ""
+        try:
+            for reply in engine.stream(state["image"], messages, gen, stop):
+                yield shown + [{"role": "assistant", "content": reply}], state, ""
+        except ApiError as e:
+            failed = note(shown, "", f"API 没有回答 / the API gave no answer: {e}")
+            yield failed, {**state, "shown": failed}, ""
+            return
+        finally:
+            stop.set()        # a closed tab closes this generator: its generation stops at the next token
+        shown = shown + [{"role": "assistant", "content": reply}]
+        state = {"image": state["image"], "messages": messages + [{"role": "assistant", "content": reply}],
+                 "shown": shown}
+        yield shown, state, ""
+
+    def clear(state: dict):
+        return [], {"image": state.get("image"), "messages": [], "shown": []}
+
+    with gr.Blocks(title="LLaVA chat") as app:
+        gr.Markdown("## LLaVA 图文对话 / image chat\n" + engine.header)
+        state = gr.State({"image": None, "messages": [], "shown": []})
+        with gr.Row():
+            with gr.Column(scale=2):
+                upload = gr.File(label="上传图片 / upload an image", file_types=["image"], type="filepath")
+                url = gr.Textbox(label="或图片 URL / or an image URL", visible=allow_urls)
+                preview = gr.Image(label="当前图片 / current image", interactive=False, type="pil", height=260)
+                with gr.Accordion("生成设置 / generation", open=False):
+                    tokens = gr.Slider(1, 1024, value=default_tokens, step=1, label="max new tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="对话 / chat", height=440)
+                question = gr.Textbox(label="问题 / question", placeholder="描述这张图片")
+                with gr.Row():
+                    send = gr.Button("发送 / send", variant="primary")
+                    reset = gr.Button("清空对话 / clear")
+        examples = sorted(glob.glob(os.path.join(TOY_EXAMPLES, "*.png")))[:4]
+        if examples:
+            gr.Examples(examples=[[e] for e in examples], inputs=[upload], label="示例图片 / toy examples")
+        upload.change(load_image, [upload], [preview, chatbot, state], api_name="load_image", queue=False)
+        if allow_urls:
+            url.submit(lambda u: load_image(None, u), [url], [preview, chatbot, state], api_name="load_url")
+        chat_inputs = [question, state, tokens, temperature, top_p]
+        send.click(respond, chat_inputs, [chatbot, state, question], api_name="chat", concurrency_limit=1)
+        question.submit(respond, chat_inputs, [chatbot, state, question], api_name=False, concurrency_limit=1)
+        reset.click(clear, [state], [chatbot, state], api_name="clear", queue=False)
+    return app.queue(default_concurrency_limit=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="a run folder, a step folder or a projector.safetensors")
+    p.add_argument("--vision_tower", default=None, help="override the tower path stored in the checkpoint")
+    p.add_argument("--llm", default=None, help="override the (base) LLM path stored in the checkpoint")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model folders to run their own code")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 exposes the page to your "
+                                                      "network (printed with a warning)")
+    p.add_argument("--port", type=int, default=7860, help="port")
+    p.add_argument("--share", action="store_true", help="a public gradio.live link (off unless given)")
+    p.add_argument("--allow_urls", action="store_true", help="also accept http(s) image URLs (bounded fetches)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="the page's default reply length")
+    a = p.add_argument_group("reference model behind an OpenAI-compatible API (instead of --checkpoint)")
+    a.add_argument("--api_base", default=None, help="e.g. https://api.openai.com/v1")
+    a.add_argument("--api_model", default=None, help="the API's model name")
+    a.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the key "
+                                                                   "(never printed or saved)")
+    a.add_argument("--api_timeout", type=float, default=60.0, help="seconds per request")
+    args = p.parse_args(argv)
+    if bool(args.checkpoint) == bool(args.api_base):
+        p.error("give --checkpoint (our model) or --api_base with --api_model (a reference model)")
+    if args.api_base and not args.api_model:
+        p.error("--api_base needs --api_model")
+    console.quiet_bars_in_log_files()
+    try:
+        assistant = load_assistant(args)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    if isinstance(assistant, Assistant):
+        assistant.model.eval()
+    app = build_app(ChatEngine(assistant, describe(args, assistant), args.max_new_tokens), args.allow_urls,
+                    args.max_new_tokens)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.warn(f"--host {args.host}: the page is reachable from other machines on your network; anyone who "
+                     "can reach it can use the model")
+    if args.share:
+        console.warn("--share: a public gradio.live link; anyone with it can use the model")
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
+               show_error=False, ssr_mode=False, quiet=False)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        pass
