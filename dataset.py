@@ -1,5 +1,5 @@
-"""Data: readers for each on-disk format, image decoding and preprocessing, the dataset,
-the sampler and the collates. How a sample becomes token ids and labels is prompts.py's.
+"""Data: image decoding and preprocessing, the dataset, the sampler and the collates. The
+on-disk formats are readers.py's; how a sample becomes token ids and labels is prompts.py's.
 
 Every sample is in LLaVA form: one image (or none: a text-only record) and `conversations` of
 human/gpt turns with an `<image>` placeholder in a human turn when there is an image. A sample that cannot be used is skipped and counted by
@@ -12,16 +12,13 @@ CPU check (reads the demo's data after `python train_stage1.py --demo` has built
 from __future__ import annotations
 
 import argparse
-import ast
-import glob
 import io
-import json
 import math
 import os
 import random
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, TypedDict
 
 import numpy as np
@@ -30,9 +27,9 @@ from PIL import Image, ImageOps
 
 from backbones import (CLIP_MEAN, CLIP_STD, arch_config, image_tokens, knows_vision_markers, load_tokenizer,
                        preprocessing, resolve_model, vision_defaults)
-from prompts import (CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN, INSTRUCTION_POOLS,
-                     PromptFormat, caption_messages, encode_conversation, ensure_image_token,
-                     history_matches_live_chat, with_image_placeholder)
+from prompts import (CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_TOKEN, INSTRUCTION_POOLS, PromptFormat,
+                     caption_messages, encode_conversation, ensure_image_token, history_matches_live_chat)
+from readers import DATA_FORMATS, Record, read_records
 from utils import console
 from utils.config import HelpFormatter
 from utils.feature_cache import image_key
@@ -168,200 +165,6 @@ class ImageLoader:
 
     def fetch(self, url: str) -> bytes:
         return fetch(url, self.timeout, self.retries, self.max_bytes, self.backoff, self.cache_dir)
-
-
-# --------------------------------------------------------------------------- readers
-
-def to_messages(conversations: list[dict]) -> list[dict]:
-    """LLaVA turns ({"from": "human"|"gpt", "value"}) -> chat messages ({"role", "content"})."""
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-    out = []
-    for turn in conversations:
-        role = roles.get(turn.get("from", turn.get("role")))
-        content = turn.get("value", turn.get("content"))
-        if role is None or not isinstance(content, str):
-            raise SampleError("bad_conversation", f"turn {turn!r}")
-        out.append({"role": role, "content": content})
-    return out
-
-
-@dataclass
-class Record:
-    """One raw sample before its image is loaded. Exactly one of `caption`/`conversations`;
-    `image` is "" for a text-only record (LLaVA's mix665k has ~40k)."""
-
-    image: str
-    caption: str | None = None
-    conversations: list | None = None
-    meta: dict = field(default_factory=dict)
-
-
-def parse_cap_seg(value: Any) -> str:
-    """SA1B-Dense-Caption's `cap_seg` (a dict, or its JSON/Python-literal string) -> global_caption."""
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-                raise SampleError("bad_cap_seg", str(e)[:80]) from None
-    if not isinstance(value, dict) or not isinstance(value.get("global_caption"), str):
-        raise SampleError("bad_cap_seg", "no global_caption")
-    caption = value["global_caption"].strip()
-    if not caption:
-        raise SampleError("empty_caption")
-    return caption
-
-
-def sa1b_shards(data_root: str) -> list[str]:
-    """The course layout `{root}/data/*.parquet`, or parquet files directly under root."""
-    shards = sorted(glob.glob(os.path.join(data_root, "data", "*.parquet")))
-    shards = shards or sorted(glob.glob(os.path.join(data_root, "*.parquet")))
-    if not shards:
-        raise FileNotFoundError(f"no parquet shards in {data_root}/data/ or {data_root}/")
-    return shards
-
-
-def sa1b_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, Any, str]], Counter]:
-    """SA1B-Dense-Caption parquet shards (`url`, `cap_seg`) -> (url, raw cap_seg, caption) of the
-    usable rows in shard order, and skip counts. Stops at `max_samples` usable rows (the course's
-    first-100k subset). Shared by training's reader and scripts/prepare_sa1b.py."""
-    import pyarrow.parquet as pq
-
-    rows: list[tuple[str, Any, str]] = []
-    skipped: Counter = Counter()
-    for shard in sa1b_shards(data_root):
-        try:
-            table = pq.read_table(shard, columns=None)
-        except Exception as e:  # pyarrow raises several types for truncated files
-            raise ValueError(f"{shard}: unreadable parquet shard ({e})") from None
-        missing = {"url", "cap_seg"} - set(table.column_names)
-        if missing:
-            raise ValueError(f"{shard}: missing column(s) {sorted(missing)}; have {table.column_names}")
-        for url, cap in zip(table.column("url").to_pylist(), table.column("cap_seg").to_pylist()):
-            if max_samples and len(rows) >= max_samples:
-                return rows, skipped
-            try:
-                if not isinstance(url, str) or not url.strip():
-                    raise SampleError("bad_record", "empty url")
-                rows.append((url.strip(), cap, parse_cap_seg(cap)))
-            except SampleError as e:
-                skipped[e.reason] += 1
-    return rows, skipped
-
-
-def read_sa1b(data_root: str, max_samples: int = 0) -> tuple[list[Record], Counter]:
-    """SA1B-Dense-Caption shards -> records, skip counts.
-
-    `url` may be http(s), file:// or a path relative to `data_root`.
-    """
-    rows, skipped = sa1b_rows(data_root, max_samples)
-    return [Record(image=url, caption=caption) for url, _, caption in rows], skipped
-
-
-def read_chat_json(chat_json: str, max_samples: int = 0) -> tuple[list[Record], Counter]:
-    """A LLaVA chat.json (list of {"image", "conversations"}) -> records, skip counts."""
-    if not os.path.isfile(chat_json):
-        raise FileNotFoundError(f"no chat.json at {chat_json}")
-    with open(chat_json, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except ValueError as e:
-            raise ValueError(f"{chat_json}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{chat_json}: expected a JSON list of records, got {type(data).__name__}")
-    records: list[Record] = []
-    skipped: Counter = Counter()
-    for item in data:
-        if max_samples and len(records) >= max_samples:
-            break
-        try:
-            if not isinstance(item, dict):
-                raise SampleError("bad_record", "not an object")
-            image = item.get("image", "")  # no "image" key: a text-only record
-            if not isinstance(image, str):
-                raise SampleError("bad_record", f"image {image!r}")
-            conv = item.get("conversations")
-            if not isinstance(conv, list) or len(conv) < 2:
-                raise SampleError("bad_conversation", "fewer than 2 turns")
-            messages = checked_turns(to_messages(conv))
-            if not image and any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
-                raise SampleError("placeholder_without_image", str(item.get("id", "")))
-            meta = {k: v for k, v in item.items() if k not in ("image", "conversations")}
-            records.append(Record(image=image, conversations=messages, meta=meta))
-        except SampleError as e:
-            skipped[e.reason] += 1
-    return records, skipped
-
-
-def checked_turns(messages: list[dict]) -> list[dict]:
-    """user/assistant alternating, starting with the user and ending with an answer."""
-    if [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2) or len(messages) % 2:
-        raise SampleError("bad_roles", str([m["role"] for m in messages]))
-    return messages
-
-
-# CogVLM-SFT-311K's dialogue subsets, the ones the course's stage 2 trains on (its third,
-# llava_details-minigpt4_3500_formate, holds long descriptions under "captions").
-COGVLM_SUBSETS = ("llava_instruction_single_conversation_formate", "llava_instruction_multi_conversations_formate")
-
-
-def read_cogvlm_sft(data_root: str, labels: str = "labels_zh", max_samples: int = 0,
-                    subsets: tuple[str, ...] = COGVLM_SUBSETS) -> tuple[list[Record], Counter]:
-    """CogVLM-SFT-311K: `<root>/<subset>/images/<stem>.jpg` + `<root>/<subset>/<labels>/<stem>.json`
-    holding {"conversations": [{"role", "content"}, ...]} (labels_zh Chinese, labels English).
-    The text has no `<image>`: it goes before the first user turn's text, where eval_llava.py
-    puts it in a chat. A label file without its image is counted ("label_without_image")."""
-    records: list[Record] = []
-    skipped: Counter = Counter()
-    found = [s for s in subsets if os.path.isdir(os.path.join(data_root, s, labels))]
-    if not found:
-        raise FileNotFoundError(f"no CogVLM-SFT subset with a {labels}/ folder under {data_root} "
-                                f"(looked for {', '.join(subsets)})")
-    for subset in found:
-        for label in sorted(glob.glob(os.path.join(data_root, subset, labels, "*.json"))):
-            if max_samples and len(records) >= max_samples:
-                return records, skipped
-            stem = os.path.splitext(os.path.basename(label))[0]
-            image = os.path.join(subset, "images", f"{stem}.jpg")
-            try:
-                if not os.path.isfile(os.path.join(data_root, image)):
-                    raise SampleError("label_without_image", image)
-                try:
-                    with open(label, encoding="utf-8") as fh:
-                        item = json.load(fh)
-                except (OSError, ValueError) as e:
-                    raise SampleError("bad_label_file", f"{label}: {e}") from None
-                conv = item.get("conversations") if isinstance(item, dict) else None
-                if not isinstance(conv, list) or len(conv) < 2:
-                    raise SampleError("bad_conversation", f"{label}: fewer than 2 turns")
-                messages = with_image_placeholder(checked_turns(to_messages(conv)))
-                records.append(Record(image=image, conversations=messages, meta={"subset": subset, "id": stem}))
-            except SampleError as e:
-                skipped[e.reason] += 1
-    return records, skipped
-
-
-def read_records(data_format: str, data_root: str = "", chat_json: str = "",
-                 max_samples: int = 0, labels: str = "labels_zh") -> tuple[list[Record], Counter, str]:
-    """Dispatch on --data_format. Returns (records, skip counts, image root)."""
-    if data_format == "cogvlm_sft":
-        records, skipped = read_cogvlm_sft(data_root, labels, max_samples)
-        return records, skipped, data_root
-    if data_format == "sa1b":
-        records, skipped = read_sa1b(data_root, max_samples)
-        return records, skipped, data_root
-    if data_format == "chat":
-        path = chat_json or os.path.join(data_root, "chat.json")
-        records, skipped = read_chat_json(path, max_samples)
-        return records, skipped, data_root or os.path.dirname(os.path.abspath(path))
-    raise ValueError(f"unknown data format {data_format!r} (sa1b | chat | cogvlm_sft)")
-
-
-DATA_FORMATS = ("sa1b", "chat", "cogvlm_sft")
 
 
 # --------------------------------------------------------------------------- dataset and collate
@@ -603,7 +406,7 @@ def main() -> None:
     and the tokenizer are read: the image-slot count and preprocessing come from the tower's
     config and the same feature defaults training uses."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format")
+    p.add_argument("--data_format", default="sa1b", choices=list(DATA_FORMATS), help="on-disk format")
     p.add_argument("--data_root", default="", help="dataset directory")
     p.add_argument("--chat_json", default="", help="chat.json path (chat format)")
     p.add_argument("--image_root", default="", help="chat format: image folder for --chat_json (as in training)")

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import (IMAGE_EXTENSIONS, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_prompts,
-                     read_chat_json, read_sa1b, to_device)
+from dataset import IMAGE_EXTENSIONS, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_prompts, to_device
+from readers import read_chat_json, read_sa1b
 from model import LlavaStage1, checkpoint_file, load_checkpoint
 from prompts import (CAPTION_PROMPT, IMAGE_PLACEHOLDER, PromptFormat, caption_messages, encode_prompt,
                      with_image_placeholder)

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from dataset import ImageLoader, Stage1Dataset, read_chat_json, read_records
+from dataset import ImageLoader, Stage1Dataset
+from readers import read_chat_json, read_records
 from eval_llava import Assistant, caption_exact_match, official_vqa_accuracy
 from model import ModelSpec, build_model, checkpoint_file, read_checkpoint_meta
 from prompts import CAPTION_PROMPT
@@ -60,7 +61,7 @@ def demo_defaults(stage: int) -> dict:
 
 
 def apply_demo_defaults(cfg: Any, explicit: set[str]) -> None:
-    """--demo: build (or reuse) the toy world and point a train_stage1.TrainConfig at it, with
+    """--demo: build (or reuse) the toy world and point a train_config.TrainConfig at it, with
     the demo's settings wherever the user typed nothing. Stages 2 and 3 also find (or make)
     the previous stage's demo checkpoint to start from."""
     paths = ensure_toy_world("demo", log=console.info)

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from backbones import CLIP_MEAN, CLIP_STD
-from dataset import COGVLM_SUBSETS, ImageTransform, pad
+from dataset import ImageTransform, pad
+from readers import COGVLM_SUBSETS
 import prompts
 from prompts import (CAPTION_PROMPT, CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN,
                      INSTRUCTION_POOLS, PromptFormat, caption_messages, encode_conversation)

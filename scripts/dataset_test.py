@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from backbones import (image_tokens, load_tokenizer, preprocessing, resolve_model, vision_arch,  # noqa: E402
                        vision_defaults)
-from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate, decode_image, read_records  # noqa: E402
+from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate, decode_image  # noqa: E402
+from readers import read_records  # noqa: E402
 from prompts import CHAT_TEMPLATE_KWARGS, IMAGE_TOKEN, INSTRUCTION_POOLS, PromptFormat, encode_conversation  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402

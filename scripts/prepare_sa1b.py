@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image  # noqa: E402
 
-from dataset import ImageLoader, sa1b_rows  # noqa: E402
+from dataset import ImageLoader  # noqa: E402
+from readers import sa1b_rows  # noqa: E402
 from utils import console  # noqa: E402
 from utils.atomic import atomic_path, atomic_write  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402

@@ -22,7 +22,8 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset import ImageLoader, Record, read_records  # noqa: E402
+from dataset import ImageLoader  # noqa: E402
+from readers import Record, read_records  # noqa: E402
 from prompts import IMAGE_PLACEHOLDER  # noqa: E402
 from utils.atomic import atomic_path, atomic_write  # noqa: E402
 from utils.config import HelpFormatter  # noqa: E402

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataset import ImageLoader, ImageTransform, Stage1Dataset, decode_image, read_chat_json, read_sa1b
+from dataset import ImageLoader, ImageTransform, Stage1Dataset, decode_image
+from readers import read_chat_json, read_sa1b
 from prompts import PromptFormat, encode_conversation
 from utils.skips import SampleError
 

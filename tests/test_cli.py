@@ -13,13 +13,13 @@ import sys
 import pytest
 
 import toy_demo
+import train_config
 import train_stage1
 from tests.conftest import ROOT
 from utils.checkpoint import resume_command
 
 SCRIPTS = ["train_stage1.py", "train_stage2.py", "train_stage3_lora.py", "eval_llava.py", "web_demo.py", "convert_vqa.py",
-           "model.py",
-           "dataset.py", "toy_world.py",
+           "model.py", "dataset.py", "toy_world.py",
            *sorted(f"scripts/{n}" for n in os.listdir(os.path.join(ROOT, "scripts"))
                    if n.endswith(".py") and n != "__init__.py")]
 
@@ -98,23 +98,23 @@ def no_toy_build(monkeypatch, tiny):
 def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeypatch, no_toy_build):
     # What trains is checked as a whole (tests/test_stages.py): --no-tune_projector alone trains
     # nothing and --load_in_4bit needs LoRA, so both are refused here by design.
-    booleans = [f.name for f in dataclasses.fields(train_stage1.TrainConfig)
+    booleans = [f.name for f in dataclasses.fields(train_config.TrainConfig)
                 if f.type in ("bool", "bool | None") and f.name not in ("demo", "tune_projector", "load_in_4bit")]
     assert {"feature_post_norm", "image_wrap", "pack", "compile", "overwrite"} <= set(booleans)
     # A preset and the demo that switch every boolean on: a typed --no-X must still win.
     preset = "clip-zh-qwen3-0.6b"
-    monkeypatch.setitem(train_stage1.PRESETS, preset, {**train_stage1.PRESETS[preset], **{n: True for n in booleans}})
+    monkeypatch.setitem(train_config.PRESETS, preset, {**train_config.PRESETS[preset], **{n: True for n in booleans}})
     monkeypatch.setattr(toy_demo, "DEMO_DEFAULTS", {**toy_demo.DEMO_DEFAULTS, **{n: True for n in booleans}})
     for name in booleans:
         for base in (["--model", preset], ["--demo"]):
-            assert getattr(train_stage1.parse_args([*base, f"--no-{name}"]), name) is False, (base, name)
-            assert getattr(train_stage1.parse_args(base), name) is True, (base, name)
+            assert getattr(train_config.parse_args([*base, f"--no-{name}"]), name) is False, (base, name)
+            assert getattr(train_config.parse_args(base), name) is True, (base, name)
     # The demo's own default (ln_post on every token, the course's recipe) loses to the typed flag,
     # as the export's refusal message tells users to do.
     monkeypatch.setattr(toy_demo, "DEMO_DEFAULTS", dict(toy_demo.DEMO_DEFAULTS, feature_post_norm=True))
-    assert train_stage1.parse_args(["--demo", "--no-feature_post_norm"]).feature_post_norm is False
-    assert train_stage1.parse_args(["--demo", "--feature_post"]).feature_post_norm is True   # a unique prefix
-    cfg = train_stage1.parse_args(["--demo", "--lr=5e-4", "--batch_size", "8"])
+    assert train_config.parse_args(["--demo", "--no-feature_post_norm"]).feature_post_norm is False
+    assert train_config.parse_args(["--demo", "--feature_post"]).feature_post_norm is True   # a unique prefix
+    cfg = train_config.parse_args(["--demo", "--lr=5e-4", "--batch_size", "8"])
     assert (cfg.lr, cfg.batch_size, cfg.max_steps) == (5e-4, 8, toy_demo.DEMO_DEFAULTS["max_steps"])
 
 
@@ -127,7 +127,7 @@ def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeyp
 ])
 def test_values_that_cannot_work_are_refused_when_parsing(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
-        train_stage1.parse_args(argv)
+        train_config.parse_args(argv)
     assert err.value.code == 2
     assert message in capsys.readouterr().err
 

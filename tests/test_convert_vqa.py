@@ -300,7 +300,8 @@ def qwen_tokenizer(tmp_path_factory):
 
 
 def test_training_on_the_output_supervises_only_the_answer(vqa, tmp_path, qwen_tokenizer):
-    from dataset import ImageLoader, read_chat_json
+    from dataset import ImageLoader
+    from readers import read_chat_json
     from model import ModelSpec
     from prompts import IGNORE_INDEX, PromptFormat, encode_conversation
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from backbones import preprocessing
-from dataset import EpochSampler, ImageTransform, read_chat_json, read_sa1b
+from dataset import EpochSampler, ImageTransform
+from readers import read_chat_json, read_sa1b
 
 
 def test_sa1b_reader_on_a_written_shard(tmp_path):

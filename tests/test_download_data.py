@@ -54,7 +54,7 @@ def test_sa1b_downloads_only_what_is_missing_and_refetches_a_damaged_shard(tmp_p
         fh.truncate(10)                                                  # an interrupted transfer
     download_data.main(["sa1b", "--shards", "0-3", "--out", out])
     assert fake_modelscope[-1][1] == ["data/train-0001-*.parquet", "data/train-0003-*.parquet"]
-    from dataset import read_sa1b
+    from readers import read_sa1b
 
     records, skipped = read_sa1b(out)                                   # training reads the layout as it is
     assert len(records) == 4 and not skipped

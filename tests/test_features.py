@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from dataset import ImageLoader, ImageTransform, Stage1Dataset, read_records
+from dataset import ImageLoader, ImageTransform, Stage1Dataset
+from readers import read_records
 from eval_llava import heldout_loss
 from scripts.cache_features import cache_features
 from utils.feature_cache import FeatureCache, cache_key

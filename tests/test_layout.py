@@ -11,12 +11,14 @@ from tests.conftest import ROOT
 LAYERS = {
     "utils": 0,
     "backbones": 1, "prompts": 1, "tuning": 1,  # where models come from | the prompt contract | what trains
-    "model": 2, "dataset": 2,           # utils <- backbones, tuning <- model;  utils <- prompts <- dataset
-    "eval_llava": 3, "convert_vqa": 3, "toy_world": 3,   # toy_world: the offline world (models and data)
-    "toy_demo": 4, "web_demo": 4,       # the demos around train() | the browser chat
-    "train_stage1": 5,                  # the training loop
-    "train_stage2": 6, "train_stage3_lora": 6,   # the later stages: the same loop with their defaults
-    "scripts": 7,                       # runnable helpers: leaves, nothing imports them
+    "model": 2, "readers": 2,           # utils <- backbones, tuning <- model;  utils <- prompts <- readers
+    "dataset": 3,                       # readers <- dataset (images, the dataset, sampler, collates)
+    "eval_llava": 4, "convert_vqa": 4, "toy_world": 4,   # toy_world: the offline world (models and data)
+    "toy_demo": 5, "web_demo": 5,       # the demos around train() | the browser chat
+    "train_config": 6,                  # a run's configuration and where its models come from
+    "train_stage1": 7,                  # the training loop
+    "train_stage2": 8, "train_stage3_lora": 8,   # the later stages: the same loop with their defaults
+    "scripts": 9,                       # runnable helpers: leaves, nothing imports them
 }
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate, read_records, to_device
+from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate, to_device
+from readers import read_records
 from model import Projector, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from tests.conftest import tolerance
 

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from dataset import EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed, read_records
+from dataset import EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed
+from readers import read_records
 
 
 def _batch_items(tiny, model, tok, fmt, n=6):

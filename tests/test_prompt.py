@@ -3,7 +3,7 @@ end-of-turn token, the prompt is exactly what inference feeds, no BOS is assumed
 
 import pytest
 
-from dataset import to_messages
+from readers import to_messages
 from prompts import (IGNORE_INDEX, PromptFormat, caption_messages, encode_conversation, encode_prompt,
                      ensure_image_token, with_image_placeholder)
 from utils.skips import SampleError

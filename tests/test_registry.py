@@ -5,6 +5,7 @@ import os
 import pytest
 
 import backbones
+import train_config
 import train_stage1
 from backbones import PRESETS, REGISTRY, MissingModel, resolve_model
 from scripts import download_models
@@ -100,7 +101,7 @@ ALIGN_ARGV = ["--stage", "align", "--model.type", "dinov3-qwen3vltext-align", "-
 
 
 def test_align_plan_command_line_maps_onto_our_flags():
-    cfg = train_stage1.parse_args(ALIGN_ARGV + ["--model.align_learning_rate=5e-4"])
+    cfg = train_config.parse_args(ALIGN_ARGV + ["--model.align_learning_rate=5e-4"])
     assert (cfg.model, cfg.vision_tower, cfg.llm, cfg.projector) == (
         "dinov3-qwen3vltext-align", "dinov3-vitb16", "qwen3vl-2b-text", "mlp2x_gelu")
     assert cfg.max_steps == 20 and cfg.lr == 5e-4 and cfg.global_batch_size == 256 and cfg.batch_size == 16
@@ -108,7 +109,7 @@ def test_align_plan_command_line_maps_onto_our_flags():
     assert cfg.chat_json == os.path.join("DATA", "download", "llava-laion-cc-sbu-558k", "chat.json")
     assert cfg.image_root == os.path.join("DATA", "download", "llava-laion-cc-sbu-558k")
     assert (cfg.runs_dir, cfg.checkpoints_dir, cfg.trackers) == ("RUNS", "RUNS", "jsonl")
-    cfg = train_stage1.parse_args(ALIGN_ARGV + ["--model.align_lr_scheduler_type", "constant",
+    cfg = train_config.parse_args(ALIGN_ARGV + ["--model.align_lr_scheduler_type", "constant",
                                                 "--model.align_per_device_batch_size", "8"])
     assert cfg.lr_scheduler == "constant" and cfg.batch_size == 8
 
@@ -121,11 +122,11 @@ def test_align_plan_command_line_maps_onto_our_flags():
 ])
 def test_align_flags_refuse_what_cannot_be_done(extra, message):
     with pytest.raises(SystemExit, match=message):
-        train_stage1.translate_align_flags(ALIGN_ARGV + extra)
+        train_config.translate_align_flags(ALIGN_ARGV + extra)
 
 
 def test_typed_flags_override_a_preset():
-    cfg = train_stage1.parse_args(["--model", "clip-zh-qwen3-0.6b", "--lr", "1e-4", "--projector", "mlp2x_gelu"])
+    cfg = train_config.parse_args(["--model", "clip-zh-qwen3-0.6b", "--lr", "1e-4", "--projector", "mlp2x_gelu"])
     assert (cfg.lr, cfg.projector, cfg.batch_size, cfg.max_samples) == (1e-4, "mlp2x_gelu", 16, 100_000)
 
 

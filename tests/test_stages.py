@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 import train_stage1
 import train_stage2
 import train_stage3_lora
-from dataset import (COGVLM_SUBSETS, ImageLoader, ImageTransform, Record, Stage1Dataset, collate,
-                     read_cogvlm_sft)
+from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate
+from readers import COGVLM_SUBSETS, Record, read_cogvlm_sft
 from model import ModelSpec, build_model, load_checkpoint, save_checkpoint
 from prompts import (IGNORE_INDEX, IMAGE_PLACEHOLDER, PromptFormat, encode_conversation, encode_prompt,
                      history_matches_live_chat, with_image_placeholder)

@@ -89,7 +89,8 @@ def test_eval_interactive_loop_through_stdin(short_run, toy, monkeypatch, capsys
 def test_image_ablation_gap_is_positive_after_training_and_near_zero_untrained(short_run, toy):
     import torch
 
-    from dataset import ImageLoader, ImageTransform, Stage1Dataset, read_records
+    from dataset import ImageLoader, ImageTransform, Stage1Dataset
+    from readers import read_records
     from eval_llava import heldout_loss
     from model import Projector, load_checkpoint
     from prompts import PromptFormat

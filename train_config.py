@@ -1,0 +1,233 @@
+"""A training run's configuration: TrainConfig (every flag of train_stage1.py, train_stage2.py
+and train_stage3_lora.py, typed, with a default and a reason), how a command line becomes one
+(a later stage's defaults, presets, the align plan's flags, the demo; what a user typed always
+wins), and where the run's frozen models come from (registry ids, local folders, or the
+checkpoint a stage-2/3 run starts from).
+
+    python train_stage1.py --help        # every field below, with its default for that stage
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+from backbones import PRESETS, MissingModel, download, resolve_model, vision_defaults
+from model import Projector, read_checkpoint_meta
+from prompts import INSTRUCTION_POOLS
+from readers import DATA_FORMATS
+from toy_demo import apply_demo_defaults
+from tuning import COURSE_LORA_TARGET, Tuning
+from utils.align_plan import translate_align_flags
+from utils.config import HelpFormatter, add_dataclass_args, explicit_flags, from_namespace
+from utils.dist import available_cpus
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # ---- models
+    model: str = _f("", "preset combination (flags you type override its parts)", choices=["", *PRESETS])
+    vision_tower: str = _f("", "vision tower: registry id (see README) or local directory")
+    llm: str = _f("", "LLM: registry id or local directory (weights, tokenizer, chat template)")
+    models_dir: str = _f("models", "where registry ids live: <models_dir>/<id>")
+    download: bool = _f(False, "download missing registry ids before training (scripts/download_models.py)")
+    hf_token: str = _f(".hf_token", "gated downloads (DINOv3): a token file, or the NAME of an env var holding it")
+    projector: str = _f("linear", "projector type", choices=list(Projector.TYPES))
+    feature_layer: int | None = _f(None, "tower hidden state to use (-1 last, -2 LLaVA-1.5); default: the tower's")
+    feature_select: str | None = _f(None, "all tokens (CLS, registers) or patch tokens only; default: the tower's",
+                                    choices=["all", "patch"])
+    feature_post_norm: bool | None = _f(None, "apply the tower's final norm to every token (the course: ln_post); "
+                                        "default: the tower's")
+    image_wrap: bool | None = _f(None, "wrap image slots in <|vision_start|>/<|vision_end|>; default: on for Qwen3-VL")
+    attn: str = _f("sdpa", "LLM attention kernel", choices=["sdpa", "eager", "flash_attention_2"])
+    gradient_checkpointing: bool = _f(False, "recompute LLM layers in backward: less activation memory, ~30% "
+                                             "more compute (off: small LLMs fit without it)")
+    compile: bool = _f(False, "torch.compile the LLM decoder and the vision tower (first steps are slow)")
+    group_by_length: bool = _f(False, "batch samples of similar text length together (less padding); "
+                                      "order is still seeded and resumable")
+    pack: bool = _f(False, "padding-free batches: samples concatenated in one row, attention kept within each "
+                           "(real savings with --attn flash_attention_2)")
+    # ---- what trains and where it starts (stages 2 and 3 set these by default; tuning.py)
+    stage1: str = _f("", "start from this stage-1 checkpoint (run or step folder): towers, projector and prompt "
+                         "format come from it")
+    init: str = _f("", "start from this checkpoint of any stage (stage 3: the stage-2 run): its LLM and projector")
+    tune_llm: str = _f("none", "the LLM: frozen, tuned in full, or LoRA adapters", choices=list(Tuning.MODES))
+    tune_projector: bool = _f(True, "train the projector (--no-tune_projector keeps it as the start point has it)")
+    projector_lr: float = _f(0.0, "the projector's learning rate; 0 = --lr")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA branch")
+    lora_target: str = _f(COURSE_LORA_TARGET, "LLM modules that get adapters, comma-separated, or all-linear")
+    load_in_4bit: bool = _f(False, "QLoRA: the frozen LLM in 4-bit NF4 through bitsandbytes (CUDA only)")
+    stage: int = _f(1, "set by the entry point", cli=False)
+    # ---- data
+    data_format: str = _f("sa1b", "sa1b parquet shards, a LLaVA chat.json, or CogVLM-SFT-311K's folders",
+                          choices=list(DATA_FORMATS))
+    data_root: str = _f("", "training data directory (sa1b: {root}/data/*.parquet; chat: {root}/chat.json; "
+                            "cogvlm_sft: {root}/<subset>/{images,labels_zh})")
+    labels: str = _f("labels_zh", "cogvlm_sft: the label folder (labels_zh Chinese, labels English)")
+    eval_ratio: float = _f(0.0, "no held-out set named: hold out this seeded share of the training records "
+                                "(the course's stage 2: 0.02); 0 = the last min(eval_samples, 10%)")
+    chat_json: str = _f("", "chat format: chat.json path (images relative to --image_root)")
+    image_root: str = _f("", "chat format: image folder for --chat_json")
+    eval_data_root: str = _f("", "held-out data directory (same format); empty: hold out the tail of the training data")
+    eval_chat_json: str = _f("", "chat format: held-out chat.json")
+    max_samples: int = _f(0, "use only the first N training records (the course: 100000); 0 = all")
+    max_text_len: int = _f(128, "text tokens per sample, image slots not counted; long answers lose their tail")
+    instructions: str = _f("course", "caption instruction pool", choices=list(INSTRUCTION_POOLS))
+    image_cache: str = _f("", "URL images: keep downloaded bytes here so later epochs never refetch")
+    features_cache: str = _f("", "train from vision features cached by scripts/cache_features.py (no decoding, no ViT)")
+    num_workers: int = _f(min(4, available_cpus()), f"DataLoader worker processes (default: min(4, cores) = "
+                                                      f"{min(4, available_cpus())} here)")
+    max_empty_batches: int = _f(100, "stop the run after this many batches in a row without one usable sample "
+                                     "(it also stops after a full pass without one); 0 = only after a full pass")
+    # ---- optimisation
+    batch_size: int = _f(16, "samples per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (derived when --global_batch_size is set)")
+    global_batch_size: int = _f(0, "samples per optimizer step over all processes; 0 = batch_size x grad_accum x procs")
+    lr: float = _f(2e-3, "peak learning rate (the course's 2e-3 suits a linear projector)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    warmup_ratio: float = _f(0.03, "share of steps with linear warmup before the decay")
+    lr_scheduler: str = _f("cosine", "decay after warmup", choices=["cosine", "constant"])
+    epochs: int = _f(1, "passes over the training data (ignored when --max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps; 0 = derive from --epochs")
+    seed: int = _f(0, "seed for data order, instruction choice and projector init")
+    # ---- logging, evaluation, checkpoints
+    run_name: str = _f("", "name of runs/<name>/ and checkpoints/<name>/ (default: timestamped)")
+    runs_dir: str = _f("runs", "where run logs go")
+    trackers: str = _f("jsonl,tensorboard", "log sinks, comma-separated: jsonl, tensorboard")
+    checkpoints_dir: str = _f("checkpoints", "where checkpoints go")
+    log_interval: int = _f(10, "steps between printed log lines (0 = none; metrics.jsonl still gets every step)")
+    eval_interval: int = _f(200, "steps between held-out evaluations, plus one before training "
+                                 "(0 = only once, at the end)")
+    eval_samples: int = _f(500, "held-out samples per evaluation (0 = all)")
+    sample_replies: int = _f(4, "held-out images answered and logged at each evaluation")
+    save_interval: int = _f(100, "steps between checkpoints (the align plan's 100; 0 = only at the end and on a stop)")
+    keep_last: int = _f(3, "keep the newest K step checkpoints (0 = all)")
+    resume: str = _f("", "'auto': continue from the newest complete checkpoint of --run_name; or a checkpoint path")
+    overwrite: bool = _f(False, "delete an existing run of the same name and start over")
+    max_nonfinite: int = _f(10, "abort after this many non-finite losses/gradients in a row (each is skipped)")
+    trust_remote_code: bool = _f(False, "allow model folders to run their own Python code (off: never)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    train_strategy: str = _f("ddp", "several processes: DDP over the projector, the frozen tower and LLM replicated "
+                                    "on every GPU; the align plan's FSDP values are refused (not implemented)",
+                             choices=["ddp", "fsdp-shard-grad-op", "fsdp-full-shard"])
+    demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes)")
+
+
+def build_parser(stage_defaults: dict | None = None, doc: str | None = None) -> argparse.ArgumentParser:
+    """The flags of TrainConfig; a later stage's entry point passes its defaults (shown by --help)."""
+    parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=HelpFormatter)
+    add_dataclass_args(parser, TrainConfig)
+    parser.set_defaults(**{k: v for k, v in (stage_defaults or {}).items() if k != "stage"})
+    return parser
+
+
+# Flags counted in steps or samples: 0 has a meaning (off, all, derive), a negative one has none.
+NON_NEGATIVE = ("max_samples", "max_text_len", "num_workers", "max_empty_batches", "grad_accum", "global_batch_size",
+                "epochs", "max_steps", "log_interval", "eval_interval", "eval_samples", "sample_replies",
+                "save_interval", "keep_last", "max_nonfinite")
+
+
+def parse_args(argv: list[str] | None = None, stage_defaults: dict | None = None, doc: str | None = None) -> TrainConfig:
+    parser = build_parser(stage_defaults, doc)
+    argv = translate_align_flags(sys.argv[1:] if argv is None else list(argv))
+    cfg = from_namespace(TrainConfig, parser.parse_args(argv))
+    cfg.stage = (stage_defaults or {}).get("stage", 1)
+    try:
+        tuning_of(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    if cfg.stage1 and cfg.init:
+        parser.error("give one start point: --stage1 or --init")
+    if (cfg.stage1 or cfg.init) and cfg.model:
+        parser.error("--model picks the frozen models of a fresh run; a start point (--stage1/--init) has its own")
+    if not 0 <= cfg.eval_ratio < 1:
+        parser.error(f"--eval_ratio {cfg.eval_ratio}: must be in [0, 1)")
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            parser.error(f"--{name} {getattr(cfg, name)}: must be >= 0")
+    for name in ("batch_size", "grad_accum", "max_text_len"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name} {getattr(cfg, name)}: must be >= 1")
+    if cfg.train_strategy != "ddp":
+        parser.error(f"--train_strategy {cfg.train_strategy}: FSDP sharding is not implemented. Several processes "
+                     "run DDP: the projector's gradients are synchronised and the frozen tower and LLM are replicated "
+                     "on every GPU (bf16 weights: ~1.3 GiB for the course's pair, ~3.4 GiB for the align plan's). "
+                     "Use --train_strategy ddp (or leave it out).")
+    explicit = explicit_flags(parser, argv)
+    if cfg.model:
+        for key, value in PRESETS[cfg.model].items():
+            if key not in explicit:
+                setattr(cfg, key, value)
+    if cfg.demo:
+        apply_demo_defaults(cfg, explicit)  # builds the toy world on first use; typed flags still win
+    return cfg
+
+
+def tuning_of(cfg: TrainConfig) -> Tuning:
+    return Tuning(llm=cfg.tune_llm, projector=cfg.tune_projector, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                  lora_dropout=cfg.lora_dropout, lora_target=cfg.lora_target, load_in_4bit=cfg.load_in_4bit)
+
+
+def start_point(cfg: TrainConfig) -> str:
+    return cfg.stage1 or cfg.init
+
+
+def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
+    """Registry ids -> local folders (downloading first with --download); fill the tower's
+    feature defaults for the flags left unset. Every missing model is named at once, with the
+    one command that downloads them all. With a start point (--stage1/--init) the models and
+    features are the checkpoint's: they fill the config (typed --vision_tower/--llm only say
+    where the models live now) and ('', '') is returned."""
+    if start_point(cfg):
+        try:
+            spec = read_checkpoint_meta(start_point(cfg))["spec"]
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--{'stage1' if cfg.stage1 else 'init'}: {e}") from None
+        if not cfg.data_root and not cfg.chat_json:
+            raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
+        for key in ("projector", "feature_layer", "feature_select", "feature_post_norm", "image_wrap"):
+            setattr(cfg, key, spec[key])
+        return "", ""
+    if not (cfg.vision_tower and cfg.llm):
+        raise SystemExit(name_the_models_message())
+    if not cfg.data_root and not cfg.chat_json:
+        raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
+    paths, missing = {}, []
+    for name in (cfg.vision_tower, cfg.llm):
+        try:
+            paths[name] = resolve_model(name, cfg.models_dir)
+        except MissingModel:
+            missing.append(name)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
+    if missing and not cfg.download:
+        preset = PRESETS.get(cfg.model, {})
+        whole_preset = preset and set(missing) == {preset["vision_tower"], preset["llm"]}
+        what = f"--preset {cfg.model}" if whole_preset else " ".join(missing)
+        raise SystemExit(f"not downloaded yet: {', '.join(missing)} (looked in {cfg.models_dir}/). Download with:\n"
+                         f"  python scripts/download_models.py {what} --models_dir {cfg.models_dir}\n"
+                         "or add --download to fetch them before training, or point --vision_tower/--llm at local "
+                         "folders.")
+    if missing:
+        for name in missing:
+            paths[name] = download(name, cfg.models_dir, hf_token=cfg.hf_token)
+    vision_path, llm_path = paths[cfg.vision_tower], paths[cfg.llm]
+    for key, value in vision_defaults(cfg.vision_tower, vision_path).items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    return vision_path, llm_path
+
+
+def name_the_models_message() -> str:
+    presets = "\n".join(f"  --model {name:<26} {p['vision_tower']} + {p['projector']} + {p['llm']}"
+                        for name, p in PRESETS.items())
+    return ("name the frozen models: a preset,\n" + presets + "\nor --vision_tower/--llm (registry ids or local "
+            "folders; `python model.py --list` lists the ids), or run --demo for the offline toy world")
