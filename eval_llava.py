@@ -289,8 +289,8 @@ def chat(assistant: Assistant, gen: dict, stdin=None) -> None:
     stdin = stdin or sys.stdin  # looked up at call time: a redirected or replaced stdin is honoured
     image, messages = None, []
     while True:
-        print("\n你: ", end="", flush=True)
-        try:
+        try:  # the prompt too: a Ctrl-C right after it is printed still leaves cleanly
+            print("\n你: ", end="", flush=True)
             line = stdin.readline()
         except KeyboardInterrupt:
             print()

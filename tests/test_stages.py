@@ -146,6 +146,9 @@ def test_text_only_records_have_no_image_slots_and_mix_with_image_records(fmt_to
                        ImageLoader(tiny.train))
     items = [ds[i] for i in range(3)]
     assert "pixel_values" not in items[1] and fmt.image_token_id not in items[1]["input_ids"]
+    for item, answer in zip(items, ("红色", "是的", "圆形")):   # each supervises exactly its answer + <|im_end|>
+        assert supervised(item["input_ids"], item["labels"]) == tok.encode(answer, add_special_tokens=False) + [
+            fmt.end_of_turn_id]
     batch = collate(items, tok.pad_token_id)
     assert batch["pixel_values"].shape[0] == 2 and batch["input_ids"].shape[0] == 3
     model.eval()
