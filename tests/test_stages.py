@@ -396,20 +396,21 @@ def test_kill_9_then_resume_is_bit_identical_in_stages_2_and_3(chain, tmp_path, 
             "--lr", "1e-3", "--seed", "3"]
 
     def go(name, *extra):
-        return run_script(script, [*argv, *common(tmp_path, name, 24), *extra])
+        return run_script(script, [*argv, *common(tmp_path, name, 12), *extra])
 
-    ref = go("ref")
-    assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
+    # The uninterrupted reference runs in this process; the interrupted run as a user's would.
+    entry = train_stage2 if script == "train_stage2.py" else train_stage3_lora
+    entry.main([*argv, *common(tmp_path, "ref", 12)])
     proc = go("cut")
     wait_for_checkpoint(proc, tmp_path / "ck" / "cut")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed_at = int(os.path.basename(find_latest(str(tmp_path / "ck" / "cut")))[5:])
-    assert resumed_at < 24
+    assert resumed_at < 12
     proc = go("cut", "--resume", "auto")
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0 and f"at step {resumed_at}" in log, log[-3000:]
-    a, b = trained_weights(tmp_path / "ck" / "ref" / "step_000024"), trained_weights(tmp_path / "ck" / "cut" / "step_000024")
+    a, b = trained_weights(tmp_path / "ck" / "ref" / "step_000012"), trained_weights(tmp_path / "ck" / "cut" / "step_000012")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     la, lb = losses(tmp_path / "runs" / "ref"), losses(tmp_path / "runs" / "cut")
     assert la == lb

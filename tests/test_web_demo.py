@@ -60,7 +60,7 @@ def checkpoint(tiny, tmp_path_factory):
 def server(checkpoint, tmp_path_factory):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "web_demo.py", "--checkpoint", checkpoint, "--device", "cpu",
-                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--port", str(port), "--allow_urls"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     url = f"http://127.0.0.1:{port}/"
     wait_until_serving(proc, url)
@@ -231,3 +231,25 @@ def test_the_page_can_ask_a_reference_model_behind_an_api_without_showing_its_ke
         log = proc.communicate(timeout=30)[0]
         fake.server.shutdown()
     assert KEY not in log + page
+
+
+def test_image_urls_when_allowed_are_http_only_and_bounded(server, tiny):
+    """--allow_urls: an http(s) image loads; a file:// URL or a bare path (a server-side file) does not."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    url, _, _ = server
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=os.path.join(tiny.eval, "images"))
+    handler.log_message = lambda *a: None
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        c = client(url)
+        for bad in ("file:///etc/passwd", "/etc/passwd", os.path.join(tiny.eval, "images", "000000.png")):
+            _, chatbot = c.predict(bad, api_name="/load_url")
+            assert "could not read the image" in text_of(chatbot[-1])
+        _, chatbot = c.predict(f"http://127.0.0.1:{files.server_address[1]}/000000.png", api_name="/load_url")
+        assert chatbot == []
+        assert ask(c, "描述这张图片")[-1]["role"] == "assistant"
+    finally:
+        files.shutdown()
