@@ -179,6 +179,11 @@ def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int 
             failed = note(shown, "", f"API 没有回答 / the API gave no answer: {e}")
             yield failed, {**state, "shown": failed}, ""
             return
+        except Exception as e:  # noqa: BLE001 - the page says so, the server log has the details
+            console.error(f"generation failed: {type(e).__name__}: {e}")
+            failed = note(shown, "", f"生成失败 / generation failed ({type(e).__name__}); the server log has details")
+            yield failed, {**state, "shown": failed}, ""
+            return
         finally:
             stop.set()        # a closed tab closes this generator: its generation stops at the next token
         shown = shown + [{"role": "assistant", "content": reply}]
