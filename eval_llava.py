@@ -476,12 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--answer_tokens", type=int, default=16, help="--vqa: answer length limit (VQA answers are short)")
     b.add_argument("--out_dir", default=None, help="batch modes: where predictions and scores go "
                                                   "(default: runs/eval/<checkpoint name>, or runs/eval/api_<model>)")
-    a = p.add_argument_group("reference model behind an OpenAI-compatible API (instead of --checkpoint)")
-    a.add_argument("--api_base", default=None, help="e.g. https://api.openai.com/v1 (POST {base}/chat/completions)")
-    a.add_argument("--api_model", default=None, help="the API's model name")
-    a.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key "
-                                                                   "(read from there only; never printed or saved)")
-    a.add_argument("--api_timeout", type=float, default=60.0, help="seconds per request")
+    add_api_args(p)
     args = p.parse_args(argv)
     if args.vqa_eval:
         if not (args.annotations and args.predictions):
@@ -509,6 +504,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     finally:
         console.set_stream(None)      # in-process callers (tests) get the console back
+
+
+def add_api_args(p: argparse.ArgumentParser) -> None:
+    """--api_base/--api_model/--api_key_env/--api_timeout: the reference model (here and in web_demo.py)."""
+    a = p.add_argument_group("reference model behind an OpenAI-compatible API (instead of --checkpoint)")
+    a.add_argument("--api_base", default=None, help="e.g. https://api.openai.com/v1 (POST {base}/chat/completions)")
+    a.add_argument("--api_model", default=None, help="the API's model name")
+    a.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key "
+                                                                   "(read from there only; never printed or saved)")
+    a.add_argument("--api_timeout", type=float, default=60.0, help="seconds per request")
 
 
 def load_assistant(args: argparse.Namespace) -> Assistant | ApiAssistant:

@@ -32,7 +32,7 @@ from typing import Any
 from PIL import Image
 
 from dataset import ImageLoader, decode_image
-from eval_llava import ApiAssistant, Assistant, load_assistant
+from eval_llava import ApiAssistant, Assistant, add_api_args, load_assistant
 from model import checkpoint_file, read_checkpoint_meta
 from tuning import Tuning
 from utils import console
@@ -238,12 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--share", action="store_true", help="a public gradio.live link (off unless given)")
     p.add_argument("--allow_urls", action="store_true", help="also accept http(s) image URLs (bounded fetches)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="the page's default reply length")
-    a = p.add_argument_group("reference model behind an OpenAI-compatible API (instead of --checkpoint)")
-    a.add_argument("--api_base", default=None, help="e.g. https://api.openai.com/v1")
-    a.add_argument("--api_model", default=None, help="the API's model name")
-    a.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the key "
-                                                                   "(never printed or saved)")
-    a.add_argument("--api_timeout", type=float, default=60.0, help="seconds per request")
+    add_api_args(p)
     args = p.parse_args(argv)
     if bool(args.checkpoint) == bool(args.api_base):
         p.error("give --checkpoint (our model) or --api_base with --api_model (a reference model)")
