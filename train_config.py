@@ -78,7 +78,8 @@ class TrainConfig:
     eval_data_root: str = _f("", "held-out data directory (same format); empty: hold out the tail of the training data")
     eval_chat_json: str = _f("", "chat format: held-out chat.json")
     max_samples: int = _f(0, "use only the first N training records (the course: 100000); 0 = all")
-    max_text_len: int = _f(128, "text tokens per sample, image slots not counted; long answers lose their tail")
+    max_text_len: int = _f(128, "text tokens per sample, image slots not counted; a long answer loses its tail, a "
+                                "long dialogue its last turns")
     instructions: str = _f("course", "caption instruction pool", choices=list(INSTRUCTION_POOLS))
     image_cache: str = _f("", "URL images: keep downloaded bytes here so later epochs never refetch")
     features_cache: str = _f("", "train from vision features cached by scripts/cache_features.py (no decoding, no ViT)")
@@ -90,7 +91,8 @@ class TrainConfig:
     batch_size: int = _f(16, "samples per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step (derived when --global_batch_size is set)")
     global_batch_size: int = _f(0, "samples per optimizer step over all processes; 0 = batch_size x grad_accum x procs")
-    lr: float = _f(2e-3, "peak learning rate (the course's 2e-3 suits a linear projector)")
+    lr: float = _f(2e-3, "peak learning rate (the course: 2e-3 for stage 1's linear projector, 2e-5 for stage 2's "
+                         "full LLM, 2e-4 for stage 3's LoRA)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     warmup_ratio: float = _f(0.03, "share of steps with linear warmup before the decay")
