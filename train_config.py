@@ -117,8 +117,9 @@ class TrainConfig:
     max_nonfinite: int = _f(10, "abort after this many non-finite losses/gradients in a row (each is skipped)")
     trust_remote_code: bool = _f(False, "allow model folders to run their own Python code (off: never)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    train_strategy: str = _f("ddp", "several processes: DDP over the projector, the frozen tower and LLM replicated "
-                                    "on every GPU; the align plan's FSDP values are refused (not implemented)",
+    train_strategy: str = _f("ddp", "several processes: data parallel, every GPU holds the whole model and the "
+                                    "gradients of what trains are summed by all-reduce; the align plan's FSDP values "
+                                    "are refused (not implemented)",
                              choices=["ddp", "fsdp-shard-grad-op", "fsdp-full-shard"])
     demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes)")
 
@@ -160,9 +161,9 @@ def parse_args(argv: list[str] | None = None, stage_defaults: dict | None = None
             parser.error(f"--{name} {getattr(cfg, name)}: must be >= 1")
     if cfg.train_strategy != "ddp":
         parser.error(f"--train_strategy {cfg.train_strategy}: FSDP sharding is not implemented. Several processes "
-                     "run DDP: the projector's gradients are synchronised and the frozen tower and LLM are replicated "
-                     "on every GPU (bf16 weights: ~1.3 GiB for the course's pair, ~3.4 GiB for the align plan's). "
-                     "Use --train_strategy ddp (or leave it out).")
+                     "run data parallel: every GPU holds the whole model (bf16 frozen weights: ~1.3 GiB for the "
+                     "course's pair, ~3.4 GiB for the align plan's) and the gradients of what trains are summed by "
+                     "all-reduce. Use --train_strategy ddp (or leave it out).")
     explicit = explicit_flags(parser, argv)
     if cfg.model:
         for key, value in PRESETS[cfg.model].items():

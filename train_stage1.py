@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None, stage_defaults: dict | None = None, doc:
     started = time.time()
     argv = sys.argv[1:] if argv is None else list(argv)
     console.quiet_bars_in_log_files()
-    cfg = parse_args(argv, stage_defaults, doc)
+    cfg = parse_args(argv, stage_defaults, doc or __doc__)
     if cfg.demo:
         return run_demo(cfg, lambda c: train(c, argv), started)
     return train(cfg, argv)

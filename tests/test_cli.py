@@ -122,7 +122,7 @@ def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeyp
     (["--save_interval", "-1"], "--save_interval -1: must be >= 0"),
     (["--log_interval", "-5"], "--log_interval -5: must be >= 0"),
     (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
-    (["--train_strategy", "fsdp-shard-grad-op"], "Several processes run DDP"),
+    (["--train_strategy", "fsdp-shard-grad-op"], "Several processes run data parallel"),
     (["--stage", "align", "--model.align_train_strategy", "fsdp-full-shard"], "FSDP sharding is not implemented"),
 ])
 def test_values_that_cannot_work_are_refused_when_parsing(argv, message, capsys):
