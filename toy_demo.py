@@ -200,20 +200,19 @@ def stage2_figures(assistant: Assistant, cfg: Any, paths: ToyPaths) -> dict[str,
     vqa = toy_vqa(assistant, paths, replies)
     stopped = sum(r is not None and len(assistant.tokenizer.encode(r, add_special_tokens=False)) < 8
                   for _, r in replies) / max(len(replies), 1)
-    images = sorted({q["image_id"] for q, _ in replies})
-    answers = {(q["image_id"], q["question"]): r for q, r in replies}
-    shape = {}
-    for q, _ in replies:  # the toy VQA set asks colour, shape and position of each image
-        if q["question"] == QUESTIONS["shape"][0]:
-            shape[q["image_id"]] = q["question_id"]
+    # The toy VQA set asks colour, shape and position of each image: the colour replies become
+    # the history, the shape answers the truth.
     with open(os.path.join(paths.vqa, "v2_mscoco_val2014_annotations.json"), encoding="utf-8") as fh:
         truth = {a["question_id"]: a["multiple_choice_answer"] for a in json.load(fh)["annotations"]}
+    shape = {q["image_id"]: truth[q["question_id"]] for q, _ in replies if q["question"] == QUESTIONS["shape"][0]}
+    answers = {(q["image_id"], q["question"]): r for q, r in replies}
+    images = sorted(shape)
     items = [(os.path.join(paths.vqa, "val2014", f"COCO_val2014_{i:012d}.jpg"),
               [{"role": "user", "content": VQA_TEMPLATE.replace("{question}", QUESTIONS["color"][0])},
                {"role": "assistant", "content": answers.get((i, QUESTIONS["color"][0])) or ""},
                {"role": "user", "content": QUESTIONS["shape"][0]}]) for i in images]
     second = assistant.reply_batch([(assistant.loader(img), m) for img, m in items], max_new_tokens=8)
-    turn2 = sum(r == truth[shape[i]] for i, r in zip(images, second)) / max(len(images), 1)
+    turn2 = sum(r == shape[i] for i, r in zip(images, second)) / max(len(images), 1)
     return {"toy_vqa_accuracy": vqa, "answers_that_stop": stopped, "second_turn_accuracy": turn2,
             "heldout_exact_match": caption_figure(assistant, "sa1b", paths.eval, cfg)}
 

@@ -193,10 +193,11 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     report_data(train_ds, eval_ds, read_skips, cfg, grad_accum, dist, total_steps, tokenizer)
 
     # ---- optimizer: AdamW on what trains (the projector with its own lr), warmup, then cosine (or constant)
-    groups = [[p for n, p in model.trainable_parameters() if n.startswith("projector.") == is_proj] for is_proj in (1, 0)]
-    params = groups[0] + groups[1]
-    optimizer = torch.optim.AdamW([{"params": g, "lr": lr} for g, lr in zip(groups, (cfg.projector_lr or cfg.lr, cfg.lr))
-                                   if g], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    projector = [p for n, p in model.trainable_parameters() if n.startswith("projector.")]
+    llm = [p for n, p in model.trainable_parameters() if not n.startswith("projector.")]
+    params = projector + llm
+    groups = [{"params": projector, "lr": cfg.projector_lr or cfg.lr}, {"params": llm, "lr": cfg.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     warmup = int(total_steps * cfg.warmup_ratio)
     scheduler = schedule(cfg.lr_scheduler, optimizer, warmup, total_steps)
 

@@ -51,6 +51,14 @@ def losses(run_dir):
     return by_step
 
 
+def torchrun(script: str, argv: list[str], procs: int = 2) -> None:
+    """`torchrun --standalone --nproc-per-node N script argv` as a user runs it; fails with its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), script, *argv]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
 def projector(ckpt):
     return load_file(os.path.join(ckpt, "projector.safetensors"))
 
@@ -128,11 +136,7 @@ def test_a_crash_between_write_and_rename_keeps_the_previous_checkpoint(tiny, tm
 def test_torchrun_two_processes_equal_one_process_and_only_rank0_writes(tiny, tmp_path):
     base = args(tiny, tmp_path, "one", 6, "--global_batch_size", "8")
     one = train_stage1.main(base)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train_stage1.py",
-           *args(tiny, tmp_path, "two", 6, "--global_batch_size", "8")]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    torchrun("train_stage1.py", args(tiny, tmp_path, "two", 6, "--global_batch_size", "8"))
     a, b = projector(one["checkpoint"]), projector(tmp_path / "ck" / "two" / "step_000006")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -418,17 +418,13 @@ def test_kill_9_then_resume_is_bit_identical_in_stages_2_and_3(chain, tmp_path, 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_in_stage_2(chain, tmp_path):
-    from tests.test_resume import losses
+    from tests.test_resume import losses, torchrun
 
     out, data, s1, s2, s3 = chain
     argv = ["--stage1", s1, "--data_root", data.sft_train, "--eval_ratio", "0.1", "--lr", "1e-3",
             "--global_batch_size", "8"]
     one = train_stage2.main([*argv, *common(tmp_path, "one", 4)])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train_stage2.py",
-           *argv, *common(tmp_path, "two", 4)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    torchrun("train_stage2.py", [*argv, *common(tmp_path, "two", 4)])
     a, b = trained_weights(one["checkpoint"]), trained_weights(tmp_path / "ck" / "two" / "step_000004")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -118,16 +118,18 @@ def all_reduce_grads(params: list[torch.Tensor], bucket_elements: int = 2**25) -
         by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         bucket: list[torch.Tensor] = []
+        size = 0
         for i, g in enumerate(grads):
             bucket.append(g)
-            if sum(b.numel() for b in bucket) >= bucket_elements or i == len(grads) - 1:
+            size += g.numel()
+            if size >= bucket_elements or i == len(grads) - 1:
                 flat = torch.cat([b.reshape(-1) for b in bucket])
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 offset = 0
                 for b in bucket:
                     b.copy_(flat[offset:offset + b.numel()].view_as(b))
                     offset += b.numel()
-                bucket = []
+                bucket, size = [], 0
 
 
 def barrier() -> None:
