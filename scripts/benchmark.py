@@ -343,7 +343,7 @@ def run(m: Models, batch_size: int, text_len: int = 64, answer_len: int = 48, ca
 
     def figures(seconds, peak_mem, loss, f):
         sps = batch_size / seconds
-        return {"samples_per_s": round(sps, 2), "tokens_per_s": round(sps * seq, 1), "step_ms": round(seconds * 1e3, 1),
+        return {"samples_per_s": round(sps, 2), "tokens_per_s": round(sps * seq, 1), "step_ms": round(seconds * 1e3, 3),
                 "peak_mem_bytes": int(peak_mem), "loss": round(loss, 5),
                 "mfu": round(sps * f / peak, 4) if peak else None}
 
