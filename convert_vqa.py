@@ -49,7 +49,7 @@ from typing import Any, Callable
 from utils import console
 from utils.align_plan import LLAVA_V15_CHAT
 from utils.atomic import CheckFailed, atomic_path, atomic_write
-from utils.config import HelpFormatter
+from utils.config import Parser
 
 IMAGE_PLACEHOLDER = "<image>"  # the same literal dataset.py turns into image slots
 DEFAULT_TEMPLATE = "Answer the question based on the image.\n<image>\nQuestion: {question}"
@@ -426,7 +426,7 @@ def _template_arg(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     for split in ("train", "val"):
         p.add_argument(f"--questions-{split}", help=f"v2_OpenEnded_mscoco_{split}2014_questions.json")
         p.add_argument(f"--annotations-{split}", help=f"v2_mscoco_{split}2014_annotations.json")

@@ -11,7 +11,6 @@ CPU check (reads the demo's data after `python train_stage1.py --demo` has built
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import os
@@ -31,7 +30,7 @@ from prompts import (CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_TOKEN, INSTRUCTIO
                      caption_messages, encode_conversation, ensure_image_token, history_matches_live_chat)
 from readers import DATA_FORMATS, Record, read_records
 from utils import console
-from utils.config import HelpFormatter
+from utils.config import Parser
 from utils.feature_cache import image_key
 from utils.fetch import fetch
 from utils.skips import SampleError, SkipTally
@@ -405,7 +404,7 @@ def main() -> None:
     """Read a dataset and print its first usable sample as training would see it. Only configs
     and the tokenizer are read: the image-slot count and preprocessing come from the tower's
     config and the same feature defaults training uses."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--data_format", default="sa1b", choices=list(DATA_FORMATS), help="on-disk format")
     p.add_argument("--data_root", default="", help="dataset directory")
     p.add_argument("--chat_json", default="", help="chat.json path (chat format)")

@@ -31,7 +31,6 @@ toy_demo.py: measurements around an ordinary train(), which has no demo branch.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import itertools
@@ -53,7 +52,7 @@ from readers import COGVLM_SUBSETS
 import prompts
 from prompts import (CAPTION_PROMPT, CHAT_TEMPLATE_KWARGS, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN,
                      INSTRUCTION_POOLS, PromptFormat, caption_messages, encode_conversation)
-from utils.config import HelpFormatter
+from utils.config import Parser
 
 RECIPE_VERSION = 3
 
@@ -500,7 +499,7 @@ def ensure_instruction_data(paths: ToyPaths, size: str | ToySize = "demo", log=p
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--size", default="demo", choices=sorted(SIZES), help="named size")
     p.add_argument("--models_root", default="models/toy", help="where the tiny models go")
     p.add_argument("--data_root", default="data/toy", help="where the toy data goes")

@@ -43,7 +43,6 @@ so the second one measured (the reference) starts from what the first left alloc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -61,7 +60,7 @@ from model import LlavaStage1, ModelSpec, Projector, VisionTower  # noqa: E402
 from prompts import IGNORE_INDEX  # noqa: E402
 from tuning import Tuning, add_lora, assert_trainable, set_trainable  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
 from utils.flops import peak_flops, step_flops  # noqa: E402
 
@@ -430,7 +429,7 @@ def print_table(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--arch", default="course", choices=list(ARCHS), help="architecture (see above)")
     p.add_argument("--batch_size", type=int, default=8, help="samples per step (both models); the sweep's start")
     p.add_argument("--text_len", type=int, default=64, help="text tokens per sample besides the image slots")

@@ -12,7 +12,6 @@ history, /exit (or Ctrl-D) quits.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -24,7 +23,7 @@ import torch  # noqa: E402
 
 from backbones import load_llm, load_tokenizer, resolve_model  # noqa: E402
 from prompts import find_end_of_turn  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
 
 
@@ -141,7 +140,7 @@ def run(session: ChatSession) -> None:
 
 
 def main(argv: list[str] | None = None) -> ChatSession:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--llm", default="qwen3-0.6b", help="registry id (in --models_dir) or a local model folder")
     p.add_argument("--models_dir", default="models", help="where registry ids live: <models_dir>/<id>")
     p.add_argument("--thinking", action="store_true", help="let Qwen3 think first (enable_thinking=True)")

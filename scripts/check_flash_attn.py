@@ -20,7 +20,6 @@ only (`cu12`, minor versions are compatible), torch major.minor, `cxx11abi` + TR
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import platform as _platform
@@ -31,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 
 FLASH_VERSION = "2.8.3"
 RELEASE_URL = "https://github.com/Dao-AILab/flash-attention/releases/download/v{version}/{name}"
@@ -176,7 +175,7 @@ def report(info: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(argv)
     info = detect()

@@ -16,7 +16,6 @@ keys), converted here to transformers' ChineseCLIPModel.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import re
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 from backbones import (CLIP_MEAN, CLIP_STD, MODELSCOPE_CLIP, detect_vision_type, from_pretrained_strict,  # noqa: E402
                        load_modelscope_chinese_clip, modelscope_state_dict, read_json, resolve_model)
 from dataset import IMAGE_EXTENSIONS, ImageTransform, decode_image  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
 from utils.skips import SampleError  # noqa: E402
 
@@ -258,7 +257,7 @@ def answer(clip: ChineseClip, image_emb: np.ndarray, paths: list[str], query: st
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--model", default="clip-vit-b16-zh", help="registry id (in --models_dir) or a local folder, "
                    "HF or ModelScope layout")
     p.add_argument("--models_dir", default="models", help="where registry ids live: <models_dir>/<id>")

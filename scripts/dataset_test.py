@@ -12,7 +12,6 @@ DataLoader with --num_workers workers, as training does.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate, decode_
 from readers import read_records  # noqa: E402
 from prompts import CHAT_TEMPLATE_KWARGS, IMAGE_TOKEN, INSTRUCTION_POOLS, PromptFormat, encode_conversation  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 from utils.feature_cache import FeatureCache  # noqa: E402
 from utils.skips import SampleError  # noqa: E402
 
@@ -97,7 +96,7 @@ def measure(data_format: str, data_root: str, chat_json: str, llm: str, vision_t
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format")
     p.add_argument("--data_root", default="", help="dataset folder")
     p.add_argument("--chat_json", default="", help="chat format: chat.json path")

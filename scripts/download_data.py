@@ -29,7 +29,6 @@ never leaves a half-extracted folder that looks complete.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import http.client
 import os
@@ -43,7 +42,7 @@ import zipfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils import console  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 
 SA1B_DATASET = "Tongyi-DataEngine/SA1B-Dense-Caption"   # https://modelscope.cn/datasets/Tongyi-DataEngine/SA1B-Dense-Caption
 SA1B_SHARD = "data/train-{:04d}-*.parquet"              # data/train-0000-of-0724-<hash>.parquet ...
@@ -243,7 +242,7 @@ def next_steps(dataset: str, out: str, splits: list[str], images: bool, got: dic
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("dataset", choices=["sa1b", "vqav2", "cogvlm_sft"], help="what to download")
     p.add_argument("--out", required=True, help="destination folder")
     p.add_argument("--shards", default="0-9", help="sa1b: parquet shards, e.g. 0-9 (the course's training set) or 10")

@@ -12,18 +12,17 @@ convention). The token is never printed, logged or saved.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backbones import PRESETS, REGISTRY, download  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("ids", nargs="*", help=f"registry ids: {', '.join(REGISTRY)}")
     p.add_argument("--preset", choices=list(PRESETS), help="download both models of a --model preset")
     p.add_argument("--models_dir", default="models", help="destination folder; each id goes to <models_dir>/<id>")

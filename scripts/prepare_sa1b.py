@@ -23,7 +23,6 @@ unless --retry_failed. Output layout:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ from dataset import ImageLoader  # noqa: E402
 from readers import sa1b_rows  # noqa: E402
 from utils import console  # noqa: E402
 from utils.atomic import atomic_path, atomic_write  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 from utils.skips import SampleError  # noqa: E402
 
 
@@ -157,7 +156,7 @@ def prepare(data_root: str, out: str, max_samples: int = 0, short_side: int = 25
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--data_root", required=True, help="SA1B-Dense-Caption folder: {root}/data/*.parquet or *.parquet")
     p.add_argument("--out", required=True, help="output folder (images/, data/, failures.jsonl, report.json)")
     p.add_argument("--max_samples", type=int, default=0, help="first N usable rows (the course uses 100000); 0 = all")

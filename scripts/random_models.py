@@ -14,7 +14,6 @@ learn nothing meaningful: this checks speed, memory and that every part runs, no
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 
 from backbones import PRESETS, REGISTRY, VISION_TYPES, arch_config  # noqa: E402
 from toy_world import SIZES, build_tokenizer, write_split  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 
 
 def shrink(cfg, layers: int | None):
@@ -72,7 +71,7 @@ def write_llm(model_id: str, out: str, layers: int | None, dtype: torch.dtype) -
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--preset", default="clip-zh-qwen3-0.6b", choices=list(PRESETS), help="which pair to build")
     p.add_argument("--out", required=True, help="folder for vision/, llm/ and data/")
     p.add_argument("--layers", type=int, default=0, help="keep only this many layers of each model (0 = all)")

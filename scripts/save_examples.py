@@ -13,7 +13,6 @@ folder is written; earlier NNNNN.jpg/.txt files in it are replaced.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from dataset import ImageLoader  # noqa: E402
 from readers import Record, read_records  # noqa: E402
 from prompts import IMAGE_PLACEHOLDER  # noqa: E402
 from utils.atomic import atomic_path, atomic_write  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 from utils.skips import SampleError  # noqa: E402
 
 OUR_FILES = re.compile(r"^\d{5}\.(jpg|txt)$")
@@ -95,7 +94,7 @@ def save_examples(data_format: str, data_root: str = "", chat_json: str = "", ou
 
 
 def main(argv: list[str] | None = None) -> tuple[int, Counter]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format")
     p.add_argument("--data_root", default="data/toy/train", help="dataset folder (sa1b: {root}/data/*.parquet)")
     p.add_argument("--chat_json", default="", help="chat.json path (chat format; default {data_root}/chat.json)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -36,6 +37,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if "default" in text.lower() or action.default in (None, "") or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every script's argument parser: --help with HelpFormatter, and an error as one line. The
+    usage of a script with sixty flags is a screenful that buries the message; a mistyped flag
+    names the closest real one (Python 3.12's suggest_on_error does this for choices only)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            unknown = [w for w in message.split(": ", 1)[1].split() if w.startswith("-")]
+            message = "unrecognized argument" + ("s " if len(unknown) > 1 else " ") + ", ".join(
+                w + "".join(f" (did you mean {c}?)" for c in
+                            difflib.get_close_matches(w.split("=")[0], flags, n=1, cutoff=0.6))
+                for w in unknown or [message.split(": ", 1)[1]])
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:

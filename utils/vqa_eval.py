@@ -42,14 +42,13 @@ CLI (prints the scores as JSON):
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from typing import Any, Iterable
 
 from utils.atomic import atomic_write
-from utils.config import HelpFormatter
+from utils.config import Parser
 
 # The tables below are the reference's, entry for entry (including keys such as "Im" that can
 # never match after lowercasing): changing one changes the metric.
@@ -279,7 +278,7 @@ def _load(path: str) -> Any:
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line entry point; prints the scores as JSON and returns them."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap = Parser(description=__doc__)
     ap.add_argument("--questions", default=None,
                     help="official questions JSON (optional; only used to check question ids)")
     ap.add_argument("--annotations", required=True,
