@@ -17,7 +17,6 @@ In stage 1 only the projector has trainable parameters. CPU checks (nothing is d
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from backbones import (MODELSCOPE_CLIP, PRESETS, REGISTRY, VISION_TYPES, describe, detect_vision_type,
@@ -38,7 +37,7 @@ from tuning import (LLM_DIR, Tuning, assert_trainable, check_device, load_adapte
 from utils import console
 from utils.atomic import atomic_path, atomic_write
 from utils.checkpoint import WEIGHTS_FILE, find_latest
-from utils.config import HelpFormatter
+from utils.config import Parser
 
 CHECKPOINT_FILE = WEIGHTS_FILE          # projector.safetensors
 METADATA_KEY = "llava_stage1"
@@ -396,11 +395,22 @@ def checkpoint_file(path: str) -> str:
     return found
 
 
+class NotACheckpoint(FileNotFoundError):
+    """A path that names a file, but not a checkpoint of this project (an image, another model's
+    safetensors): every caller that reports a missing checkpoint in one line reports this too."""
+
+
 def read_checkpoint_meta(path: str) -> dict:
-    with safe_open(checkpoint_file(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    """The metadata a checkpoint describes itself with (spec, tuning, step, run, config)."""
+    try:
+        with safe_open(checkpoint_file(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except SafetensorError as e:      # an image or any other file given as --checkpoint
+        raise NotACheckpoint(f"{path} is not a checkpoint: not a safetensors file ({e}). Give a run folder "
+                             f"(checkpoints/<run>), one of its step folders, or a {CHECKPOINT_FILE}") from None
     if METADATA_KEY not in meta:
-        raise ValueError(f"{path}: not a stage-1 checkpoint (no '{METADATA_KEY}' metadata)")
+        raise NotACheckpoint(f"{path} is not a checkpoint of this project: a safetensors file without the "
+                             f"'{METADATA_KEY}' metadata that train_stage1/2/3 write")
     return json.loads(meta[METADATA_KEY])
 
 
@@ -470,7 +480,7 @@ def summary_from_configs(vision: str, llm: str, projector: str = "linear", model
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--summary", action="store_true", help="print the summary from configs (what happens when "
                                                           "--list is not given)")
     p.add_argument("--list", action="store_true", help="list registry ids and presets")

@@ -35,7 +35,7 @@ from readers import read_records  # noqa: E402
 from model import load_vision_tower  # noqa: E402
 from utils import console  # noqa: E402
 from utils.atomic import atomic_path, atomic_write  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
 from utils.feature_cache import cache_key, image_key  # noqa: E402
 from utils.skips import SampleError  # noqa: E402
@@ -142,7 +142,7 @@ def cache_features(vision_tower: str, sources: list[tuple[str, str, str, str]], 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--vision_tower", required=True, help="registry id or local tower folder")
     p.add_argument("--models_dir", default="models", help="where registry ids live")
     p.add_argument("--data_format", default="sa1b", choices=["sa1b", "chat"], help="on-disk format of the data")
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard_size", type=int, default=4096, help="images per .npy shard")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
+    console.quiet_library_bars()
     sources = [(args.data_format, args.data_root, args.chat_json, args.image_root)]
     if args.eval_data_root or args.eval_chat_json:
         sources.append((args.data_format, args.eval_data_root, args.eval_chat_json, ""))

@@ -43,7 +43,7 @@ from prompts import IMAGE_PLACEHOLDER, PromptFormat, encode_prompt  # noqa: E402
 from model import LlavaStage1, ModelSpec, checkpoint_file, load_checkpoint, read_checkpoint_meta  # noqa: E402
 from tuning import Tuning, merged  # noqa: E402
 from utils import console  # noqa: E402
-from utils.config import HelpFormatter  # noqa: E402
+from utils.config import Parser  # noqa: E402
 
 # PIL resampling filters by the names ImageTransform stores.
 RESAMPLE_IDS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
@@ -412,7 +412,7 @@ def export(checkpoint: str, out: str, dtype: str = "auto", overwrite: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a run folder (checkpoints/<run>: its latest checkpoint), "
                                                        "a step folder, or a projector.safetensors")
     p.add_argument("--out", required=True, help="output folder (written as OUT.partial, then renamed)")
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision_tower", default=None, help="override the tower path stored in the checkpoint")
     p.add_argument("--llm", default=None, help="override the LLM path stored in the checkpoint")
     args = p.parse_args(argv)
+    console.quiet_library_bars()
     try:
         out = export(args.checkpoint, args.out, args.dtype, args.overwrite, args.verify, args.vision_tower, args.llm)
     except NotExportable as e:
