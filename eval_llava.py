@@ -2,18 +2,20 @@
 or the same against a reference model behind an OpenAI-compatible API (--api_base).
 
 Everything comes from the checkpoint (towers, projector, prompt format); --vision_tower/--llm
-only override where the frozen models live now.
+only override where the frozen models live now. --checkpoint takes a run folder
+(checkpoints/<run>: the step its `latest` names), a step folder (checkpoints/<run>/step_000600)
+or that folder's projector.safetensors.
 
     # interactive: type an image path or URL, then questions; `clear`, `exit`
-    python eval_llava.py --checkpoint checkpoints/<run>/final
+    python eval_llava.py --checkpoint checkpoints/<run>
     # one shot: stdout carries the reply alone (logs go to stderr)
-    python eval_llava.py --checkpoint checkpoints/<run>/final --image data/toy/eval/images/000000.png --prompt 描述这张图片
+    python eval_llava.py --checkpoint checkpoints/<run> --image data/toy/eval/images/000000.png --prompt 描述这张图片
     # batch VQA on a val chat.json from convert_vqa.py: predictions (official format) + accuracy
-    python eval_llava.py --checkpoint checkpoints/<run>/final --vqa data/toy/vqa_chat/chat_val.json
+    python eval_llava.py --checkpoint checkpoints/<run> --vqa data/toy/vqa_chat/chat_val.json
     # score predictions alone with the official VQA v2 metric
     python eval_llava.py --vqa_eval --questions Q.json --annotations A.json --predictions P.json
     # captions for a chat.json, an SA1B folder or an image folder (+ BLEU-4/CIDEr-D where references exist)
-    python eval_llava.py --checkpoint checkpoints/<run>/final --captions data/toy/eval/chat.json
+    python eval_llava.py --checkpoint checkpoints/<run> --captions data/toy/eval/chat.json
     # the same questions to a reference model (key in $OPENAI_API_KEY, never printed or saved)
     python eval_llava.py --api_base https://api.openai.com/v1 --api_model gpt-4o-mini --vqa data/toy/vqa_chat/chat_val.json
 """
@@ -44,8 +46,8 @@ from prompts import (CAPTION_PROMPT, IMAGE_PLACEHOLDER, PromptFormat, caption_me
 from utils import console
 from utils.atomic import atomic_write
 from utils.caption_metrics import score_captions
-from utils.config import HelpFormatter
-from utils.dist import pick_device
+from utils.config import Parser
+from utils.dist import ignore_stop_signals, pick_device
 from utils.metrics import RunLogger
 from utils.openai_api import ApiError, ChatApi, api_messages
 from utils.skips import SampleError
@@ -163,7 +165,7 @@ def heldout_loss(model: LlavaStage1, ds: Stage1Dataset, n: int = 0, batch_size: 
     pad_id = ds.tokenizer.pad_token_id if ds.tokenizer.pad_token_id is not None else 0
     subset = torch.utils.data.Subset(ds, range(min(n, len(ds)) if n else len(ds)))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=lambda b: collate(b, pad_id))
+                                         collate_fn=lambda b: collate(b, pad_id), worker_init_fn=ignore_stop_signals)
     was_training = model.training
     model.eval()
     key = "image_features" if getattr(ds, "features", None) is not None else "pixel_values"
@@ -244,40 +246,84 @@ def caption_exact_match(assistant: Assistant, ds: Stage1Dataset, instruction: st
     return sum(r == ref for r, ref in zip(replies, refs)) / max(len(refs), 1)
 
 
-def log_sample_replies(assistant: Assistant, ds: Stage1Dataset, n: int, logger: RunLogger | None, step: int) -> None:
-    """Answer a few held-out images and log prompt, reply and reference (and the image)."""
+def log_sample_replies(assistant: Assistant, ds: Stage1Dataset, n: int, logger: RunLogger | None, step: int,
+                       write=console.info) -> None:
+    """Answer a few held-out images and log prompt, reply and reference (and the image); the
+    lines go through `write` (the progress bar's, so a terminal's bar is not torn)."""
     items, refs = heldout_items(ds, n)
     replies = assistant.reply_batch(items, max_new_tokens=64)
     for k, ((image, msgs), reply, ref) in enumerate(zip(items, replies, refs)):
         question = msgs[-1]["content"].replace("<image>", "").strip()
-        console.info(f"  [sample {k}] Q: {question} | A: {reply} | ref: {ref}")
+        write(f"  [sample {k}] Q: {question} | A: {reply} | ref: {ref}")
         if logger:
             logger.text(f"samples/{k}", f"**Q:** {question}\n\n**A:** {reply}\n\n**ref:** {ref}", step)
             logger.image(f"samples/{k}", np.asarray(image.resize((224, 224))), step)
 
 
 def image_reference(line: str) -> str | None:
-    """The image a chat line names (a path, expanded, or a URL), or None when it is a question.
+    """The image a chat line names (a path, expanded, or a URL), or None.
 
-    A line is an image when it is a single word after shell-style unquoting (terminals quote
-    drag-and-dropped paths, or escape their spaces) and that word is a URL, is quoted, starts
-    with / ~ ./ ../, contains a /, ends with an image extension, or names an existing file.
-    A missing file is then reported as such, never sent to the model as a question."""
+    A line names an image only when it is one word after shell-style unquoting (terminals
+    quote drag-and-dropped paths, or escape their spaces) and that word is a URL, an existing
+    file, a quoted path, or path-shaped with an image extension ("cat.jpg", "~/a.png"). A
+    missing one is then reported as such, never sent to the model. Anything else is a question:
+    Chinese questions have no spaces, so "它是红色/蓝色的吗？" is one word with a "/" in it."""
     text = line.strip()
     if text.startswith(("http://", "https://", "file://")) and not any(c.isspace() for c in text):
         return text
-    try:
-        words = shlex.split(text)
-    except ValueError:  # an unbalanced quote ("what's this?"): a question
+    if os.path.isfile(os.path.expanduser(text)):   # an existing file, spaces and all
+        return os.path.expanduser(text)
+    word, quoted = _one_word(text)
+    if word is None:
         return None
-    if len(words) != 1 or not words[0]:
-        return None
-    word, quoted = words[0], text[0] in "'\"" or "\\" in text
     path = os.path.expanduser(word)
-    if (quoted or word.startswith(("/", "~", "./", "../")) or "/" in word
-            or word.lower().endswith(IMAGE_EXTENSIONS) or os.path.isfile(path)):
+    shaped = not QUESTION_MARKS.search(word)
+    if os.path.isfile(path) or (shaped and word.lower().endswith(IMAGE_EXTENSIONS)) or (quoted and _path_like(word)):
         return path
     return None
+
+
+def maybe_path(line: str) -> str | None:
+    """A line that may be a mistyped path or a question ("/tmp/photo", "./scan"): the chat asks
+    which it is. None when image_reference decides, or when it is plainly a question."""
+    if image_reference(line) is not None:
+        return None
+    word, _ = _one_word(line.strip())
+    if word is None or QUESTION_MARKS.search(word) or not word.startswith(("/", "~", "./", "../")):
+        return None
+    return os.path.expanduser(word)
+
+
+# A question's punctuation: a word holding any of these is not a file name anyone typed.
+QUESTION_MARKS = re.compile(r"[?？!！,，。、；;:：]")
+
+
+def _one_word(text: str) -> tuple[str | None, bool]:
+    """(the single word of a line after shell-style unquoting, whether it was quoted or
+    escaped); (None, False) for several words or an unbalanced quote ("what's this?")."""
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return None, False
+    if len(words) != 1 or not words[0]:
+        return None, False
+    return words[0], text[0] in "'\"" or "\\" in text
+
+
+def _path_like(word: str) -> bool:
+    return "/" in word or word.startswith("~") or word.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _read(stdin, prompt: str) -> str | None:
+    """One line typed after `prompt`; None at EOF or on Ctrl-C (a Ctrl-C right after the prompt
+    is printed still leaves cleanly)."""
+    try:
+        print(prompt, end="", flush=True)
+        line = stdin.readline()
+    except KeyboardInterrupt:
+        print()
+        return None
+    return line or None
 
 
 def chat(assistant: Assistant, gen: dict, stdin=None) -> None:
@@ -289,13 +335,8 @@ def chat(assistant: Assistant, gen: dict, stdin=None) -> None:
     stdin = stdin or sys.stdin  # looked up at call time: a redirected or replaced stdin is honoured
     image, messages = None, []
     while True:
-        try:  # the prompt too: a Ctrl-C right after it is printed still leaves cleanly
-            print("\n你: ", end="", flush=True)
-            line = stdin.readline()
-        except KeyboardInterrupt:
-            print()
-            break
-        if not line:  # EOF
+        line = _read(stdin, "\n你: ")
+        if line is None:  # EOF or Ctrl-C
             break
         line = line.strip()
         if not line:
@@ -307,6 +348,14 @@ def chat(assistant: Assistant, gen: dict, stdin=None) -> None:
             console.success("history cleared (the image stays)")
             continue
         source = image_reference(line)
+        if source is None and (guess := maybe_path(line)) is not None:
+            # A path or a question? Ask rather than guess; a plain Enter keeps it a question.
+            answer = _read(stdin, f"「{line}」 is not a file. Send it to the model as a question? [Y/n] ")
+            if answer is None:
+                break
+            if answer.strip().lower() in ("n", "no", "否"):
+                console.info(f"not sent; type an existing image path (nothing at {guess})")
+                continue
         if source is not None:
             try:
                 image = assistant.loader(source)
@@ -451,7 +500,7 @@ def _write_results(out_dir: str, name: str, predictions: list, scores: dict) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--checkpoint", default=None, help="a run folder (checkpoints/<run>: its latest checkpoint), "
                                                       "a step folder, or a projector.safetensors")
     p.add_argument("--vision_tower", default=None, help="override the tower path stored in the checkpoint")
@@ -494,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     one_shot = args.image is not None or args.prompt is not None
     if one_shot and (args.image is None or args.prompt is None):
         p.error("one-shot mode needs both --image and --prompt")
-    console.quiet_bars_in_log_files()
+    console.quiet_library_bars()
     if one_shot or args.vqa or args.captions:
         console.set_stream(sys.stderr)  # stdout carries the reply (or the scores JSON) alone
     try:

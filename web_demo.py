@@ -25,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
 import glob
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -36,11 +37,14 @@ from eval_llava import ApiAssistant, Assistant, add_api_args, load_assistant
 from model import checkpoint_file, read_checkpoint_meta
 from tuning import Tuning
 from utils import console
-from utils.config import HelpFormatter
+from utils.config import Parser
 from utils.openai_api import ApiError
 from utils.skips import SampleError
 
-MAX_UPLOAD = "20mb"              # an upload above this is refused by the server itself
+MAX_UPLOAD_MB = 20               # an image above this gets a chat message (--max_upload_mb)
+SERVER_CAP = 10                  # Gradio refuses an upload above this many times that (a toast, not a chat
+                                 # message): the hard bound on what a client can make the server store
+PORTS_TRIED = 100                # a busy --port: the next free one of this many is taken
 API_QUESTION_CHARS = 4000        # the reference API's question cap (its own limits vary)
 TOY_EXAMPLES = "data/toy/eval/images"
 
@@ -117,11 +121,16 @@ def describe(args: argparse.Namespace, assistant: Assistant | ApiAssistant) -> s
             f"LLM `{spec.llm}` · 训练 / trained: {tuning}")
 
 
-def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int = 256):
+def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int = 256,
+              max_upload_mb: float = MAX_UPLOAD_MB):
     import gradio as gr
 
     def note(chatbot: list, question: str, text: str) -> list:
-        """A message from the page itself: shown, never fed to the model as history."""
+        """A message from the page itself: shown, never fed to the model as history. The chat
+        draws consecutive assistant messages as one bubble, so a note that follows the model's
+        reply gets a user turn of its own: it must not read as the model's words."""
+        if not question and chatbot and chatbot[-1]["role"] == "assistant":
+            question = "（空 / empty）"
         turn = [{"role": "user", "content": question}] if question else []
         return chatbot + turn + [{"role": "assistant", "content": f"⚠️ {text}"}]
 
@@ -135,13 +144,18 @@ def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int 
                     raise SampleError("bad_url_scheme", "only http(s) URLs")
                 image = ImageLoader()(url.strip())        # bounded: size, time, retries, pixel cap
             elif upload:
+                size_mb = os.path.getsize(upload) / 2**20 if os.path.isfile(upload) else 0.0
+                if size_mb > max_upload_mb:
+                    raise SampleError("file_too_large", f"{size_mb:.1f} MB")
                 image = decode_image(upload)              # pixel cap (decompression bombs), EXIF, modes
             else:
                 return None, [], fresh
         except SampleError as e:
             why = {"image_too_large": "图片像素太多（可能是解压炸弹）/ too many pixels (a decompression bomb?)",
                    "corrupt_image": "不是图片或文件已损坏 / not an image, or a corrupt file",
-                   "missing_image": "上传失败 / the upload is missing"}.get(e.reason, str(e))
+                   "missing_image": "上传失败 / the upload is missing",
+                   "file_too_large": f"文件太大（{e.detail}，上限 {max_upload_mb:g} MB）/ the file is too large "
+                                     f"({e.detail}; the limit is {max_upload_mb:g} MB)"}.get(e.reason, str(e))
             shown = note([], "", f"无法读取图片 / could not read the image: {why}")
             return None, shown, {**fresh, "shown": shown}
         return image, [], {"image": image, "messages": [], "shown": []}
@@ -226,7 +240,7 @@ def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--checkpoint", default=None, help="a run folder, a step folder or a projector.safetensors")
     p.add_argument("--vision_tower", default=None, help="override the tower path stored in the checkpoint")
     p.add_argument("--llm", default=None, help="override the (base) LLM path stored in the checkpoint")
@@ -234,32 +248,59 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trust_remote_code", action="store_true", help="allow model folders to run their own code")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 exposes the page to your "
                                                       "network (printed with a warning)")
-    p.add_argument("--port", type=int, default=7860, help="port")
+    p.add_argument("--port", type=int, default=7860, help=f"port; when it is busy, the next free one of "
+                                                          f"{PORTS_TRIED} is taken (and printed)")
     p.add_argument("--share", action="store_true", help="a public gradio.live link (off unless given)")
     p.add_argument("--allow_urls", action="store_true", help="also accept http(s) image URLs (bounded fetches)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="the page's default reply length")
+    p.add_argument("--max_upload_mb", type=float, default=MAX_UPLOAD_MB, help="a larger image file gets a chat "
+                                                                              "message instead of a reply")
     add_api_args(p)
     args = p.parse_args(argv)
     if bool(args.checkpoint) == bool(args.api_base):
         p.error("give --checkpoint (our model) or --api_base with --api_model (a reference model)")
     if args.api_base and not args.api_model:
         p.error("--api_base needs --api_model")
-    console.quiet_bars_in_log_files()
+    console.quiet_library_bars()
     try:
         assistant = load_assistant(args)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
     if isinstance(assistant, Assistant):
         assistant.model.eval()
+    port = free_port(args.host, args.port)
     app = build_app(ChatEngine(assistant, describe(args, assistant), args.max_new_tokens), args.allow_urls,
-                    args.max_new_tokens)
+                    args.max_new_tokens, args.max_upload_mb)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.warn(f"--host {args.host}: the page is reachable from other machines on your network; anyone who "
                      "can reach it can use the model")
     if args.share:
         console.warn("--share: a public gradio.live link; anyone with it can use the model")
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
-               show_error=False, ssr_mode=False, quiet=False)
+    try:
+        # quiet: Gradio's own banner tells a script's user to edit launch() (share=True); ours names flags.
+        app.launch(server_name=args.host, server_port=port, share=args.share, show_error=False, ssr_mode=False,
+                   max_file_size=f"{int(args.max_upload_mb * SERVER_CAP)}mb", quiet=True, prevent_thread_lock=True)
+    except OSError as e:  # taken between our check and Gradio's bind, or not ours to bind
+        raise SystemExit(f"cannot listen on {args.host}:{port} ({e}); pick another with --port") from None
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    console.success(f"serving on http://{host}:{port}" + (f"  (public: {app.share_url})" if app.share_url else "")
+                    + "   Ctrl-C stops it")
+    app.block_thread()
+
+
+def free_port(host: str, port: int) -> int:
+    """`port` when nothing listens there, else the next free one (said on the console); a clear
+    error naming --port when none of PORTS_TRIED is free."""
+    for candidate in range(port, port + PORTS_TRIED):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, candidate))
+            except OSError:
+                continue
+        if candidate != port:
+            console.warn(f"port {port} is in use: serving on {candidate} instead (choose with --port)")
+        return candidate
+    raise SystemExit(f"ports {port}-{port + PORTS_TRIED - 1} on {host} are all in use: pick a free one with --port")
 
 
 if __name__ == "__main__":

@@ -46,14 +46,42 @@ class Lines:
     ("~/x.png", os.path.expanduser("~/x.png")),
     ("'/tmp/a b/c.png'", "/tmp/a b/c.png"),                 # drag-and-drop, quoted
     ("/tmp/a\\ b/c.png", "/tmp/a b/c.png"),                 # drag-and-drop, escaped space
-    ("./photo", "./photo"),
+    ("cat.jpg", "cat.jpg"),                                # path-shaped with an image extension
+    ("./photo", None),                                     # no extension, not a file: the chat asks
     ("https://example.com/a.jpg", "https://example.com/a.jpg"),
     ("描述这张图片", None),
     ("what's in the picture?", None),                      # an apostrophe is not a quote
     ("is the circle left/right?", None),
+    ("它是红色/蓝色的吗？", None),                             # Chinese has no spaces: one word with a "/"
+    ("红色/蓝色", None),
+    ("'红色还是蓝色'", None),                                # quoted, but nothing path-like in it
 ])
 def test_what_counts_as_an_image_reference(line, expected):
     assert image_reference(line) == expected
+
+
+def test_an_existing_file_is_an_image_whatever_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "scan", format="PNG")       # no extension, but it exists
+    Image.new("RGB", (4, 4)).save(tmp_path / "a b.png")                  # spaces, typed unquoted
+    assert image_reference("scan") == "scan" and image_reference("a b.png") == "a b.png"
+
+
+def test_a_question_with_a_slash_is_asked_and_an_ambiguous_path_is_asked_about(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "first.png")
+    assistant = FakeAssistant()
+    chat(assistant, {}, stdin=Lines([
+        str(tmp_path / "first.png"),
+        "它是红色/蓝色的吗？",                                     # a question, never "file not found"
+        "/tmp/no_such_scan", "",                               # a path or a question? Enter: a question
+        "./nope/scan", "n",                                    # "n": not sent
+        "这是什么",
+    ]))
+    out = capsys.readouterr()
+    assert [q[-1] for _, q in assistant.asked] == ["它是红色/蓝色的吗？", "/tmp/no_such_scan", "这是什么"]
+    assert "file not found" not in out.err
+    assert out.out.count("is not a file. Send it to the model as a question? [Y/n]") == 2
+    assert "not sent; type an existing image path (nothing at ./nope/scan)" in out.out
 
 
 def test_missing_paths_are_reported_and_never_asked(tmp_path, monkeypatch, capsys):

@@ -253,3 +253,46 @@ def test_image_urls_when_allowed_are_http_only_and_bounded(server, tiny):
         assert ask(c, "描述这张图片")[-1]["role"] == "assistant"
     finally:
         files.shutdown()
+
+
+def test_a_busy_port_takes_the_next_free_one_and_the_log_names_flags(checkpoint, server):
+    """--port already in use (the module's server holds it): the next free port, said in words;
+    the log names our flags (--share), never Gradio's launch() arguments."""
+    _, busy, _ = server
+    proc = subprocess.Popen([sys.executable, "web_demo.py", "--checkpoint", checkpoint, "--device", "cpu", "--port",
+                             str(busy)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 120
+        while not any("serving on http:" in line for line in lines):
+            assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.05)
+        serving = next(line for line in lines if "serving on http:" in line)
+        port = int(serving.split("http://127.0.0.1:")[1].split()[0])
+        assert port != busy and f"port {busy} is in use: serving on {port} instead (choose with --port)" in "".join(lines)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+    log = "".join(lines)
+    assert "share=True" not in log and "launch()" not in log and "Traceback" not in log
+
+
+def test_an_oversized_upload_and_an_empty_question_are_chat_messages_of_their_own(server, tiny, tmp_path):
+    url, _, _ = server
+    c = client(url)
+    big = tmp_path / "big.png"
+    big.write_bytes(open(os.path.join(tiny.eval, "images", "000005.png"), "rb").read() + b"\0" * (30 * 2**20))
+    _, chatbot = upload(c, big)                                   # 30 MB: above the page's 20 MB
+    note = text_of(chatbot[-1])
+    assert "文件太大" in note and "the file is too large" in note and "20 MB" in note   # in both languages
+    upload(c, os.path.join(tiny.eval, "images", "000005.png"))
+    ask(c, "描述这张图片")
+    chatbot = ask(c, "   ")
+    roles = [m["role"] for m in chatbot]
+    assert roles == ["user", "assistant", "user", "assistant"], roles   # not glued to the model's reply
+    assert "empty" in text_of(chatbot[-1]) and "⚠️" not in text_of(chatbot[1])
