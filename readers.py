@@ -14,12 +14,11 @@ import ast
 import glob
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from prompts import IMAGE_PLACEHOLDER, with_image_placeholder
-from utils.skips import SampleError
+from utils.skips import SampleError, Skips
 
 
 def to_messages(conversations: list[dict]) -> list[dict]:
@@ -75,14 +74,15 @@ def sa1b_shards(data_root: str) -> list[str]:
     return shards
 
 
-def sa1b_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, Any, str]], Counter]:
+def sa1b_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, Any, str]], Skips]:
     """SA1B-Dense-Caption parquet shards (`url`, `cap_seg`) -> (url, raw cap_seg, caption) of the
-    usable rows in shard order, and skip counts. Stops at `max_samples` usable rows (the course's
-    first-100k subset). Shared by training's reader and scripts/prepare_sa1b.py."""
+    usable rows in shard order, and skip counts (an example each: shard and row). Stops at
+    `max_samples` usable rows (the course's first-100k subset). Shared by training's reader and
+    scripts/prepare_sa1b.py."""
     import pyarrow.parquet as pq
 
     rows: list[tuple[str, Any, str]] = []
-    skipped: Counter = Counter()
+    skipped = Skips()
     for shard in sa1b_shards(data_root):
         try:
             table = pq.read_table(shard, columns=None)
@@ -91,7 +91,7 @@ def sa1b_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, Any
         missing = {"url", "cap_seg"} - set(table.column_names)
         if missing:
             raise ValueError(f"{shard}: missing column(s) {sorted(missing)}; have {table.column_names}")
-        for url, cap in zip(table.column("url").to_pylist(), table.column("cap_seg").to_pylist()):
+        for row, (url, cap) in enumerate(zip(table.column("url").to_pylist(), table.column("cap_seg").to_pylist())):
             if max_samples and len(rows) >= max_samples:
                 return rows, skipped
             try:
@@ -99,11 +99,11 @@ def sa1b_rows(data_root: str, max_samples: int = 0) -> tuple[list[tuple[str, Any
                     raise SampleError("bad_record", "empty url")
                 rows.append((url.strip(), cap, parse_cap_seg(cap)))
             except SampleError as e:
-                skipped[e.reason] += 1
+                skipped.add(e.reason, where(f"{shard} row {row}", e))
     return rows, skipped
 
 
-def read_sa1b(data_root: str, max_samples: int = 0) -> tuple[list[Record], Counter]:
+def read_sa1b(data_root: str, max_samples: int = 0) -> tuple[list[Record], Skips]:
     """SA1B-Dense-Caption shards -> records, skip counts.
 
     `url` may be http(s), file:// or a path relative to `data_root`.
@@ -112,8 +112,9 @@ def read_sa1b(data_root: str, max_samples: int = 0) -> tuple[list[Record], Count
     return [Record(image=url, caption=caption) for url, _, caption in rows], skipped
 
 
-def read_chat_json(chat_json: str, max_samples: int = 0) -> tuple[list[Record], Counter]:
-    """A LLaVA chat.json (list of {"image", "conversations"}) -> records, skip counts."""
+def read_chat_json(chat_json: str, max_samples: int = 0) -> tuple[list[Record], Skips]:
+    """A LLaVA chat.json (list of {"image", "conversations"}) -> records, skip counts (an example
+    each: the record's position in the file, and its id when it has one)."""
     if not os.path.isfile(chat_json):
         raise FileNotFoundError(f"no chat.json at {chat_json}")
     with open(chat_json, encoding="utf-8") as fh:
@@ -124,8 +125,8 @@ def read_chat_json(chat_json: str, max_samples: int = 0) -> tuple[list[Record], 
     if not isinstance(data, list):
         raise ValueError(f"{chat_json}: expected a JSON list of records, got {type(data).__name__}")
     records: list[Record] = []
-    skipped: Counter = Counter()
-    for item in data:
+    skipped = Skips()
+    for i, item in enumerate(data):
         if max_samples and len(records) >= max_samples:
             break
         try:
@@ -139,12 +140,19 @@ def read_chat_json(chat_json: str, max_samples: int = 0) -> tuple[list[Record], 
                 raise SampleError("bad_conversation", "fewer than 2 turns")
             messages = checked_turns(to_messages(conv))
             if not image and any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
-                raise SampleError("placeholder_without_image", str(item.get("id", "")))
+                raise SampleError("placeholder_without_image", "an <image> placeholder but no image")
             meta = {k: v for k, v in item.items() if k not in ("image", "conversations")}
             records.append(Record(image=image, conversations=messages, meta=meta))
         except SampleError as e:
-            skipped[e.reason] += 1
+            record_id = item.get("id") if isinstance(item, dict) else None
+            skipped.add(e.reason, where(f"{chat_json} record {i}" + (f" (id {record_id})" if record_id is not None
+                                                                     else ""), e))
     return records, skipped
+
+
+def where(place: str, e: SampleError) -> str:
+    """A skip's example for a report: the place, then what was wrong there."""
+    return f"{place}: {e.detail}" if e.detail else place
 
 
 def checked_turns(messages: list[dict]) -> list[dict]:
@@ -160,13 +168,13 @@ COGVLM_SUBSETS = ("llava_instruction_single_conversation_formate", "llava_instru
 
 
 def read_cogvlm_sft(data_root: str, labels: str = "labels_zh", max_samples: int = 0,
-                    subsets: tuple[str, ...] = COGVLM_SUBSETS) -> tuple[list[Record], Counter]:
+                    subsets: tuple[str, ...] = COGVLM_SUBSETS) -> tuple[list[Record], Skips]:
     """CogVLM-SFT-311K: `<root>/<subset>/images/<stem>.jpg` + `<root>/<subset>/<labels>/<stem>.json`
     holding {"conversations": [{"role", "content"}, ...]} (labels_zh Chinese, labels English).
     The text has no `<image>`: it goes before the first user turn's text, where eval_llava.py
     puts it in a chat. A label file without its image is counted ("label_without_image")."""
     records: list[Record] = []
-    skipped: Counter = Counter()
+    skipped = Skips()
     found = [s for s in subsets if os.path.isdir(os.path.join(data_root, s, labels))]
     if not found:
         raise FileNotFoundError(f"no CogVLM-SFT subset with a {labels}/ folder under {data_root} "
@@ -179,24 +187,24 @@ def read_cogvlm_sft(data_root: str, labels: str = "labels_zh", max_samples: int 
             image = os.path.join(subset, "images", f"{stem}.jpg")
             try:
                 if not os.path.isfile(os.path.join(data_root, image)):
-                    raise SampleError("label_without_image", image)
+                    raise SampleError("label_without_image", f"no {image}")
                 try:
                     with open(label, encoding="utf-8") as fh:
                         item = json.load(fh)
                 except (OSError, ValueError) as e:
-                    raise SampleError("bad_label_file", f"{label}: {e}") from None
+                    raise SampleError("bad_label_file", str(e)) from None
                 conv = item.get("conversations") if isinstance(item, dict) else None
                 if not isinstance(conv, list) or len(conv) < 2:
-                    raise SampleError("bad_conversation", f"{label}: fewer than 2 turns")
+                    raise SampleError("bad_conversation", "fewer than 2 turns")
                 messages = with_image_placeholder(checked_turns(to_messages(conv)))
                 records.append(Record(image=image, conversations=messages, meta={"subset": subset, "id": stem}))
             except SampleError as e:
-                skipped[e.reason] += 1
+                skipped.add(e.reason, where(label, e))
     return records, skipped
 
 
 def read_records(data_format: str, data_root: str = "", chat_json: str = "",
-                 max_samples: int = 0, labels: str = "labels_zh") -> tuple[list[Record], Counter, str]:
+                 max_samples: int = 0, labels: str = "labels_zh") -> tuple[list[Record], Skips, str]:
     """Dispatch on --data_format. Returns (records, skip counts, image root)."""
     if data_format == "cogvlm_sft":
         records, skipped = read_cogvlm_sft(data_root, labels, max_samples)

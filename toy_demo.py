@@ -35,7 +35,7 @@ from utils import console
 from utils.checkpoint import STAGE_SCRIPTS, find_latest
 from utils.config import dump_json
 from utils.dist import available_cpus, pick_device, seed_everything
-from utils.metrics import RunLogger
+from utils.metrics import RunLogger, readable
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,7 +77,8 @@ def apply_demo_defaults(cfg: Any, explicit: set[str]) -> None:
             fill.update(data_root=data.sft_train, eval_data_root=data.sft_eval)
         else:
             fill.update(chat_json=data.style_train, image_root=data.style_images, eval_chat_json=data.style_eval)
-    fill["run_name"] = cfg.run_name or time.strftime(f"{RUN_PREFIX[cfg.stage]}_%Y%m%d_%H%M%S")
+    if cfg.resume != "auto":  # --resume auto alone continues the newest unfinished demo run (train_stage1.open_run)
+        fill["run_name"] = cfg.run_name or time.strftime(f"{RUN_PREFIX[cfg.stage]}_%Y%m%d_%H%M%S")
     for key, value in fill.items():
         if key not in explicit:
             setattr(cfg, key, value)
@@ -136,7 +137,7 @@ def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
     for key, value in before.items():
         console.kv(f"{key} (before)", f"{value:g}")
     summary = train(cfg)
-    if summary.get("interrupted"):
+    if summary.get("interrupted") or summary.get("already_finished"):
         return summary
     after = measure(Assistant.from_checkpoint(summary["checkpoint"], device), cfg, paths)
     for key in before:
@@ -152,7 +153,7 @@ def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
     console.header(f"demo: before -> after stage {cfg.stage}")
     for key in before:
         console.kv(key, f"{before[key]:g} -> {after[key]:g}")
-    console.kv("image_ablation_gap", summary.get("image_ablation_gap"))
+    console.kv("image_ablation_gap", readable(summary.get("image_ablation_gap")))
     if cfg.stage == 3:
         console.kv("adapter size", f"{summary['adapter_bytes'] / 2**10:.0f} KiB ({STYLE_NOTE})")
     # Toy-world build included: what a new user waits for, measured on this machine.

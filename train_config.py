@@ -20,7 +20,7 @@ from readers import DATA_FORMATS
 from toy_demo import apply_demo_defaults
 from tuning import COURSE_LORA_TARGET, Tuning
 from utils.align_plan import translate_align_flags
-from utils.config import HelpFormatter, add_dataclass_args, explicit_flags, from_namespace
+from utils.config import Parser, add_dataclass_args, explicit_flags, from_namespace
 from utils.dist import available_cpus
 
 
@@ -126,7 +126,7 @@ class TrainConfig:
 
 def build_parser(stage_defaults: dict | None = None, doc: str | None = None) -> argparse.ArgumentParser:
     """The flags of TrainConfig; a later stage's entry point passes its defaults (shown by --help)."""
-    parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=HelpFormatter)
+    parser = Parser(description=doc or __doc__)
     add_dataclass_args(parser, TrainConfig)
     parser.set_defaults(**{k: v for k, v in (stage_defaults or {}).items() if k != "stage"})
     return parser
@@ -191,9 +191,16 @@ def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
     where the models live now) and ('', '') is returned."""
     if start_point(cfg):
         try:
-            spec = read_checkpoint_meta(start_point(cfg))["spec"]
+            meta = read_checkpoint_meta(start_point(cfg))
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--{'stage1' if cfg.stage1 else 'init'}: {e}") from None
+        tuned = meta.get("tuning", {}).get("llm", "none")
+        if cfg.stage1 and (tuned != "none" or meta.get("stage", 1) != 1):
+            # Its tuned LLM would be this run's start: a different run from the one --stage1 names.
+            raise SystemExit(f"--stage1 {cfg.stage1}: a stage-{meta.get('stage', '?')} checkpoint (LLM tuned: "
+                             f"{tuned}), not a stage-1 one. To continue from this tuned model use --init "
+                             f"{cfg.stage1}; --stage1 takes a projector-only checkpoint of train_stage1.py.")
+        spec = meta["spec"]
         if not cfg.data_root and not cfg.chat_json:
             raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
         for key in ("projector", "feature_layer", "feature_select", "feature_post_norm", "image_wrap"):

@@ -24,12 +24,15 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in DataLoader workers
 
 import functools
+import json
 import math
 import multiprocessing
 import random
+import signal
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
@@ -38,32 +41,44 @@ from dataset import (EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, c
 from eval_llava import Assistant, eval_summary, heldout_loss, log_heldout_loss, log_sample_replies
 from model import ModelSpec, build_model, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from prompts import PromptFormat, supervised_tokens
-from readers import read_records
+from readers import Record, read_records
 from toy_demo import run_demo
 from train_config import TrainConfig, parse_args, resolve_models, start_point, tuning_of
 from tuning import add_lora, assert_trainable, check_device, is_peft, merged, set_trainable
 from utils import console
 from utils.alarms import Alarms
 from utils.checkpoint import (STAGE_SCRIPTS, find_latest, fresh_state, restore_training, resume_command, resume_point,
-                              run_name_of, save_training)
+                              run_name_of, save_training, unfinished_run)
 from utils.config import dump_json, print_config, redacted
-from utils.dist import (StopRequest, all_reduce_grads, all_reduce_sum, barrier, cleanup as cleanup_dist, ignore_sigint,
+from utils.dist import (StopRequest, all_reduce_grads, all_reduce_sum, barrier, cleanup as cleanup_dist, ignore_stop_signals,
                         seed_everything, setup as setup_dist)
 from utils.feature_cache import FeatureCache, cache_key, image_key
 from utils.flops import mfu
 from utils.metrics import RunLogger, log_line, periodic_scalars, print_summary, run_totals
-from utils.skips import SkipTally
+from utils.skips import Skips, SkipTally
 
 
 # --------------------------------------------------------------------------- data
 
-def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, spec: ModelSpec):
-    """(train dataset, eval dataset, skip counts from reading).
+@dataclass
+class DataSplit:
+    """The records a run trains and evaluates on, read before any model loads (a wrong path
+    fails in seconds and leaves no run folder behind), with what reading skipped."""
 
-    With --features_cache, samples carry cached features instead of pixels; the cache must
-    have been made for this tower, layer, selection and preprocessing (the model's spec). The
-    held-out set uses the cache too when every one of its images is in it, else its images.
-    """
+    train: list[Record]
+    held_out: list[Record]
+    root: str            # where the training records' images live
+    eval_root: str
+    skipped: Skips       # by reason, an example each ("eval/" for the held-out set's)
+
+
+def read_data(cfg: TrainConfig) -> DataSplit:
+    """The training records and the held-out ones: --eval_data_root, or a seeded share of the
+    training records (--eval_ratio), or the tail of the training records."""
+    for flag in ("data_root", "eval_data_root", "image_root"):
+        path = getattr(cfg, flag)
+        if path and not os.path.isdir(path):
+            raise SystemExit(f"--{flag} {path}: no such folder")
     try:  # a wrong folder or an unreadable file: one line that names it, not a traceback
         records, skipped, root = read_records(cfg.data_format, cfg.data_root, cfg.chat_json, cfg.max_samples, cfg.labels)
         held_out = (read_records(cfg.data_format, cfg.eval_data_root, cfg.eval_chat_json, labels=cfg.labels)
@@ -76,7 +91,7 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, spec: ModelSpe
         eval_records, eval_skipped, eval_root = held_out
         if cfg.eval_chat_json and cfg.image_root:  # one image folder serves both chat.json files
             eval_root = cfg.image_root
-        skipped.update({f"eval/{k}": v for k, v in eval_skipped.items()})
+        skipped.merge(eval_skipped, "eval/")
     elif cfg.eval_ratio:
         # The course's stage-2 split: a seeded shuffle, the last share held out (same every run).
         order = list(range(len(records)))
@@ -91,7 +106,19 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, spec: ModelSpe
         records, eval_records, eval_root = records[:len(records) - n_hold], records[len(records) - n_hold:], root
         console.warn(f"no --eval_data_root: holding out the last {n_hold} training records for evaluation")
     if not records:
-        raise SystemExit(f"no usable training records in {cfg.data_root or cfg.chat_json} (skipped: {dict(skipped)})")
+        raise SystemExit(f"no usable training records in {cfg.data_root or cfg.chat_json} "
+                         f"(skipped: {skipped.describe()})")
+    return DataSplit(records, eval_records, root, eval_root, skipped)
+
+
+def load_datasets(cfg: TrainConfig, data: DataSplit, tokenizer, fmt: PromptFormat,
+                  spec: ModelSpec) -> tuple[Stage1Dataset, Stage1Dataset]:
+    """(train dataset, eval dataset) over the records read.
+
+    With --features_cache, samples carry cached features instead of pixels; the cache must
+    have been made for this tower, layer, selection and preprocessing (the model's spec). The
+    held-out set uses the cache too when every one of its images is in it, else its images.
+    """
     transform = ImageTransform.from_dict(spec.image_transform)
     common = dict(tokenizer=tokenizer, fmt=fmt, transform=transform, max_text_len=cfg.max_text_len,
                   instructions=cfg.instructions, seed=cfg.seed)
@@ -104,15 +131,16 @@ def load_datasets(cfg: TrainConfig, tokenizer, fmt: PromptFormat, spec: ModelSpe
                                  spec.image_transform, spec.num_image_tokens, spec.vision_hidden_size))
         console.kv("feature cache", f"{cfg.features_cache}: {len(features):,} images, "
                                     f"{features.bytes_per_image() / 2**10:.0f} KiB each")
-        if all(image_key(r.image, eval_root) in features for r in eval_records):
+        if all(image_key(r.image, data.eval_root) in features for r in data.held_out):
             eval_features = features
-    train_ds = Stage1Dataset(records, loader=ImageLoader(root, cache_dir=cache, draft=draft), features=features, **common)
-    eval_ds = Stage1Dataset(eval_records, loader=ImageLoader(eval_root, cache_dir=cache, draft=draft),
+    train_ds = Stage1Dataset(data.train, loader=ImageLoader(data.root, cache_dir=cache, draft=draft),
+                             features=features, **common)
+    eval_ds = Stage1Dataset(data.held_out, loader=ImageLoader(data.eval_root, cache_dir=cache, draft=draft),
                             features=eval_features, **common)
-    return train_ds, eval_ds, skipped
+    return train_ds, eval_ds
 
 
-def report_data(train_ds: Stage1Dataset, eval_ds: Stage1Dataset, read_skips: Counter, cfg: TrainConfig,
+def report_data(train_ds: Stage1Dataset, eval_ds: Stage1Dataset, read_skips: Skips, cfg: TrainConfig,
                 grad_accum: int, dist, total_steps: int, tokenizer) -> None:
     console.header("data")
     console.kv("train / eval records", f"{len(train_ds):,} / {len(eval_ds):,}")
@@ -121,7 +149,7 @@ def report_data(train_ds: Stage1Dataset, eval_ds: Stage1Dataset, read_skips: Cou
     console.kv("steps", f"{total_steps} ({max(len(train_ds) // (cfg.batch_size * grad_accum * dist.world_size), 1)} "
                         "per epoch)")
     if read_skips:
-        console.warn(f"skipped while reading: {dict(read_skips)}")
+        console.warn(f"skipped while reading: {read_skips.describe()}")
     if dist.is_main:
         show_first_sample(train_ds, tokenizer)
 
@@ -151,7 +179,7 @@ def batches(ds: Stage1Dataset, cfg: TrainConfig, rank: int, world: int, tally: S
             ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
             collate_fn=functools.partial(collate_packed if cfg.pack else collate, pad_id=pad_id),
             pin_memory=torch.cuda.is_available(), drop_last=True,
-            prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=ignore_sigint,
+            prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=ignore_stop_signals,
             # Its own generator: a DataLoader otherwise draws its base seed from the global RNG,
             # which a resumed run restores before the loader starts; dropout (LoRA) would shift.
             generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
@@ -178,6 +206,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     device = dist.device
     seed_everything(cfg.seed)            # the projector's init, then the instruction draws and data order
     vision_path, llm_path = resolve_models(cfg)
+    data = read_data(cfg)                # before any model loads: a wrong path fails at once
     run_name, run_dir, ckpt_dir, resume_from = open_run(cfg, dist)
 
     # ---- model: frozen tower; projector fresh (stage 1) or from the start point; the LLM frozen,
@@ -187,10 +216,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
 
     # ---- data, and the steps it makes
     grad_accum = accumulation(cfg, dist.world_size)
-    train_ds, eval_ds, read_skips = load_datasets(cfg, tokenizer, fmt, model.spec)
+    train_ds, eval_ds = load_datasets(cfg, data, tokenizer, fmt, model.spec)
     global_batch = cfg.batch_size * grad_accum * dist.world_size
     total_steps = cfg.max_steps or cfg.epochs * max(len(train_ds) // global_batch, 1)
-    report_data(train_ds, eval_ds, read_skips, cfg, grad_accum, dist, total_steps, tokenizer)
 
     # ---- optimizer: AdamW on what trains (the projector with its own lr), warmup, then cosine (or constant)
     projector = [p for n, p in model.trainable_parameters() if n.startswith("projector.")]
@@ -205,11 +233,16 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     state = fresh_state(dist.world_size)
     if resume_from:
         state = restore_training(resume_from, optimizer, scheduler, dist)
+        if state["step"] >= total_steps:  # the resume hint typed again after the end: nothing to do
+            return finished_run(run_name, run_dir, resume_from, state["step"], dist)
         console.success(f"resumed from {resume_from} at step {state['step']}")
+    if dist.is_main:  # written once the run is known to train: a finished run's folder stays as it was
+        dump_json(redacted(cfg), os.path.join(run_dir, "config.json"))
+    report_data(train_ds, eval_ds, data.skipped, cfg, grad_accum, dist, total_steps, tokenizer)
     # Rank 0 holds the run's totals: reading skips once (every rank reads the same records),
     # and on resume the checkpoint's totals, which include them already.
-    tally = SkipTally(skipped=Counter(state["skipped"] if resume_from else read_skips if dist.is_main else {}),
-                      truncated=state.get("truncated", 0))
+    tally = SkipTally(skipped=Counter(state["skipped"] if resume_from else data.skipped if dist.is_main else {}),
+                      examples=dict(data.skipped.examples) if dist.is_main else {}, truncated=state.get("truncated", 0))
     logger = RunLogger(run_dir, tuple(cfg.trackers.split(",")), purge_after=state["step"]) if dist.is_main else None
     # The loss must have moved once warmup is over; the gap must have left zero by the second eval.
     alarms = Alarms(logger, flat_after=min(max(100, 2 * warmup), total_steps),
@@ -231,7 +264,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     stop = StopRequest()
     t_start = time.time()
     # In a terminal a bar redraws in place; in a log file only the periodic log lines appear.
-    bar = console.progress(total_steps, "stage 1", "step", initial=state["step"], show=dist.is_main, every=0)
+    bar = console.progress(total_steps, f"stage {cfg.stage}", "step", initial=state["step"], show=dist.is_main, every=0)
     for step in range(state["step"] + 1, total_steps + 1):
         t0 = time.time()
         # Micro-batches of this step, fetched first so the loss can be normalised by the
@@ -295,13 +328,15 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         if dist.is_main and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
             metrics = log_heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers, logger, step, bar.write)
             alarms.eval(step, metrics)
-            log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step)
+            log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step, bar.write)
             summary.update(eval_summary(metrics))
         if (cfg.save_interval and step % cfg.save_interval == 0) or last or stopping:
-            train_state = {"step": step, "epoch": epoch, "losses": losses, "nonfinite_steps": nonfinite,
+            train_state = {"step": step, "total_steps": total_steps, "epoch": epoch, "losses": losses,
+                           "nonfinite_steps": nonfinite,
                            "summary": {k: v for k, v in summary.items() if k.startswith(("eval", "image_"))}}
             checkpoint = save_training(ckpt_dir, train_state, lambda folder: save_checkpoint(
-                model, folder, {"step": step, "run": run_name, "stage": cfg.stage, "init_from": start_point(cfg),
+                model, folder, {"step": step, "total_steps": total_steps, "run": run_name, "stage": cfg.stage,
+                                "init_from": start_point(cfg),
                                 "train_config": redacted(cfg)}, tokenizer), optimizer, scheduler,
                 dist, {"position": position, "skipped": dict(tally.skipped), "truncated": tally.truncated}, cfg.keep_last)
         if stopping and not last:
@@ -310,7 +345,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
                 console.warn(f"stopped at step {step}; checkpoint {checkpoint}. Continue with:\n  "
                              + resume_command(argv or [], run_name, dist.world_size, STAGE_SCRIPTS[cfg.stage]))
             cleanup_dist()
-            return {**summary, "interrupted": True, "steps": step, "checkpoint": checkpoint}
+            return {**summary, "interrupted": True, "signal": stop.signum, "steps": step, "checkpoint": checkpoint}
     bar.close()
 
     # ---- summary
@@ -323,26 +358,47 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
             alarms.eval(total_steps, metrics)
             summary.update(eval_summary(metrics))
         summary["alarms"] = alarms.fired
+        if alarms.too_short:
+            summary["alarms_too_short_to_judge"] = alarms.too_short
         dump_json(summary, os.path.join(run_dir, "summary.json"))
         logger.close()
-        print_summary(summary, alarms.fired, checkpoint, cfg.runs_dir)
+        print_summary(summary, alarms, checkpoint, cfg.runs_dir)
     barrier()        # leave together: a rank tearing down while rank 0 still evaluates can abort gloo
     cleanup_dist()
     return summary
 
 
 def open_run(cfg: TrainConfig, dist) -> tuple[str, str, str, str | None]:
-    """(run name, runs/<run>, checkpoints/<run>, the checkpoint to resume from or None); the
-    config is printed and saved in the run folder."""
-    run_name = cfg.run_name or (run_name_of(cfg.resume) if cfg.resume not in ("", "auto") else "") \
-        or time.strftime(f"stage{cfg.stage}_%Y%m%d_%H%M%S")
+    """(run name, runs/<run>, checkpoints/<run>, the checkpoint to resume from or None), with the
+    config printed. `--resume auto` without --run_name continues the newest unfinished run of
+    this stage (a new run's name is the time, so there would never be anything to resume)."""
+    run_name = cfg.run_name or (run_name_of(cfg.resume) if cfg.resume not in ("", "auto") else "")
+    if not run_name and cfg.resume == "auto":
+        run_name = unfinished_run(cfg.checkpoints_dir, cfg.stage)
+        console.info(f"--resume auto: continuing run '{run_name}', the newest unfinished stage-{cfg.stage} run in "
+                     f"{cfg.checkpoints_dir}/")
+    run_name = run_name or time.strftime(f"stage{cfg.stage}_%Y%m%d_%H%M%S")
     run_dir, ckpt_dir = os.path.join(cfg.runs_dir, run_name), os.path.join(cfg.checkpoints_dir, run_name)
     resume_from = resume_point(cfg.resume, cfg.overwrite, run_name, ckpt_dir, run_dir)
     barrier()  # rank 0 may have just deleted an old run (--overwrite)
     print_config(redacted(cfg), f"stage-{cfg.stage} config (run {run_name})")
-    if dist.is_main:
-        dump_json(redacted(cfg), os.path.join(run_dir, "config.json"))
     return run_name, run_dir, ckpt_dir, resume_from
+
+
+def finished_run(run_name: str, run_dir: str, checkpoint: str, step: int, dist) -> dict:
+    """A run resumed after its last step: say so and name its checkpoint; its folders are left
+    exactly as they were (summary.json included)."""
+    path = os.path.join(run_dir, "summary.json")
+    summary = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            summary = json.load(fh)
+    console.success(f"run '{run_name}' finished at step {step} already: nothing to train (raise --max_steps to "
+                    f"train it further)\n  checkpoint:    {checkpoint}\n  chat with it:  python eval_llava.py "
+                    f"--checkpoint {checkpoint}")
+    cleanup_dist()
+    return {"run": run_name, "run_dir": run_dir, **summary, "steps": step, "checkpoint": checkpoint,
+            "already_finished": True}
 
 
 def schedule(kind: str, optimizer, warmup: int, total_steps: int):
@@ -422,7 +478,7 @@ def main(argv: list[str] | None = None, stage_defaults: dict | None = None, doc:
     """Parse, then train (or run the demo). Later stages call this with their defaults and docstring."""
     started = time.time()
     argv = sys.argv[1:] if argv is None else list(argv)
-    console.quiet_bars_in_log_files()
+    console.quiet_library_bars()
     cfg = parse_args(argv, stage_defaults, doc or __doc__)
     if cfg.demo:
         return run_demo(cfg, lambda c: train(c, argv), started)
@@ -430,13 +486,16 @@ def main(argv: list[str] | None = None, stage_defaults: dict | None = None, doc:
 
 
 def run_cli(stage_defaults: dict | None = None, doc: str | None = None) -> None:
-    """`python train_stageN.py`: exit 130 after a Ctrl-C (checkpoint saved), at once on a second."""
+    """`python train_stageN.py`: after a stop request (checkpoint saved) exit 128 + the signal, as
+    a process killed by it would (130 Ctrl-C, 143 SIGTERM); at once on a second Ctrl-C."""
     try:
-        sys.exit(130 if main(None, stage_defaults, doc).get("interrupted") else 0)
+        summary = main(None, stage_defaults, doc)
+        sys.exit(128 + summary.get("signal", signal.SIGINT) if summary.get("interrupted") else 0)
     except KeyboardInterrupt:  # a second Ctrl-C: quit at once, without a traceback
-        # DataLoader workers stuck in slow I/O would each hold the exit for seconds: stop them first.
+        # DataLoader workers stuck in slow I/O would each hold the exit for seconds, and they
+        # ignore SIGTERM (utils.dist.ignore_stop_signals): SIGKILL them first.
         for child in multiprocessing.active_children():
-            child.terminate()
+            child.kill()
         console.error("interrupted: nothing saved since the last checkpoint")
         sys.exit(130)
 

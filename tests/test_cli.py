@@ -172,6 +172,7 @@ def test_wrong_paths_are_one_line_errors_not_tracebacks(tiny, tmp_path, capsys):
     import eval_llava
     from scripts import export_hf
 
+    (tmp_path / "nope").mkdir()                       # a folder without shards (a missing one: the test below)
     with pytest.raises(SystemExit, match=f"--data_format sa1b: no parquet shards in {tmp_path}/nope"):
         train_stage1.main(["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", str(tmp_path / "nope"),
                            "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck")])
@@ -180,3 +181,107 @@ def test_wrong_paths_are_one_line_errors_not_tracebacks(tiny, tmp_path, capsys):
     assert err.value.code == 2 and "give a run folder" in capsys.readouterr().err
     assert export_hf.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- what a new user hits (issue 19)
+
+def test_a_mistyped_flag_is_one_line_naming_the_closest_flag(capsys):
+    with pytest.raises(SystemExit) as err:
+        train_config.parse_args(["--bacth_size", "16"])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines                                    # not 54 lines of usage first
+    assert "--bacth_size (did you mean --batch_size?)" in lines[0] and "--help" in lines[0]
+    import eval_llava
+
+    with pytest.raises(SystemExit):
+        eval_llava.main(["--checkpont", "x"])
+    assert "(did you mean --checkpoint?)" in capsys.readouterr().err
+
+
+def test_checkpoint_paths_in_help_and_readme_are_folders_that_training_writes():
+    """Every checkpoints/<run>/X a user is shown: X is a step folder (or nothing: the run folder
+    follows `latest`). There is no `final` folder."""
+    texts = {script: parser_of(script).format_help() for script in SCRIPTS}
+    texts["README.md"] = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    for name, text in texts.items():
+        for sub in re.findall(r"checkpoints/<[\w-]+>/([\w.]+)", text):
+            assert re.fullmatch(r"step_\d{6}|latest", sub), f"{name}: checkpoints/<run>/{sub}"
+    assert "checkpoints/<run>" in texts["eval_llava.py"]
+
+
+def test_gpu_check_help_unknown_options_and_no_gpu_stop_at_once(tmp_path):
+    script = os.path.join(ROOT, "scripts", "gpu_check.sh")
+    for flag in ("--help", "-h"):
+        res = subprocess.run(["bash", script, flag], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0 and res.stdout.startswith("usage: bash scripts/gpu_check.sh OUT_DIR"), res.stderr
+        assert not os.path.exists(flag)                              # never taken for OUT_DIR
+    res = subprocess.run(["bash", script, str(tmp_path / "o"), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "unknown option '--bogus'" in res.stderr
+    if not torch_cuda():
+        work = tmp_path / "work"
+        res = subprocess.run(["bash", script, str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "WORK": str(work)})
+        assert res.returncode == 3 and "no CUDA GPU" in res.stderr and "--dry-run" in res.stderr
+        assert not (tmp_path / "out").exists() and not work.exists()  # nothing built, nothing written
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_a_wrong_data_root_fails_before_any_model_loads_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(train_stage1, "build_training_model", no_model)
+    for flag in ("--data_root", "--eval_data_root"):
+        argv = ["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.train, "--eval_data_root",
+                tiny.eval, flag, str(tmp_path / "nope"), "--runs_dir", str(tmp_path / "runs"),
+                "--checkpoints_dir", str(tmp_path / "ck")]
+        with pytest.raises(SystemExit, match=f"{flag} {tmp_path / 'nope'}: no such folder"):
+            train_stage1.main(argv)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ck").exists()
+
+
+def test_an_image_given_as_checkpoint_is_one_line(tiny, tmp_path, capsys):
+    import eval_llava
+    from scripts import export_hf
+
+    image = os.path.join(tiny.eval, "images", "000000.png")
+    with pytest.raises(SystemExit) as err:
+        eval_llava.main(["--checkpoint", image, "--image", image, "--prompt", "hi"])
+    err_text = capsys.readouterr().err
+    assert err.value.code == 2 and f"{image} is not a checkpoint" in err_text and "Traceback" not in err_text
+    assert export_hf.main(["--checkpoint", image, "--out", str(tmp_path / "x")]) == 2
+    assert "is not a checkpoint" in capsys.readouterr().err
+
+
+def test_downloads_without_the_client_or_the_network_are_one_line(tmp_path, monkeypatch):
+    from scripts import download_models
+
+    monkeypatch.setitem(sys.modules, "modelscope", None)           # not installed
+    with pytest.raises(SystemExit, match="needs the modelscope package: pip install modelscope"):
+        download_models.main(["--preset", "clip-zh-qwen3-0.6b", "--models_dir", str(tmp_path)])
+    # The Hugging Face hub with no network: a closed port on this machine stands in for it.
+    res = subprocess.run([sys.executable, "scripts/download_models.py", "qwen3-0.6b", "--source", "hf",
+                          "--models_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
+                              "HF_HUB_DOWNLOAD_TIMEOUT": "2"})
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("download of Qwen/Qwen3-0.6B from hf failed:")
+
+
+@pytest.mark.slow
+def test_gpu_check_tests_log_ends_with_the_pytest_count(tmp_path):
+    """pytest.ini passes -q already; a second -q (-qq) dropped the "N passed" line from tests.log."""
+    res = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out"), "--dry-run", "--only", "tests"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "WORK": str(tmp_path / "work"),
+                              "PYTEST_ADDOPTS": "-k test_slot_count_mismatch_raises"})
+    log = (tmp_path / "out" / "tests.log").read_text()
+    assert re.search(r"\b1 passed\b", log), log[-2000:]
+    assert "tests on cpu: exit 0" in res.stdout and "benchmark" not in res.stdout    # --only: that step alone

@@ -1,6 +1,7 @@
 """Readers and preprocessing on files the tests write."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,8 @@ def test_sa1b_reader_on_a_written_shard(tmp_path):
     records, skipped = read_sa1b(str(tmp_path))
     assert [(r.image, r.caption) for r in records] == [("https://example.invalid/a.jpg", "一只猫"), ("images/b.png", "a dog")]
     assert skipped == {"bad_cap_seg": 2, "empty_caption": 1, "bad_record": 1}
+    assert set(skipped.examples) == set(skipped)                     # one example per reason: shard and row
+    assert all(re.match(rf"{re.escape(str(tmp_path))}/.*\.parquet row \d+", e) for e in skipped.examples.values())
     assert len(read_sa1b(str(tmp_path), max_samples=1)[0]) == 1
 
 
@@ -55,6 +58,13 @@ def test_chat_json_reader_counts_bad_records(tmp_path):
     assert records[0].conversations[0] == {"role": "user", "content": "<image>\nq"}
     assert records[1].image == ""
     assert skipped == {"placeholder_without_image": 1, "bad_record": 1, "bad_roles": 1, "bad_conversation": 1}
+    # Each reason comes with where to look: the file, the record's position and its id.
+    assert skipped.examples == {
+        "placeholder_without_image": f"{path} record 1 (id 2): an <image> placeholder but no image",
+        "bad_roles": f"{path} record 2 (id 3): ['assistant', 'user']",
+        "bad_conversation": f"{path} record 3 (id 4): fewer than 2 turns",
+        "bad_record": f"{path} record 5 (id 6): image 7"}
+    assert f"bad_roles 1, e.g. {path} record 2 (id 3)" in skipped.describe()
     path.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(ValueError, match="JSON list"):
         read_chat_json(str(path))

@@ -3,6 +3,7 @@ torchrun equivalence, loss normalisation, the non-finite guard, refusals, redact
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,16 +93,23 @@ def test_kill_9_then_resume_auto_is_bit_identical(tiny, tmp_path, straight):
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tiny, tmp_path, straight):
-    proc = cli(args(tiny, tmp_path, "t", 160, "--save_interval", "1000"))  # no periodic save: only the stop's
-    # Wait until training has started (the metrics file grows), then ask it to stop.
+def test_sigterm_to_the_process_group_finishes_the_step_saves_and_says_how_to_resume(tiny, tmp_path, straight):
+    """What `timeout`, Slurm and `kill -TERM -- -PGID` do: every process of the group gets SIGTERM,
+    the DataLoader workers too. The step finishes, a checkpoint is written, the resume is exact."""
+    proc = cli(args(tiny, tmp_path, "t", 160, "--save_interval", "1000", "--num_workers", "2"),  # only the stop saves
+               start_new_session=True)                                # setsid: a process group of its own
+    # Wait until training has started (the metrics file grows), then signal the whole group.
     deadline = time.time() + 300
     while not (tmp_path / "runs" / "t" / "metrics.jsonl").exists() or not (tmp_path / "runs" / "t" / "metrics.jsonl").stat().st_size:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
+    workers = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) >= 3, workers                                  # the main process and its 2 workers
+    os.killpg(proc.pid, signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130, log[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, log[-2000:]
+    assert "SIGTERM: finishing this step, then saving a checkpoint" in log
+    assert "Ctrl-C" not in log and "killed by signal" not in log and "Traceback" not in log
     assert "--resume auto" in log and "stopped at step" in log
     stopped = find_latest(str(tmp_path / "ck" / "t"))
     assert stopped is not None and not stopped.endswith("step_000160")
@@ -109,6 +117,45 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tiny, tmp_path, 
     assert proc.communicate(timeout=600)[0] and proc.returncode == 0
     a, b = projector(straight / "ck" / "ref" / "step_000160"), projector(tmp_path / "ck" / "t" / "step_000160")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_finished_run_says_so_names_its_checkpoint_and_leaves_it_alone(tiny, tmp_path, capsys):
+    done = train_stage1.main(args(tiny, tmp_path, "f", 4))
+    run = tmp_path / "runs" / "f"
+    files = {name: (run / name).read_bytes() for name in ("summary.json", "config.json", "metrics.jsonl")}
+    capsys.readouterr()
+    again = train_stage1.main(args(tiny, tmp_path, "f", 4, "--resume", "auto"))   # the printed hint, typed again
+    out = capsys.readouterr().out
+    assert again["already_finished"] and again["checkpoint"] == done["checkpoint"]
+    assert f"run 'f' finished at step 4 already" in out
+    assert f"chat with it:  python eval_llava.py --checkpoint {done['checkpoint']}\n" in out
+    assert {name: (run / name).read_bytes() for name in files} == files          # summary.json not blanked
+    assert json.loads(files["summary.json"])["checkpoint"] == done["checkpoint"]
+    longer = train_stage1.main(args(tiny, tmp_path, "f", 6, "--resume", "auto"))  # more steps: it continues
+    assert longer["steps"] == 6 and longer["checkpoint"].endswith("step_000006")
+
+
+def test_resume_auto_without_a_run_name_continues_the_newest_unfinished_run(tiny, tmp_path, capsys):
+    def unnamed(steps, *extra):
+        argv = args(tiny, tmp_path, "x", steps, *extra)
+        i = argv.index("--run_name")
+        return argv[:i] + argv[i + 2:]
+
+    with pytest.raises(SystemExit, match="no unfinished stage-1 run in .* to continue"):
+        train_stage1.main(unnamed(8, "--resume", "auto"))                 # nothing to resume: no new run
+    assert not (tmp_path / "runs").exists()
+    train_stage1.main(args(tiny, tmp_path, "done", 4))
+    train_stage1.main(args(tiny, tmp_path, "cut", 8))
+    cut = tmp_path / "ck" / "cut"
+    shutil.rmtree(cut / "step_000008")                                 # as kill -9 after step 4's save leaves it
+    (cut / "latest").write_text("step_000004\n")
+    capsys.readouterr()
+    summary = train_stage1.main(unnamed(8, "--resume", "auto"))
+    out = capsys.readouterr().out
+    assert summary["run"] == "cut" and summary["steps"] == 8
+    assert "--resume auto: continuing run 'cut'" in out and f"resumed from {cut / 'step_000004'} at step 4" in out
+    with pytest.raises(SystemExit, match=r"finished: cut \(step 8\), done \(step 4\)\. Name one with --run_name"):
+        train_stage1.main(unnamed(8, "--resume", "auto"))
 
 
 def test_a_crash_between_write_and_rename_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):

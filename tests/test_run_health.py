@@ -41,6 +41,7 @@ def chat_args(tiny, out, image_root, *extra):
 
 @pytest.mark.slow
 def test_no_usable_sample_in_a_whole_pass_stops_with_the_reasons(tiny, tmp_path):
+    (tmp_path / "wrong_root").mkdir()        # a folder that exists but holds none of the images
     res = run_cli(chat_args(tiny, tmp_path, str(tmp_path / "wrong_root")))
     assert res.returncode == 1, res.stdout[-2000:]
     err = res.stderr.strip().splitlines()[-1]
@@ -53,6 +54,7 @@ def test_no_usable_sample_in_a_whole_pass_stops_with_the_reasons(tiny, tmp_path)
 
 
 def test_a_long_run_of_empty_batches_stops_early(tiny, tmp_path):
+    (tmp_path / "wrong_root").mkdir()
     with pytest.raises(SystemExit, match="no usable samples in 3 batches in a row of the"):
         train_stage1.main(chat_args(tiny, tmp_path, str(tmp_path / "wrong_root"), "--max_empty_batches", "3"))
 
@@ -150,6 +152,47 @@ def test_a_redirected_log_has_lines_not_bar_redraws(tiny, tmp_path):
     assert len(text) < 12_000
 
 
+def run_in_a_terminal(argv: list[str], timeout: float = 300) -> tuple[int, str]:
+    """A script run on a pseudo-terminal, as a user at a terminal sees it: (exit code, output)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))   # a terminal has a size
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=follower, stdout=follower, stderr=follower,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120", "TERM": "xterm"})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:                       # EIO: the terminal's other end closed (the process ended)
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    return proc.wait(timeout=timeout), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_in_a_terminal_the_bar_and_the_sample_lines_do_not_tangle(tiny, tmp_path):
+    code, out = run_in_a_terminal(["train_stage1.py", *base_args(tiny, tmp_path, "tty", 8, "--eval_interval", "4",
+                                                                 "--sample_replies", "2", "--log_interval", "4")])
+    assert code == 0, out[-3000:]
+    assert "Loading weights" not in out                              # transformers' bar on every model load
+    shown = [line.split("\r")[-1] for line in out.replace("\r\n", "\n").split("\n")]  # what stays on screen
+    samples = [line for line in shown if "[sample " in line]
+    assert len(samples) == 4, samples                                 # 2 replies at each of 2 evaluations
+    assert all(line.startswith("  [sample ") for line in samples), samples   # nothing glued in front
+    # Every line the loop prints (log lines, evaluations, notes, replies) starts its own line.
+    printed = [line for line in shown if any(m in line for m in ("[sample ", "eval @", "note:", "ALARM", "step 4/8 |"))]
+    assert len(printed) >= 8 and not [line for line in printed if "stage 1:" in line], printed
+    assert any("stage 1" in line and "/8" in line for line in out.split("\r")), "no progress bar was drawn"
+
+
 # --------------------------------------------------------------------------- alarms
 
 def test_healthy_short_run_is_silent_and_logs_memory_and_a_step_0_eval(toy, tmp_path):
@@ -160,6 +203,27 @@ def test_healthy_short_run_is_silent_and_logs_memory_and_a_step_0_eval(toy, tmp_
     assert [r["step"] for r in rows if "eval/loss" in r] == [0, 30, 60]          # the curve has a "before"
     assert all("train/mem_gib" in r and "data/skip_rate" in r for r in rows if r["step"] % 10 == 0 and "train/loss" in r)
     assert summary["eval_loss_before"] > summary["eval_loss"]
+
+
+def test_a_smoke_run_too_short_to_judge_says_so_instead_of_raising_alarms(tiny, tmp_path, capsys):
+    """20 steps that barely move the loss (a tiny lr): the soft checks have nothing to judge yet."""
+    summary = train_stage1.main(base_args(tiny, tmp_path, "smoke", 20, "--lr", "1e-6", "--eval_interval", "10"))
+    out = capsys.readouterr().out
+    assert summary["alarms"] == [] and "ALARM" not in out
+    kinds = {a["kind"] for a in summary["alarms_too_short_to_judge"]}
+    assert kinds and kinds <= {"flat_loss", "image_gap"}
+    assert "too short to judge before step 100 (not an alarm)" in out
+    saved = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    assert saved["alarms"] == [] and saved["alarms_too_short_to_judge"] == summary["alarms_too_short_to_judge"]
+
+
+def test_the_end_of_run_summary_is_rounded_for_reading_and_summary_json_is_whole(tiny, tmp_path, capsys):
+    summary = train_stage1.main(base_args(tiny, tmp_path, "round", 4, "--eval_interval", "0"))
+    out = capsys.readouterr().out
+    done = out[out.index("\ndone\n"):]
+    assert f"{summary['eval_loss']:.4f}" in done and repr(summary["eval_loss"]) not in done
+    saved = json.loads((tmp_path / "runs" / "round" / "summary.json").read_text())
+    assert saved["eval_loss"] == summary["eval_loss"] and len(repr(saved["eval_loss"])) > 8
 
 
 def test_zero_learning_rate_raises_the_flat_loss_alarm(tiny, tmp_path, capsys):

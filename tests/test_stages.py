@@ -183,6 +183,9 @@ def test_cogvlm_sft_reader_layout_counts_and_image_placement(tmp_path):
                                           f"{COGVLM_SUBSETS[1]}/images/000000002.jpg"]
     assert records[0].conversations[0]["content"] == f"{IMAGE_PLACEHOLDER}\n图里有什么？"   # where chat puts it
     assert skipped == {"label_without_image": 1, "bad_label_file": 1}
+    assert skipped.examples["label_without_image"] == (f"{multi / 'labels_zh' / '000000003.json'}: "
+                                                       f"no {COGVLM_SUBSETS[1]}/images/000000003.jpg")
+    assert skipped.examples["bad_label_file"].startswith(f"{multi / 'labels_zh' / '000000004.json'}: ")
     english, _ = read_cogvlm_sft(str(root), labels="labels")
     assert english[0].conversations[1]["content"] == "A cat"
     with pytest.raises(FileNotFoundError, match="labels_xx"):
@@ -232,6 +235,23 @@ def test_qlora_is_refused_on_a_cpu_with_the_reason(tiny, tmp_path):
                                 "--runs_dir", str(tmp_path / "r"), "--checkpoints_dir", str(tmp_path / "c")])
     with pytest.raises(SystemExit):   # 4-bit weights cannot be trained in full: a parse error
         train_stage2.main(["--load_in_4bit"])
+
+
+@pytest.mark.parametrize("stage, llm", [(2, "full"), (3, "lora")])
+def test_a_tuned_checkpoint_given_as_stage1_is_refused_naming_init(tmp_path, stage, llm):
+    """--stage1 promises a projector-only start; a tuned checkpoint would silently start from its
+    tuned LLM instead. The meaning of --init is what the user wanted."""
+    from safetensors.torch import save_file
+
+    from model import METADATA_KEY
+
+    meta = {"spec": {}, "tuning": {"llm": llm}, "stage": stage, "step": 10}
+    save_file({"proj.weight": torch.zeros(1)}, str(tmp_path / "projector.safetensors"),
+              metadata={METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(SystemExit, match=rf"a stage-{stage} checkpoint \(LLM tuned: {llm}\), not a stage-1 one\. "
+                                         rf"To continue from this tuned model use --init {tmp_path}"):
+        train_stage2.main(["--stage1", str(tmp_path), "--data_root", str(tmp_path), "--runs_dir", str(tmp_path / "r"),
+                           "--checkpoints_dir", str(tmp_path / "c")])
 
 
 # --------------------------------------------------------------------------- checkpoints

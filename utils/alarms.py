@@ -6,6 +6,12 @@ the image slots, or most images fail to load. Each check below watches one sympt
 fires, the run prints `! ALARM ...` once, writes it to TensorBoard (text `alarms` and scalar
 `alarm/<kind>`) and to summary.json (`alarms`), and the periodic log line names it until the
 run ends. A healthy run (the demo, the tests' short runs) never fires one.
+
+A run shorter than JUDGE_AFTER steps (a smoke test, a dry run) is too short for the soft checks:
+a loss that moved less than 2% or a small image gap say nothing yet. There, only what no
+training at all can produce fires (a held-out loss that did not move at all, an image that
+changes nothing, a zero gradient); the rest is printed once as "too short to judge" and listed
+in summary.json (`alarms_too_short_to_judge`), never as an alarm.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ FLAT_EVAL = 0.005       # the held-out loss (same samples each time: no batch no
 SKIP_RATE = 0.05        # more than 5% of the samples tried could not be used
 WINDOW = 10             # steps averaged at each end when comparing losses
 MIN_SAMPLES = 100       # skip rate is judged after this many samples tried
+JUDGE_AFTER = 100       # steps before which a slow start is normal: the soft checks wait for it
+UNMOVED = 1e-6          # relative change of a loss (or a gap in nats) that only no update at all gives
 
 ADVICE = {
     "image_gap": "the LLM is not using the image slots: check the tower/LLM pairing, the feature layer "
@@ -44,6 +52,7 @@ class Alarms:
         self.logger, self.flat_after, self.gap_after, self.enabled = logger, flat_after, gap_after, enabled
         self.eval_loss_before = eval_loss_before   # the held-out loss at step 0, before any update
         self.fired: list[dict] = []
+        self.too_short: list[dict] = []             # soft checks that would have fired, in a run too short to judge
 
     @property
     def active(self) -> list[str]:
@@ -59,6 +68,13 @@ class Alarms:
             self.logger.text("alarms", f"step {step} ({kind}): {message}", step)
             self.logger.log(step, {f"alarm/{kind}": 1.0})
 
+    def _too_short(self, step: int, kind: str, detail: str) -> None:
+        """What a soft check saw in a run too short to judge: said once, never an alarm."""
+        if kind in (a["kind"] for a in self.too_short + self.fired) or not self.enabled:
+            return
+        self.too_short.append({"step": step, "kind": kind, "detail": detail})
+        console.info(f"  note: {detail}; too short to judge before step {JUDGE_AFTER} (not an alarm)")
+
     def step(self, step: int, losses: list[float], grad_norm: float) -> None:
         """After each optimizer step: the gradient norm, and whether the training loss moved.
         Batches differ, so the training loss only tells a loss that stayed put within 2%; the
@@ -68,8 +84,11 @@ class Alarms:
         if step == self.flat_after and len(losses) >= 2 * WINDOW:
             first, last = sum(losses[:WINDOW]) / WINDOW, sum(losses[-WINDOW:]) / WINDOW
             if abs(first - last) <= FLAT_LOSS * abs(first):
-                self._fire(step, "flat_loss", f"loss {first:.4f} over the first {WINDOW} steps, "
-                                              f"{last:.4f} over the last {WINDOW} (step {step})")
+                detail = f"loss {first:.4f} over the first {WINDOW} steps, {last:.4f} over the last {WINDOW} (step {step})"
+                if step < JUDGE_AFTER:
+                    self._too_short(step, "flat_loss", detail)
+                else:
+                    self._fire(step, "flat_loss", detail)
 
     def data(self, step: int, skipped: int, used: int) -> None:
         """Skip rate over the samples the loader tried during training."""
@@ -82,10 +101,19 @@ class Alarms:
         same samples, so any update shows), and the image-ablation gap must have left zero by
         `gap_after`."""
         loss, gap = metrics["eval/loss"], metrics.get("eval/image_ablation_gap")
+        judged = step >= JUDGE_AFTER
         if step == 0:
             self.eval_loss_before = loss
-        elif self.eval_loss_before is not None and abs(loss - self.eval_loss_before) <= FLAT_EVAL * self.eval_loss_before:
-            self._fire(step, "flat_loss", f"held-out loss {loss:.4f} at step {step}, "
-                                          f"{self.eval_loss_before:.4f} before training")
+        elif self.eval_loss_before is not None:
+            moved = abs(loss - self.eval_loss_before)
+            detail = f"held-out loss {loss:.4f} at step {step}, {self.eval_loss_before:.4f} before training"
+            if moved <= (FLAT_EVAL if judged else UNMOVED) * self.eval_loss_before:
+                self._fire(step, "flat_loss", detail)
+            elif moved <= FLAT_EVAL * self.eval_loss_before:
+                self._too_short(step, "flat_loss", detail)
         if gap is not None and step >= self.gap_after and gap < GAP_FLOOR:
-            self._fire(step, "image_gap", f"image-ablation gap {gap:+.4f} nats at step {step}")
+            detail = f"image-ablation gap {gap:+.4f} nats at step {step}"
+            if judged or abs(gap) <= UNMOVED:
+                self._fire(step, "image_gap", detail)
+            else:
+                self._too_short(step, "image_gap", detail)

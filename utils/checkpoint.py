@@ -146,11 +146,42 @@ def run_name_of(path: str) -> str:
     """The run name recorded in a checkpoint's model_spec.json ('' when there is none): --resume
     PATH without --run_name continues that run."""
     folder = path if is_complete(path) else (find_latest(path) or path)
+    return read_spec(folder).get("run", "")
+
+
+def read_spec(folder: str) -> dict:
+    """A step folder's model_spec.json (what its safetensors metadata holds, readable); {} when absent."""
     try:
         with open(os.path.join(folder, "model_spec.json"), encoding="utf-8") as fh:
-            return json.load(fh).get("run", "")
+            return json.load(fh)
     except (OSError, ValueError):
-        return ""
+        return {}
+
+
+def is_finished(meta: dict) -> bool:
+    """Whether a checkpoint is its run's last step. Checkpoints written before `total_steps` was
+    recorded know it only when the run was counted in --max_steps."""
+    total = meta.get("total_steps") or meta.get("train_config", {}).get("max_steps") or 0
+    return bool(total) and meta.get("step", 0) >= total
+
+
+def unfinished_run(checkpoints_dir: str, stage: int) -> str:
+    """The run `--resume auto` continues when no --run_name is given: the newest run of `stage`
+    under `checkpoints_dir` whose latest checkpoint is not its last step. Refuses (naming the
+    runs there) when there is none: a resume never silently starts from scratch."""
+    runs = []
+    for name in sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []:
+        latest = find_latest(os.path.join(checkpoints_dir, name))
+        meta = read_spec(latest) if latest else {}
+        if meta.get("stage", 1) == stage:
+            runs.append((os.path.getmtime(os.path.join(latest, STATE_FILE)), name, meta))
+    unfinished = [(mtime, name) for mtime, name, meta in runs if not is_finished(meta)]
+    if unfinished:
+        return max(unfinished)[1]
+    finished = ", ".join(f"{name} (step {meta.get('step')})" for _, name, meta in sorted(runs, reverse=True)[:5])
+    raise SystemExit(f"--resume auto without --run_name: no unfinished stage-{stage} run in {checkpoints_dir}/ to "
+                     "continue" + (f"; finished: {finished}" if finished else "") + ". Name one with --run_name NAME, "
+                     "or leave out --resume to start a new run.")
 
 
 def save_training(ckpt_dir: str, state: dict, write_weights: Callable[[str], None], optimizer, scheduler,

@@ -34,24 +34,35 @@ def _color(code: str, text: str) -> str:
     return text
 
 
+def _emit(text: str, stream: TextIO) -> None:
+    """Print a line. While a progress bar is on the terminal, tqdm lifts it, prints the line and
+    redraws it below: a line printed past a bar would otherwise glue itself onto the bar's."""
+    bars = sys.modules.get("tqdm")
+    if bars is not None and bars.tqdm._instances and stream.isatty():
+        bars.tqdm.write(text, file=stream)
+        stream.flush()
+    else:
+        print(text, file=stream, flush=True)
+
+
 def info(msg: str) -> None:
     if _is_main():
-        print(msg, file=_out(), flush=True)
+        _emit(msg, _out())
 
 
 def success(msg: str) -> None:
     if _is_main():
-        print(_color("32", "✓ " + msg), file=_out(), flush=True)
+        _emit(_color("32", "✓ " + msg), _out())
 
 
 def warn(msg: str) -> None:
     # Warnings print on every rank: a problem on rank 3 must not be invisible.
     prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ and not _is_main() else ""
-    print(_color("33", f"! {prefix}{msg}"), file=_out(), flush=True)
+    _emit(_color("33", f"! {prefix}{msg}"), _out())
 
 
 def error(msg: str) -> None:
-    print(_color("31", f"✗ {msg}"), file=sys.stderr, flush=True)
+    _emit(_color("31", f"✗ {msg}"), sys.stderr)
 
 
 def header(title: str, width: int = 72) -> None:
@@ -110,13 +121,13 @@ class _Lines:
         self.close()
 
 
-def quiet_bars_in_log_files() -> None:
-    """In a log file, library progress bars (transformers' weight loading and shard writing)
-    are redraw noise too: turn them off when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
+def quiet_library_bars() -> None:
+    """transformers' "Loading weights: 100%" bar on every model load says nothing a person needs
+    (a load takes seconds), and in a log file it is redraw noise: off. Our own bars (training,
+    batch evaluation) and the hub's download bars stay."""
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
 
 
 def progress(total: int, desc: str, unit: str = "it", initial: int = 0, show: bool = True, every: float = 30.0):

@@ -146,24 +146,37 @@ def gather(obj, info: DistInfo) -> list:
     return out
 
 
-def ignore_sigint(_worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle (finish the step,
-    save); workers must not die of it."""
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: Ctrl-C and SIGTERM are the main process's to handle (finish the
+    step, save). `timeout`, Slurm and `kill -TERM -PGID` signal every process of the job, the
+    workers too; a worker that died of it would crash the loader before the checkpoint is
+    written. The main process still stops its workers: DataLoader shuts them down, and a second
+    Ctrl-C kills them (SIGKILL, which nothing ignores). A worker whose main process dies exits
+    by itself (DataLoader's watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StopRequest:
     """Ctrl-C / SIGTERM ask the loop to finish its step, save and exit; a second Ctrl-C raises
-    KeyboardInterrupt at once (train_stage1.py turns it into a one-line exit)."""
+    KeyboardInterrupt at once (train_stage1.py turns it into a one-line exit). A second SIGTERM
+    changes nothing: a scheduler repeats it while it waits, and the save is already coming.
+    `signum` is the first signal received (the exit status is 128 + it)."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
     def _handle(self, signum, _frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        console.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                     "(Ctrl-C again to quit at once)")
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        hint = " (Ctrl-C again to quit at once)" if signum == signal.SIGINT else ""
+        console.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint{hint}")

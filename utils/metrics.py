@@ -95,17 +95,28 @@ def log_line(step: int, total: int, window: list[float], s: dict, tally: SkipTal
     return line
 
 
-def print_summary(summary: dict, alarms: list[dict], checkpoint: str, runs_dir: str) -> None:
-    """The end of a run on the console: its figures, its alarms, what to do next."""
+def print_summary(summary: dict, alarms, checkpoint: str, runs_dir: str) -> None:
+    """The end of a run on the console: its figures (rounded for reading; summary.json keeps
+    them whole), its alarms and what was too short to judge, what to do next."""
     console.header("done")
     for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss", "eval_ppl", "image_ablation_gap",
               "skipped", "peak_mem_gib", "checkpoint"):
         if k in summary:
-            console.kv(k, summary[k])
-    for a in alarms:
+            console.kv(k, readable(summary[k]))
+    for a in alarms.fired:
         console.warn(f"ALARM ({a['kind']}, step {a['step']}): {a['message']}")
+    for a in alarms.too_short:
+        console.info(f"  too short to judge ({a['kind']}): {a['detail']}")
     console.info(f"\nchat with it:  python eval_llava.py --checkpoint {checkpoint}")
     console.info(f"curves:        tensorboard --logdir {runs_dir}")
+
+
+def readable(value: Any) -> Any:
+    """A figure as a person reads it: 2.0457730293273926 -> 2.0458 (four decimals, or four
+    significant digits below 1e-3)."""
+    if isinstance(value, float):
+        return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.4g}"
+    return value
 
 
 def run_totals(tally: SkipTally, info, losses: list[float], nonfinite: int, window: int, total_steps: int,

@@ -27,6 +27,30 @@ def describe_skips(counts: Counter, examples: dict[str, str] | None = None, limi
     return "; ".join(parts) + (f"; {rest} more reason(s)" if rest > 0 else "") if parts else "none"
 
 
+class Skips(Counter):
+    """Skip counts by reason, as a reader returns them, with the first example of each reason
+    (a file and its row, or a record id) so a report can say where to look."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.examples: dict[str, str] = {}
+
+    def add(self, reason: str, example: str = "") -> None:
+        self[reason] += 1
+        if example:
+            self.examples.setdefault(reason, example)
+
+    def merge(self, other: Counter, prefix: str = "") -> None:
+        """Another reader's counts (and examples), their reasons prefixed ("eval/")."""
+        for reason, n in other.items():
+            self[prefix + reason] += n
+        for reason, example in getattr(other, "examples", {}).items():
+            self.examples.setdefault(prefix + reason, example)
+
+    def describe(self) -> str:
+        return describe_skips(self, self.examples)
+
+
 @dataclass
 class SkipTally:
     """What the loader tried: skip counts by reason (one example each, for messages; records
