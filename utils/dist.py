@@ -165,6 +165,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum = 0
+        self._pid = os.getpid()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -173,6 +174,10 @@ class StopRequest:
         return self.signum != 0
 
     def _handle(self, signum, _frame):
+        if os.getpid() != self._pid:
+            # A DataLoader worker forked by this process, signalled before its worker_init_fn
+            # (ignore_stop_signals) ran: the main process handles the stop.
+            return
         if self.requested:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
