@@ -492,10 +492,10 @@ def run_cli(stage_defaults: dict | None = None, doc: str | None = None) -> None:
         summary = main(None, stage_defaults, doc)
         sys.exit(128 + summary.get("signal", signal.SIGINT) if summary.get("interrupted") else 0)
     except KeyboardInterrupt:  # a second Ctrl-C: quit at once, without a traceback
-        # DataLoader workers stuck in slow I/O would each hold the exit for seconds, and they
-        # ignore SIGTERM (utils.dist.ignore_stop_signals): SIGKILL them first.
+        # DataLoader workers stuck in slow I/O would each hold the exit for seconds: stop them
+        # first (a SIGTERM from this process ends them at once: utils.dist.ignore_stop_signals).
         for child in multiprocessing.active_children():
-            child.kill()
+            child.terminate()
         console.error("interrupted: nothing saved since the last checkpoint")
         sys.exit(130)
 

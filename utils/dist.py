@@ -6,6 +6,7 @@ import datetime
 import os
 import random
 import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,11 +151,25 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: Ctrl-C and SIGTERM are the main process's to handle (finish the
     step, save). `timeout`, Slurm and `kill -TERM -PGID` signal every process of the job, the
     workers too; a worker that died of it would crash the loader before the checkpoint is
-    written. The main process still stops its workers: DataLoader shuts them down, and a second
-    Ctrl-C kills them (SIGKILL, which nothing ignores). A worker whose main process dies exits
-    by itself (DataLoader's watchdog)."""
+    written. So a worker ignores SIGINT, and SIGTERM from anyone but its main process. A
+    SIGTERM from the main process (DataLoader shutting down a worker that will not stop, the
+    second Ctrl-C) still ends it at once and cleanly, as torch's own worker handler does. A
+    worker whose main process dies exits by itself (DataLoader's watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):   # macOS: no sender to tell apart; the main process SIGKILLs if it must
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    # SIGTERM blocked here is left pending for one thread that reads who sent it (threads the
+    # worker starts later inherit the block; a fresh fork has no other thread yet).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True,
+                     name="sigterm-from-parent").start()
+
+
+def _exit_on_parent_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 class StopRequest:
