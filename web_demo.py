@@ -24,8 +24,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # nothing leaves th
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
+import atexit
+import collections
+import contextlib
 import glob
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -121,6 +126,31 @@ def describe(args: argparse.Namespace, assistant: Assistant | ApiAssistant) -> s
             f"LLM `{spec.llm}` · 训练 / trained: {tuning}")
 
 
+PREVIEW_PX = 512                 # the page shows the image 260 px high: a larger preview only costs bytes
+PREVIEWS_KEPT = 64               # Gradio copies a preview as the request ends; older files are ours to delete
+_previews = tempfile.mkdtemp(prefix="llava_web_previews_")
+_preview_files: collections.deque = collections.deque()
+atexit.register(shutil.rmtree, _previews, True)
+
+
+def preview_file(image: Image.Image) -> str:
+    """The preview as a PNG file of its own. Gradio writes a returned PIL image into its cache in
+    place, at a path named by the bytes' hash, so two users loading the same image at the same
+    moment share one file that one is rewriting while the other downloads it: the download ends
+    short ("peer closed connection ... received 0 bytes"). A file path instead is copied into the
+    cache under a temporary name and renamed (gradio.processing_utils.save_file_to_cache)."""
+    small = image.copy()
+    small.thumbnail((PREVIEW_PX, PREVIEW_PX))
+    fd, path = tempfile.mkstemp(suffix=".png", dir=_previews)
+    with os.fdopen(fd, "wb") as fh:
+        small.save(fh, format="PNG")
+    _preview_files.append(path)
+    while len(_preview_files) > PREVIEWS_KEPT:
+        with contextlib.suppress(OSError):
+            os.remove(_preview_files.popleft())
+    return path
+
+
 def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int = 256,
               max_upload_mb: float = MAX_UPLOAD_MB):
     import gradio as gr
@@ -158,7 +188,7 @@ def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int 
                                      f"({e.detail}; the limit is {max_upload_mb:g} MB)"}.get(e.reason, str(e))
             shown = note([], "", f"无法读取图片 / could not read the image: {why}")
             return None, shown, {**fresh, "shown": shown}
-        return image, [], {"image": image, "messages": [], "shown": []}
+        return preview_file(image), [], {"image": image, "messages": [], "shown": []}
 
     def respond(question: str, state: dict, max_new_tokens: float, temperature: float, top_p: float):
         """Stream one reply; yields (chatbot, state, cleared question box)."""
@@ -215,7 +245,7 @@ def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int 
             with gr.Column(scale=2):
                 upload = gr.File(label="上传图片 / upload an image", file_types=["image"], type="filepath")
                 url = gr.Textbox(label="或图片 URL / or an image URL", visible=allow_urls)
-                preview = gr.Image(label="当前图片 / current image", interactive=False, type="pil", height=260)
+                preview = gr.Image(label="当前图片 / current image", interactive=False, type="filepath", height=260)
                 with gr.Accordion("生成设置 / generation", open=False):
                     tokens = gr.Slider(1, 1024, value=default_tokens, step=1, label="max new tokens")
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")

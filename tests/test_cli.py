@@ -281,7 +281,7 @@ def test_gpu_check_tests_log_ends_with_the_pytest_count(tmp_path):
     res = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out"), "--dry-run", "--only", "tests"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "WORK": str(tmp_path / "work"),
-                              "PYTEST_ADDOPTS": "-k test_slot_count_mismatch_raises"})
+                              "PYTEST_ADDOPTS": "tests/test_model.py -k test_slot_count_mismatch_raises"})
     log = (tmp_path / "out" / "tests.log").read_text()
     assert re.search(r"\b1 passed\b", log), log[-2000:]
     assert "tests on cpu: exit 0" in res.stdout and "benchmark" not in res.stdout    # --only: that step alone
