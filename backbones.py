@@ -1,8 +1,8 @@
 """Where the frozen backbones come from: short ids, presets, local folders in each real
 on-disk format, and the loaders that turn them into transformers modules.
 
-    python model.py --list                             # ids and presets
-    python model.py --summary --model clip-zh-qwen3-0.6b   # tokens, widths, parameters (no download)
+    python checkpoint_io.py --list                             # ids and presets
+    python checkpoint_io.py --summary --model clip-zh-qwen3-0.6b   # tokens, widths, parameters (no download)
 """
 
 from __future__ import annotations
@@ -502,7 +502,7 @@ def describe(vision: str, llm: str, models_dir: str = "models", feature_layer: i
              feature_select: str | None = None) -> dict[str, Any]:
     """Token accounting from configs alone (meta device, nothing loaded or downloaded): image
     tokens, widths, parameters of the frozen parts. Unset feature flags take the tower family's
-    defaults, as training does. model.summary_from_configs adds the projector."""
+    defaults, as training does. checkpoint_io.summary_from_configs adds the projector."""
     import transformers
 
     vcfg, lcfg = vision_arch(vision, models_dir), arch_config(llm, models_dir)

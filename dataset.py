@@ -33,6 +33,7 @@ from utils import console
 from utils.config import Parser
 from utils.feature_cache import image_key
 from utils.fetch import fetch
+from utils.seeds import epoch_seed, sample_seed
 from utils.skips import SampleError, SkipTally
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what counts as an image in a folder
@@ -168,7 +169,7 @@ class ImageLoader:
 
 # --------------------------------------------------------------------------- dataset and collate
 
-class Stage1Dataset(torch.utils.data.Dataset):
+class LlavaDataset(torch.utils.data.Dataset):
     """Records -> {input_ids, labels, pixel_values} (no pixels for a text-only record) or
     {"skip": reason}. Serves every stage: captions, VQA, instruction dialogues.
 
@@ -222,7 +223,7 @@ class Stage1Dataset(torch.utils.data.Dataset):
         rec = self.records[i]
         if rec.conversations is not None:
             return rec.conversations[:2 * answers]
-        rng = random.Random(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+        rng = random.Random(sample_seed(self.seed, self.epoch, i))
         return caption_messages(rec.caption or "", rng.choice(self.instructions))
 
     def __getitem__(self, idx: int) -> dict:
@@ -270,7 +271,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.per_rank = math.ceil(n / world_size)
 
     def indices(self) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         if self.shuffle:
             order = torch.randperm(self.n, generator=gen).tolist()
         else:
@@ -377,7 +378,7 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, mask
 
 
-def show_first_sample(ds: Stage1Dataset, tokenizer, tries: int = 50) -> None:
+def show_first_sample(ds: LlavaDataset, tokenizer, tries: int = 50) -> None:
     """Print the first usable sample as the LLM sees it and its supervised target: the
     quickest way to catch a template or masking bug (the course does the same). When none of
     the first `tries` records can be used, say why."""
@@ -424,7 +425,7 @@ def main() -> None:
     ensure_image_token(tok, IMAGE_TOKEN)
     fmt = PromptFormat.build(tok, IMAGE_TOKEN, image_tokens(vcfg, select), knows_vision_markers(llm), CHAT_TEMPLATE_KWARGS)
     transform = ImageTransform.from_dict(preprocessing(vision, vcfg.image_size))
-    ds = Stage1Dataset(records, tok, fmt, transform, ImageLoader(args.image_root or root))
+    ds = LlavaDataset(records, tok, fmt, transform, ImageLoader(args.image_root or root))
     print(f"{len(records)} records, skipped while reading: {dict(skipped)}; {fmt.num_image_tokens} image slots "
           f"({select} tokens)")
     show_first_sample(ds, tok, tries=200)

@@ -25,239 +25,23 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import re
 import shlex
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
-from dataset import IMAGE_EXTENSIONS, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_prompts, to_device
+from assistant import Assistant, add_api_args, answer_all, load_assistant
+from checkpoint_io import checkpoint_file
+from dataset import IMAGE_EXTENSIONS
+from prompts import CAPTION_PROMPT, IMAGE_PLACEHOLDER
 from readers import read_chat_json, read_sa1b
-from model import LlavaStage1, checkpoint_file, load_checkpoint
-from prompts import (CAPTION_PROMPT, IMAGE_PLACEHOLDER, PromptFormat, caption_messages, encode_prompt,
-                     with_image_placeholder)
 from utils import console
 from utils.atomic import atomic_write
 from utils.caption_metrics import score_captions
 from utils.config import Parser
-from utils.dist import ignore_stop_signals, pick_device
-from utils.metrics import RunLogger
-from utils.openai_api import ApiError, ChatApi, api_messages
+from utils.openai_api import ApiError
 from utils.skips import SampleError
 from utils.vqa_eval import evaluate, main as vqa_eval_main
-
-
-@dataclass
-class Assistant:
-    """A model with everything needed to turn (image, messages) into a reply."""
-
-    model: LlavaStage1
-    tokenizer: Any
-    fmt: PromptFormat
-    transform: ImageTransform
-    loader: ImageLoader
-
-    @classmethod
-    def from_model(cls, model: LlavaStage1, tokenizer, loader: ImageLoader | None = None) -> "Assistant":
-        fmt = PromptFormat.for_model(model.spec, tokenizer)
-        transform = ImageTransform.from_dict(model.spec.image_transform)
-        # The same loader settings as training (draft-mode JPEG decoding to the tower's size).
-        return cls(model, tokenizer, fmt, transform, loader or ImageLoader(draft=transform.size))
-
-    @classmethod
-    def from_checkpoint(cls, path: str, device: str = "cpu", vision_tower: str | None = None,
-                        llm: str | None = None, trust_remote_code: bool = False) -> "Assistant":
-        model, tokenizer, _ = load_checkpoint(path, device, vision_tower=vision_tower, llm=llm,
-                                              trust_remote_code=trust_remote_code)
-        model.eval()
-        return cls.from_model(model, tokenizer)
-
-    def pixels(self, image: Image.Image | str | np.ndarray) -> np.ndarray:
-        if isinstance(image, np.ndarray):
-            return image
-        return self.transform(self.loader(image) if isinstance(image, str) else image)   # [3, H, W]
-
-    def reply_batch(self, items: list[tuple[Any, list[dict]]], max_new_tokens: int = 64,
-                    temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32,
-                    streamer: Any = None, stop: Any = None) -> list[str]:
-        """items: (image, messages ending with a user turn) -> reply texts, in order.
-
-        The first user turn carries the image; `<image>` is prepended when it is missing.
-        """
-        device = next(self.model.projector.parameters()).device
-        replies: list[str] = []
-        was_training = self.model.training
-        self.model.eval()
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            prompts = [encode_prompt(self.tokenizer, self.fmt, with_image_placeholder(m))[0] for _, m in chunk]
-            ids, mask = collate_prompts(prompts, self.tokenizer.pad_token_id or 0)
-            pixels = torch.from_numpy(np.stack([self.pixels(img) for img, _ in chunk])).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = self.model.generate(ids.to(device), mask.to(device), self.fmt.stop_ids, pixel_values=pixels,
-                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                          streamer=streamer, stop=stop)
-            replies += [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out]
-        self.model.train(was_training)
-        return replies
-
-    def reply(self, image: Any, messages: list[dict], stream: bool = False, **kwargs) -> str:
-        streamer = None
-        if stream:
-            from transformers import TextStreamer
-
-            streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        return self.reply_batch([(image, messages)], streamer=streamer, **kwargs)[0]
-
-
-@dataclass
-class ApiAssistant:
-    """A reference model behind an OpenAI-compatible API with Assistant's interface: the same
-    chat, one-shot and batch modes, scored the same way. A failed request is an ApiError in a
-    chat (a message, the question dropped) and a counted failure (`failures`) in a batch."""
-
-    api: ChatApi
-    loader: ImageLoader = field(default_factory=ImageLoader)
-    transform: Any = None                      # the API decodes images itself
-    failures: Counter = field(default_factory=Counter)
-
-    def reply_batch(self, items: list[tuple[Any, list[dict]]], max_new_tokens: int = 64, temperature: float = 0.0,
-                    top_p: float = 1.0, batch_size: int = 32, streamer: Any = None, stop: Any = None) -> list[str | None]:
-        out: list[str | None] = []
-        for image, messages in items:
-            try:
-                out.append(self.api.complete(api_messages(image, messages), max_new_tokens, temperature, top_p))
-            except ApiError as e:
-                self.failures[e.reason] += 1
-                out.append(None)
-        return out
-
-    def reply(self, image: Any, messages: list[dict], stream: bool = False, max_new_tokens: int = 256,
-              temperature: float = 0.0, top_p: float = 1.0) -> str:
-        text = self.api.complete(api_messages(image, messages), max_new_tokens, temperature, top_p)
-        if stream:  # the local model streams as it generates; an API reply arrives whole
-            print(text, flush=True)
-        return text
-
-
-# --------------------------------------------------------------------------- held-out evaluation (used by training too)
-
-@torch.no_grad()
-def heldout_loss(model: LlavaStage1, ds: Stage1Dataset, n: int = 0, batch_size: int = 16,
-                 num_workers: int = 0) -> dict:
-    """Held-out loss, perplexity and the image-ablation gap over the first n records (0 = all).
-
-    The gap is the held-out loss with every image swapped for another sample's image minus
-    the loss with the right one. A projector that carries visual information makes it clearly
-    positive; an untrained one (or an LLM that ignores the slots) leaves it near zero, however
-    low the loss is, because captions alone are partly predictable. Swapping is a roll by one
-    within each batch (a batch of one borrows the previous batch's image), so it costs one
-    more forward pass and never a second image decode.
-    """
-    device = next(model.projector.parameters()).device
-    pad_id = ds.tokenizer.pad_token_id if ds.tokenizer.pad_token_id is not None else 0
-    subset = torch.utils.data.Subset(ds, range(min(n, len(ds)) if n else len(ds)))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=lambda b: collate(b, pad_id), worker_init_fn=ignore_stop_signals)
-    was_training = model.training
-    model.eval()
-    key = "image_features" if getattr(ds, "features", None) is not None else "pixel_values"
-    loss_sum, tokens, other = 0.0, 0, None
-    right_sum, swapped_sum, swapped_tokens = 0.0, 0.0, 0   # over the batches that had a swap
-    for batch in loader:
-        if not batch["size"]:
-            continue
-        batch = to_device(batch, device)
-        images = batch.get(key)                                      # [B_img, 3, H, W] or [B_img, N, D_v]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **{key: images})
-            if images is None:  # text-only samples: nothing to swap
-                loss_sum, tokens = loss_sum + ls.item(), tokens + int(nt)
-                continue
-            wrong = torch.roll(images, 1, 0) if len(images) > 1 else other
-            if wrong is not None:
-                ws, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **{key: wrong})
-                swapped_sum, right_sum, swapped_tokens = swapped_sum + ws.item(), right_sum + ls.item(), swapped_tokens + int(nt)
-        other = images[:1]
-        loss_sum += ls.item()
-        tokens += int(nt)
-    model.train(was_training)
-    loss = loss_sum / max(tokens, 1)
-    out = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
-    if swapped_tokens:
-        out["eval/image_ablation_gap"] = (swapped_sum - right_sum) / swapped_tokens
-    return out
-
-
-def log_heldout_loss(model: LlavaStage1, ds: Stage1Dataset, n: int, batch_size: int, num_workers: int,
-                     logger: RunLogger | None, step: int, write=console.info) -> dict:
-    """heldout_loss at a training step: printed (`write`), logged, returned."""
-    metrics = heldout_loss(model, ds, n, batch_size, num_workers)
-    gap = metrics.get("eval/image_ablation_gap")
-    write(f"  eval @ {step}: loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}"
-          + (f" | image-ablation gap {gap:+.4f}" if gap is not None else ""))
-    if logger:
-        logger.log(step, metrics)
-    return metrics
-
-
-def eval_summary(metrics: dict) -> dict:
-    """Held-out metrics under their summary.json names."""
-    out = {"eval_loss": metrics["eval/loss"], "eval_ppl": metrics["eval/ppl"]}
-    if "eval/image_ablation_gap" in metrics:
-        out["image_ablation_gap"] = metrics["eval/image_ablation_gap"]
-    return out
-
-
-def heldout_items(ds: Stage1Dataset, n: int, instruction: str | None = None):
-    """The first n held-out records as (image, prompt messages) items and reference answers.
-
-    `instruction` replaces the (randomly drawn) instruction of caption records, so scores
-    do not depend on the draw. A record whose image cannot be read is reported and left out.
-    """
-    items, refs = [], []
-    for i in range(min(n, len(ds)) if n else len(ds)):
-        messages, record = ds.messages(i), ds.record(i)
-        if instruction is not None and record.caption is not None:
-            messages = caption_messages(record.caption, instruction)
-        if not record.image:
-            continue  # a text-only record: nothing to look at
-        try:
-            image = ds.loader(record.image)
-        except SampleError as e:
-            console.warn(f"held-out record {i} left out: {e}")
-            continue
-        items.append((image, messages[:-1]))
-        refs.append(messages[-1]["content"])
-    return items, refs
-
-
-def caption_exact_match(assistant: Assistant, ds: Stage1Dataset, instruction: str, n: int = 0) -> float:
-    """Share of held-out images whose greedy reply equals the reference exactly (the demo's proof)."""
-    items, refs = heldout_items(ds, n, instruction)
-    replies = assistant.reply_batch(items, max_new_tokens=32)
-    return sum(r == ref for r, ref in zip(replies, refs)) / max(len(refs), 1)
-
-
-def log_sample_replies(assistant: Assistant, ds: Stage1Dataset, n: int, logger: RunLogger | None, step: int,
-                       write=console.info) -> None:
-    """Answer a few held-out images and log prompt, reply and reference (and the image); the
-    lines go through `write` (the progress bar's, so a terminal's bar is not torn)."""
-    items, refs = heldout_items(ds, n)
-    replies = assistant.reply_batch(items, max_new_tokens=64)
-    for k, ((image, msgs), reply, ref) in enumerate(zip(items, replies, refs)):
-        question = msgs[-1]["content"].replace("<image>", "").strip()
-        write(f"  [sample {k}] Q: {question} | A: {reply} | ref: {ref}")
-        if logger:
-            logger.text(f"samples/{k}", f"**Q:** {question}\n\n**A:** {reply}\n\n**ref:** {ref}", step)
-            logger.image(f"samples/{k}", np.asarray(image.resize((224, 224))), step)
 
 
 def image_reference(line: str) -> str | None:
@@ -388,31 +172,6 @@ def chat(assistant: Assistant, gen: dict, stdin=None) -> None:
 
 # --------------------------------------------------------------------------- batch modes
 
-def answer_all(assistant: Assistant | ApiAssistant, items: list[tuple[str, list[dict]]], root: str,
-               batch_size: int, max_new_tokens: int, desc: str) -> tuple[list[str | None], Counter]:
-    """(image source, prompt messages) -> replies in order; None where the image failed or the
-    reference API gave no answer (each counted by reason)."""
-    loader = ImageLoader(root, draft=assistant.transform.size if assistant.transform else None)
-    replies: list[str | None] = [None] * len(items)
-    skipped: Counter = Counter()
-    failed_before = Counter(getattr(assistant, "failures", {}))
-    with console.progress(len(items), desc, unit="q") as bar:
-        for start in range(0, len(items), batch_size):
-            chunk, index = [], []
-            for k in range(start, min(start + batch_size, len(items))):
-                try:
-                    chunk.append((loader(items[k][0]), items[k][1]))
-                    index.append(k)
-                except SampleError as e:
-                    skipped[e.reason] += 1
-            for k, reply in zip(index, assistant.reply_batch(chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)):
-                replies[k] = reply
-            bar.update(min(batch_size, len(items) - start))
-    for reason, n in (Counter(getattr(assistant, "failures", {})) - failed_before).items():
-        skipped[f"api_{reason}"] += n
-    return replies, skipped
-
-
 def run_vqa(assistant: Assistant, chat_json: str, image_root: str, out_dir: str, batch_size: int,
             max_new_tokens: int) -> dict:
     """Answer every question of a val chat.json (convert_vqa.py keeps question_id, answer_type and
@@ -430,24 +189,6 @@ def run_vqa(assistant: Assistant, chat_json: str, image_root: str, out_dir: str,
             predictions.append({"question_id": qid, "answer": reply})
     scores = {**evaluate(references, predictions), "skipped_records": dict(bad), "skipped_images": dict(skipped)}
     return _write_results(out_dir, output_name("vqa", chat_json), predictions, scores)
-
-
-def official_vqa_accuracy(assistant: Assistant, questions_json: str, annotations_json: str, image_dir: str,
-                          template: str, split: str = "val2014", replies_out: list | None = None) -> float:
-    """Official-metric accuracy on VQA v2 files as they come (no conversion step): the demo's
-    check that a projector aligned on captions lets the frozen LM answer questions.
-    `replies_out` receives (question, reply) pairs for a caller that looks further."""
-    with open(questions_json, encoding="utf-8") as fh:
-        questions = json.load(fh)["questions"]
-    with open(annotations_json, encoding="utf-8") as fh:
-        annotations = json.load(fh)
-    items = [(os.path.join(image_dir, f"COCO_{split}_{q['image_id']:012d}.jpg"),
-              [{"role": "user", "content": template.replace("{question}", q["question"])}]) for q in questions]
-    replies, _ = answer_all(assistant, items, "", 64, 8, "toy vqa")
-    predictions = [{"question_id": q["question_id"], "answer": r} for q, r in zip(questions, replies) if r is not None]
-    if replies_out is not None:
-        replies_out += list(zip(questions, replies))
-    return evaluate(annotations, predictions)["overall"]
 
 
 def caption_items(source: str, prompt: str) -> tuple[list[tuple[str, list[dict]]], list[str | None], str]:
@@ -553,30 +294,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     finally:
         console.set_stream(None)      # in-process callers (tests) get the console back
-
-
-def add_api_args(p: argparse.ArgumentParser) -> None:
-    """--api_base/--api_model/--api_key_env/--api_timeout: the reference model (here and in web_demo.py)."""
-    a = p.add_argument_group("reference model behind an OpenAI-compatible API (instead of --checkpoint)")
-    a.add_argument("--api_base", default=None, help="e.g. https://api.openai.com/v1 (POST {base}/chat/completions)")
-    a.add_argument("--api_model", default=None, help="the API's model name")
-    a.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key "
-                                                                   "(read from there only; never printed or saved)")
-    a.add_argument("--api_timeout", type=float, default=60.0, help="seconds per request")
-
-
-def load_assistant(args: argparse.Namespace) -> Assistant | ApiAssistant:
-    """Our model from --checkpoint, or the reference model behind --api_base (web_demo.py too)."""
-    if args.api_base:
-        try:
-            api = ChatApi(args.api_base, args.api_model, args.api_key_env, timeout=args.api_timeout)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        console.info(f"reference model {args.api_model} at {args.api_base} (key from ${args.api_key_env})")
-        return ApiAssistant(api)
-    device = pick_device(args.device)
-    console.info(f"loading {args.checkpoint} on {device} ...")
-    return Assistant.from_checkpoint(args.checkpoint, str(device), args.vision_tower, args.llm, args.trust_remote_code)
 
 
 def _run(args: argparse.Namespace, one_shot: bool) -> None:

@@ -60,7 +60,7 @@ class PromptFormat:
     def build(cls, tokenizer, image_token: str, num_image_tokens: int, wrap: bool = False,
               chat_template_kwargs: dict | None = None) -> "PromptFormat":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the LLM's tokenizer has no chat template; stage 1 renders prompts with it")
+            raise ValueError("the LLM's tokenizer has no chat template; training and chat render every prompt with it")
         kwargs = dict(chat_template_kwargs or {})
         image_id = tokenizer.convert_tokens_to_ids(image_token)
         wrap_ids = None
@@ -159,7 +159,7 @@ def history_matches_live_chat(tokenizer, chat_template_kwargs: dict) -> bool:
     ChatML without thinking does; Qwen3's does not: the turn being generated follows an empty
     `<think></think>` block that the same answer loses once it is history. Supervising an
     earlier answer inside the full rendering would then train a prefix inference never shows,
-    so such conversations are trained one turn per sample (dataset.Stage1Dataset).
+    so such conversations are trained one turn per sample (dataset.LlavaDataset).
     """
     probe = "PROBEANSWER"
     first = [{"role": "user", "content": "hi"}]

@@ -20,22 +20,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from dataset import ImageLoader, Stage1Dataset
-from readers import read_chat_json, read_records
-from eval_llava import Assistant, caption_exact_match, official_vqa_accuracy
-from model import ModelSpec, build_model, checkpoint_file, read_checkpoint_meta
+from assistant import Assistant, answer_all
+from checkpoint_io import build_model, checkpoint_file, read_checkpoint_meta
+from dataset import ImageLoader, LlavaDataset
+from heldout import caption_exact_match
+from model import ModelSpec
 from prompts import CAPTION_PROMPT
+from readers import read_chat_json, read_records
 from toy_world import QUESTIONS, STYLE_NOTE, VQA_TEMPLATE, ToyPaths, ensure_instruction_data, ensure_toy_world
 from tuning import ADAPTER_DIR
 from utils import console
 from utils.checkpoint import STAGE_SCRIPTS, find_latest
 from utils.config import dump_json
-from utils.dist import available_cpus, pick_device, seed_everything
+from utils.dist import available_cpus, pick_device
 from utils.metrics import RunLogger, readable
+from utils.seeds import seed_everything
+from utils.vqa_eval import evaluate
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,27 +66,37 @@ def demo_defaults(stage: int) -> dict:
 
 
 def apply_demo_defaults(cfg: Any, explicit: set[str]) -> None:
-    """--demo: build (or reuse) the toy world and point a train_config.TrainConfig at it, with
-    the demo's settings wherever the user typed nothing. Stages 2 and 3 also find (or make)
-    the previous stage's demo checkpoint to start from."""
-    paths = ensure_toy_world("demo", log=console.info)
+    """--demo, at parse time: the demo's settings wherever the user typed nothing (a run name
+    included). Only values: where the toy world lives, and what a later stage starts from, are
+    prepare_demo's, after parsing."""
     fill = dict(demo_defaults(cfg.stage))
-    if cfg.stage == 1:
-        fill.update(vision_tower=paths.vision, llm=paths.llm, data_root=paths.train, eval_data_root=paths.eval)
-    else:
-        data = ensure_instruction_data(paths, "demo", log=console.info)
-        start = "stage1" if cfg.stage == 2 else "init"
-        if start not in explicit:
-            fill[start] = previous_demo(cfg, paths)
-        if cfg.stage == 2:
-            fill.update(data_root=data.sft_train, eval_data_root=data.sft_eval)
-        else:
-            fill.update(chat_json=data.style_train, image_root=data.style_images, eval_chat_json=data.style_eval)
     if cfg.resume != "auto":  # --resume auto alone continues the newest unfinished demo run (train_stage1.open_run)
-        fill["run_name"] = cfg.run_name or time.strftime(f"{RUN_PREFIX[cfg.stage]}_%Y%m%d_%H%M%S")
+        fill["run_name"] = time.strftime(f"{RUN_PREFIX[cfg.stage]}_%Y%m%d_%H%M%S")
     for key, value in fill.items():
         if key not in explicit:
             setattr(cfg, key, value)
+
+
+def prepare_demo(cfg: Any) -> Any:
+    """--demo, before training: build (or reuse) the toy world, and return the config pointed at
+    it wherever the user named no model, data or start point. Stages 2 and 3 also write their
+    toy instruction data and start from the previous stage's demo checkpoint (running that demo
+    first when there is none)."""
+    paths = ensure_toy_world("demo", log=console.info)
+    where: dict[str, str] = {}
+    if cfg.stage == 1:
+        where.update(vision_tower=paths.vision, llm=paths.llm, data_root=paths.train, eval_data_root=paths.eval)
+    else:
+        data = ensure_instruction_data(paths, "demo", log=console.info)
+        if cfg.stage == 2:
+            where.update(data_root=data.sft_train, eval_data_root=data.sft_eval)
+        else:
+            where.update(chat_json=data.style_train, image_root=data.style_images, eval_chat_json=data.style_eval)
+        start = "stage1" if cfg.stage == 2 else "init"
+        if not getattr(cfg, start):
+            where[start] = previous_demo(cfg, paths)
+    # An empty field is one nobody typed: a path or a start point cannot be meaningfully empty.
+    return replace(cfg, **{key: value for key, value in where.items() if not getattr(cfg, key)})
 
 
 def demo_checkpoint(checkpoints_dir: str, stage: int, paths: ToyPaths) -> str | None:
@@ -127,8 +142,8 @@ def previous_demo(cfg: Any, paths: ToyPaths) -> str:
 
 def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
     """An ordinary run (`train(cfg)`) measured before and after on held-out data; the figures join
-    the run's summary.json and TensorBoard (demo/...)."""
-    paths = ensure_toy_world("demo", log=console.info)
+    the run's summary.json and TensorBoard (demo/...). `cfg` is prepare_demo's."""
+    paths = ensure_toy_world("demo", log=console.info)   # built by prepare_demo: found at once
     measure = {1: stage1_figures, 2: stage2_figures, 3: stage3_figures}[cfg.stage]
     device = str(pick_device(cfg.device))
     start = untrained_assistant(cfg) if cfg.stage == 1 else Assistant.from_checkpoint(cfg.stage1 or cfg.init, device)
@@ -175,7 +190,7 @@ def untrained_assistant(cfg: Any) -> Assistant:
 
 def caption_figure(assistant: Assistant, data_format: str, eval_root: str, cfg: Any) -> float:
     records, _, root = read_records(data_format, eval_root)
-    ds = Stage1Dataset(records, assistant.tokenizer, assistant.fmt, assistant.transform, ImageLoader(root),
+    ds = LlavaDataset(records, assistant.tokenizer, assistant.fmt, assistant.transform, ImageLoader(root),
                        instructions="zh", seed=cfg.seed)
     return caption_exact_match(assistant, ds, CAPTION_PROMPT)
 
@@ -184,6 +199,24 @@ def toy_vqa(assistant: Assistant, paths: ToyPaths, replies: list | None = None) 
     return official_vqa_accuracy(assistant, os.path.join(paths.vqa, "v2_OpenEnded_mscoco_val2014_questions.json"),
                                  os.path.join(paths.vqa, "v2_mscoco_val2014_annotations.json"),
                                  os.path.join(paths.vqa, "val2014"), VQA_TEMPLATE, replies_out=replies)
+
+
+def official_vqa_accuracy(assistant: Assistant, questions_json: str, annotations_json: str, image_dir: str,
+                          template: str, split: str = "val2014", replies_out: list | None = None) -> float:
+    """Official-metric accuracy on VQA v2 files as they come (no conversion step): the demo's
+    check that a projector aligned on captions lets the frozen LM answer questions.
+    `replies_out` receives (question, reply) pairs for a caller that looks further."""
+    with open(questions_json, encoding="utf-8") as fh:
+        questions = json.load(fh)["questions"]
+    with open(annotations_json, encoding="utf-8") as fh:
+        annotations = json.load(fh)
+    items = [(os.path.join(image_dir, f"COCO_{split}_{q['image_id']:012d}.jpg"),
+              [{"role": "user", "content": template.replace("{question}", q["question"])}]) for q in questions]
+    replies, _ = answer_all(assistant, items, "", 64, 8, "toy vqa")
+    predictions = [{"question_id": q["question_id"], "answer": r} for q, r in zip(questions, replies) if r is not None]
+    if replies_out is not None:
+        replies_out += list(zip(questions, replies))
+    return evaluate(annotations, predictions)["overall"]
 
 
 def stage1_figures(assistant: Assistant, cfg: Any, paths: ToyPaths) -> dict[str, float]:

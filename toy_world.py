@@ -374,21 +374,26 @@ def recipe_hash(size: ToySize) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def toy_paths(size: str | ToySize = "demo", models_root: str = "models/toy", data_root: str = "data/toy") -> ToyPaths:
+    """Where a toy world of this size lives (nothing is built or read)."""
+    name = size if isinstance(size, str) else size.name
+    suffix = "" if name == "demo" else f"-{name}"
+    return ToyPaths(llm=f"{models_root}{suffix}/llm", vision=f"{models_root}{suffix}/vision",
+                    train=f"{data_root}{suffix}/train", eval=f"{data_root}{suffix}/eval", vqa=f"{data_root}{suffix}/vqa")
+
+
 def ensure_toy_world(size: str | ToySize = "demo", models_root: str = "models/toy", data_root: str = "data/toy",
                      log=print) -> ToyPaths:
     """Build the toy world unless a complete one with the same recipe is already there."""
     size = SIZES[size] if isinstance(size, str) else size
-    suffix = "" if size.name == "demo" else f"-{size.name}"
-    paths = ToyPaths(llm=f"{models_root}{suffix}/llm", vision=f"{models_root}{suffix}/vision",
-                     train=f"{data_root}{suffix}/train", eval=f"{data_root}{suffix}/eval",
-                     vqa=f"{data_root}{suffix}/vqa")
-    stamp = os.path.join(f"{models_root}{suffix}", "toy_world.json")
+    paths = toy_paths(size, models_root, data_root)
+    stamp = os.path.join(os.path.dirname(paths.llm), "toy_world.json")
     want = recipe_hash(size)
     if os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as fh:
             if json.load(fh).get("recipe") == want and all(os.path.isdir(p) for p in asdict(paths).values()):
                 return paths
-    log(f"building the toy world ({size.name}) under {models_root}{suffix}/ and {data_root}{suffix}/ ...")
+    log(f"building the toy world ({size.name}) under {os.path.dirname(paths.llm)}/ and {os.path.dirname(paths.train)}/ ...")
     for p in asdict(paths).values():
         shutil.rmtree(p, ignore_errors=True)
     if os.path.exists(stamp):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from backbones import PRESETS, MissingModel, download, resolve_model, vision_defaults
-from model import Projector, read_checkpoint_meta
+from checkpoint_io import read_checkpoint_meta
+from model import Projector
 from prompts import INSTRUCTION_POOLS
 from readers import DATA_FORMATS
 from toy_demo import apply_demo_defaults
@@ -170,7 +171,7 @@ def parse_args(argv: list[str] | None = None, stage_defaults: dict | None = None
             if key not in explicit:
                 setattr(cfg, key, value)
     if cfg.demo:
-        apply_demo_defaults(cfg, explicit)  # builds the toy world on first use; typed flags still win
+        apply_demo_defaults(cfg, explicit)  # the demo's values; typed flags still win (its world: prepare_demo)
     return cfg
 
 
@@ -183,12 +184,14 @@ def start_point(cfg: TrainConfig) -> str:
     return cfg.stage1 or cfg.init
 
 
-def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
-    """Registry ids -> local folders (downloading first with --download); fill the tower's
-    feature defaults for the flags left unset. Every missing model is named at once, with the
-    one command that downloads them all. With a start point (--stage1/--init) the models and
-    features are the checkpoint's: they fill the config (typed --vision_tower/--llm only say
-    where the models live now) and ('', '') is returned."""
+def resolve_models(cfg: TrainConfig) -> tuple[TrainConfig, str, str]:
+    """(the config with its feature settings completed, vision tower folder, LLM folder).
+
+    Registry ids -> local folders (downloading first with --download); the tower's feature
+    defaults fill the flags left unset. Every missing model is named at once, with the one
+    command that downloads them all. With a start point (--stage1/--init) the models and
+    features are the checkpoint's: they complete the config (typed --vision_tower/--llm only
+    say where the models live now) and the folders are ('', '')."""
     if start_point(cfg):
         try:
             meta = read_checkpoint_meta(start_point(cfg))
@@ -203,9 +206,8 @@ def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
         spec = meta["spec"]
         if not cfg.data_root and not cfg.chat_json:
             raise SystemExit("name the training data: --data_root DIR (or --chat_json FILE), or run --demo")
-        for key in ("projector", "feature_layer", "feature_select", "feature_post_norm", "image_wrap"):
-            setattr(cfg, key, spec[key])
-        return "", ""
+        features = ("projector", "feature_layer", "feature_select", "feature_post_norm", "image_wrap")
+        return replace(cfg, **{key: spec[key] for key in features}), "", ""
     if not (cfg.vision_tower and cfg.llm):
         raise SystemExit(name_the_models_message())
     if not cfg.data_root and not cfg.chat_json:
@@ -230,14 +232,12 @@ def resolve_models(cfg: TrainConfig) -> tuple[str, str]:
         for name in missing:
             paths[name] = download(name, cfg.models_dir, hf_token=cfg.hf_token)
     vision_path, llm_path = paths[cfg.vision_tower], paths[cfg.llm]
-    for key, value in vision_defaults(cfg.vision_tower, vision_path).items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    return vision_path, llm_path
+    unset = {k: v for k, v in vision_defaults(cfg.vision_tower, vision_path).items() if getattr(cfg, k) is None}
+    return replace(cfg, **unset), vision_path, llm_path
 
 
 def name_the_models_message() -> str:
     presets = "\n".join(f"  --model {name:<26} {p['vision_tower']} + {p['projector']} + {p['llm']}"
                         for name, p in PRESETS.items())
     return ("name the frozen models: a preset,\n" + presets + "\nor --vision_tower/--llm (registry ids or local "
-            "folders; `python model.py --list` lists the ids), or run --demo for the offline toy world")
+            "folders; `python checkpoint_io.py --list` lists the ids), or run --demo for the offline toy world")

@@ -24,37 +24,31 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in DataLoader workers
 
 import functools
-import json
 import math
 import multiprocessing
 import random
 import signal
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from dataset import (EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed,
+from bookkeeping import Run, finished_run, open_run
+from checkpoint_io import build_model, load_checkpoint, read_checkpoint_meta
+from dataset import (Batch, EpochSampler, ImageLoader, ImageTransform, LlavaDataset, collate, collate_packed,
                      show_first_sample, to_device)
-from eval_llava import Assistant, eval_summary, heldout_loss, log_heldout_loss, log_sample_replies
-from model import ModelSpec, build_model, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from model import LlavaModel, ModelSpec
 from prompts import PromptFormat, supervised_tokens
 from readers import Record, read_records
-from toy_demo import run_demo
+from toy_demo import prepare_demo, run_demo
 from train_config import TrainConfig, parse_args, resolve_models, start_point, tuning_of
 from tuning import add_lora, assert_trainable, check_device, is_peft, merged, set_trainable
 from utils import console
-from utils.alarms import Alarms
-from utils.checkpoint import (STAGE_SCRIPTS, find_latest, fresh_state, restore_training, resume_command, resume_point,
-                              run_name_of, save_training, unfinished_run)
-from utils.config import dump_json, print_config, redacted
-from utils.dist import (StopRequest, all_reduce_grads, all_reduce_sum, barrier, cleanup as cleanup_dist, ignore_stop_signals,
-                        seed_everything, setup as setup_dist)
+from utils.checkpoint import find_latest, fresh_state, restore_training
+from utils.dist import StopRequest, all_reduce_grads, all_reduce_sum, ignore_stop_signals, setup as setup_dist
 from utils.feature_cache import FeatureCache, cache_key, image_key
-from utils.flops import mfu
-from utils.metrics import RunLogger, log_line, periodic_scalars, print_summary, run_totals
+from utils.seeds import epoch_seed, seed_everything
 from utils.skips import Skips, SkipTally
 
 
@@ -112,7 +106,7 @@ def read_data(cfg: TrainConfig) -> DataSplit:
 
 
 def load_datasets(cfg: TrainConfig, data: DataSplit, tokenizer, fmt: PromptFormat,
-                  spec: ModelSpec) -> tuple[Stage1Dataset, Stage1Dataset]:
+                  spec: ModelSpec) -> tuple[LlavaDataset, LlavaDataset]:
     """(train dataset, eval dataset) over the records read.
 
     With --features_cache, samples carry cached features instead of pixels; the cache must
@@ -133,14 +127,14 @@ def load_datasets(cfg: TrainConfig, data: DataSplit, tokenizer, fmt: PromptForma
                                     f"{features.bytes_per_image() / 2**10:.0f} KiB each")
         if all(image_key(r.image, data.eval_root) in features for r in data.held_out):
             eval_features = features
-    train_ds = Stage1Dataset(data.train, loader=ImageLoader(data.root, cache_dir=cache, draft=draft),
+    train_ds = LlavaDataset(data.train, loader=ImageLoader(data.root, cache_dir=cache, draft=draft),
                              features=features, **common)
-    eval_ds = Stage1Dataset(data.held_out, loader=ImageLoader(data.eval_root, cache_dir=cache, draft=draft),
+    eval_ds = LlavaDataset(data.held_out, loader=ImageLoader(data.eval_root, cache_dir=cache, draft=draft),
                             features=eval_features, **common)
     return train_ds, eval_ds
 
 
-def report_data(train_ds: Stage1Dataset, eval_ds: Stage1Dataset, read_skips: Skips, cfg: TrainConfig,
+def report_data(train_ds: LlavaDataset, eval_ds: LlavaDataset, read_skips: Skips, cfg: TrainConfig,
                 grad_accum: int, dist, total_steps: int, tokenizer) -> None:
     console.header("data")
     console.kv("train / eval records", f"{len(train_ds):,} / {len(eval_ds):,}")
@@ -154,7 +148,7 @@ def report_data(train_ds: Stage1Dataset, eval_ds: Stage1Dataset, read_skips: Ski
         show_first_sample(train_ds, tokenizer)
 
 
-def batches(ds: Stage1Dataset, cfg: TrainConfig, rank: int, world: int, tally: SkipTally, epoch: int = 0,
+def batches(ds: LlavaDataset, cfg: TrainConfig, rank: int, world: int, tally: SkipTally, epoch: int = 0,
             start: int = 0):
     """Endless (epoch, batches consumed in this epoch, batch) stream of batches that hold at least
     one usable sample. Each epoch reshuffles with (seed, epoch); `start` skips batches already
@@ -182,7 +176,7 @@ def batches(ds: Stage1Dataset, cfg: TrainConfig, rank: int, world: int, tally: S
             prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=ignore_stop_signals,
             # Its own generator: a DataLoader otherwise draws its base seed from the global RNG,
             # which a resumed run restores before the loader starts; dropout (LoRA) would shift.
-            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
         for i, batch in enumerate(loader, start=start + 1):
             tally.add(batch)
             if batch["size"]:
@@ -201,70 +195,46 @@ def batches(ds: Stage1Dataset, cfg: TrainConfig, rank: int, world: int, tally: S
 
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     """One run of any stage; `argv` (the command line it was parsed from) only shapes the resume hint."""
-    # ---- setup: processes, seeds, the models on disk, the run folder
+    # ---- setup: processes, seeds, the models on disk, the data, the run folder
     dist = setup_dist(cfg.device)
     device = dist.device
     seed_everything(cfg.seed)            # the projector's init, then the instruction draws and data order
-    vision_path, llm_path = resolve_models(cfg)
+    cfg, vision_path, llm_path = resolve_models(cfg)
     data = read_data(cfg)                # before any model loads: a wrong path fails at once
-    run_name, run_dir, ckpt_dir, resume_from = open_run(cfg, dist)
+    folders = open_run(cfg, dist)
 
     # ---- model: frozen tower; projector fresh (stage 1) or from the start point; the LLM frozen,
     # in full or with LoRA adapters. On resume, every trained weight comes from the checkpoint.
-    model, tokenizer = build_training_model(cfg, vision_path, llm_path, dist, resume_from)
-    fmt = PromptFormat.for_model(model.spec, tokenizer)
+    model, tokenizer = build_training_model(cfg, vision_path, llm_path, dist, folders.resume_from)
 
-    # ---- data, and the steps it makes
+    # ---- data, the steps it makes, and the optimizer over what trains
     grad_accum = accumulation(cfg, dist.world_size)
-    train_ds, eval_ds = load_datasets(cfg, data, tokenizer, fmt, model.spec)
+    train_ds, eval_ds = load_datasets(cfg, data, tokenizer, PromptFormat.for_model(model.spec, tokenizer), model.spec)
     global_batch = cfg.batch_size * grad_accum * dist.world_size
     total_steps = cfg.max_steps or cfg.epochs * max(len(train_ds) // global_batch, 1)
+    optimizer, scheduler, params = make_optimizer(cfg, model, total_steps)
 
-    # ---- optimizer: AdamW on what trains (the projector with its own lr), warmup, then cosine (or constant)
-    projector = [p for n, p in model.trainable_parameters() if n.startswith("projector.")]
-    llm = [p for n, p in model.trainable_parameters() if not n.startswith("projector.")]
-    params = projector + llm
-    groups = [{"params": projector, "lr": cfg.projector_lr or cfg.lr}, {"params": llm, "lr": cfg.lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    warmup = int(total_steps * cfg.warmup_ratio)
-    scheduler = schedule(cfg.lr_scheduler, optimizer, warmup, total_steps)
-
-    # ---- resume: weights, optimizer, schedule, data position and RNG exactly as they were
+    # ---- resume: weights (above), optimizer, schedule, data position and RNG exactly as they were
     state = fresh_state(dist.world_size)
-    if resume_from:
-        state = restore_training(resume_from, optimizer, scheduler, dist)
+    if folders.resume_from:
+        state = restore_training(folders.resume_from, optimizer, scheduler, dist)
         if state["step"] >= total_steps:  # the resume hint typed again after the end: nothing to do
-            return finished_run(run_name, run_dir, resume_from, state["step"], dist)
-        console.success(f"resumed from {resume_from} at step {state['step']}")
-    if dist.is_main:  # written once the run is known to train: a finished run's folder stays as it was
-        dump_json(redacted(cfg), os.path.join(run_dir, "config.json"))
+            return finished_run(folders, state["step"])
+        console.success(f"resumed from {folders.resume_from} at step {state['step']}")
     report_data(train_ds, eval_ds, data.skipped, cfg, grad_accum, dist, total_steps, tokenizer)
-    # Rank 0 holds the run's totals: reading skips once (every rank reads the same records),
-    # and on resume the checkpoint's totals, which include them already.
-    tally = SkipTally(skipped=Counter(state["skipped"] if resume_from else data.skipped if dist.is_main else {}),
-                      examples=dict(data.skipped.examples) if dist.is_main else {}, truncated=state.get("truncated", 0))
-    logger = RunLogger(run_dir, tuple(cfg.trackers.split(",")), purge_after=state["step"]) if dist.is_main else None
-    # The loss must have moved once warmup is over; the gap must have left zero by the second eval.
-    alarms = Alarms(logger, flat_after=min(max(100, 2 * warmup), total_steps),
-                    gap_after=min(2 * cfg.eval_interval or total_steps, total_steps),
-                    eval_loss_before=state["summary"].get("eval_loss_before"), enabled=dist.is_main)
-    summary: dict = {"run": run_name, "run_dir": run_dir, **state["summary"]}
-    assistant = Assistant.from_model(model, tokenizer) if dist.is_main else None   # sample replies at each eval
-    if dist.is_main and cfg.eval_interval and state["step"] == 0:  # the curve's "before" point
-        before = log_heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers, logger, 0)
-        alarms.eval(0, before)
-        summary["eval_loss_before"] = before["eval/loss"]
+    # Logs, alarms, evaluation, checkpoints and the summary (bookkeeping.py); the "before" evaluation.
+    run = Run.start(cfg, folders, dist, state, model, tokenizer, eval_ds, data.skipped, total_steps, optimizer,
+                    scheduler)
 
     # ---- loop
-    stream = batches(train_ds, cfg, dist.rank, dist.world_size, tally, state["epoch"], state["positions"][dist.rank])
+    stream = batches(train_ds, cfg, dist.rank, dist.world_size, run.tally, state["epoch"],
+                     state["positions"][dist.rank])
     model.train()
-    losses: list[float] = state["losses"]
-    nonfinite, in_a_row = state["nonfinite_steps"], 0
-    checkpoint = ""
     stop = StopRequest()
-    t_start = time.time()
+    losses, nonfinite, in_a_row, checkpoint = state["losses"], state["nonfinite_steps"], 0, ""
     # In a terminal a bar redraws in place; in a log file only the periodic log lines appear.
     bar = console.progress(total_steps, f"stage {cfg.stage}", "step", initial=state["step"], show=dist.is_main, every=0)
+    t_start = time.time()
     for step in range(state["step"] + 1, total_steps + 1):
         t0 = time.time()
         # Micro-batches of this step, fetched first so the loss can be normalised by the
@@ -273,139 +243,88 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         for _ in range(grad_accum):
             epoch, position, batch = next(stream)
             micro.append(to_device(batch, device))
-        # One all-reduce carries the step's counts and whether any rank was asked to stop.
-        supervised = sum(supervised_tokens(b["labels"]) for b in micro)
-        counts = torch.tensor([supervised, sum(b["size"] for b in micro),
-                               sum(int(b["attention_mask"].sum()) for b in micro), float(stop.requested)],
-                              dtype=torch.float64, device=device)
-        n_tokens, n_samples, n_seq_tokens, stopping = all_reduce_sum(counts).tolist()
+        counts = StepCounts.over_ranks(micro, stop.requested, device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for b in micro:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 ls, _ = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b.get("pixel_values"),
                               image_features=b.get("image_features"), position_ids=b.get("position_ids"))
-                (ls / n_tokens).backward()   # this rank's token sum over the global step's tokens
+                (ls / counts.tokens).backward()   # this rank's token sum over the global step's tokens
             loss_sum += ls.detach()
         all_reduce_grads(params)             # summed over ranks: the gradient of the global mean
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        loss = all_reduce_sum(loss_sum).item() / max(n_tokens, 1)
-        if math.isfinite(loss) and math.isfinite(float(grad_norm)):
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                                         else float("inf")))
+        loss = all_reduce_sum(loss_sum).item() / max(counts.tokens, 1)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
             optimizer.step()
             in_a_row = 0
         else:
             # A non-finite loss or gradient would poison AdamW's moments: skip the update
             # (the schedule still advances), count it, and stop if it keeps happening.
             nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
-            console.warn(f"step {step}: non-finite loss {loss} / grad norm {float(grad_norm)}; update skipped "
-                         f"({in_a_row} in a row, limit {cfg.max_nonfinite})")
-            if in_a_row >= cfg.max_nonfinite:
-                raise SystemExit(f"{in_a_row} non-finite steps in a row at step {step}: lower --lr, check the data "
-                                 f"(skipped: {dict(tally.skipped)}), or resume from {find_latest(ckpt_dir)}")
+            refuse_nonfinite(step, loss, grad_norm, in_a_row, cfg.max_nonfinite, run.tally, folders.ckpt_dir)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # ---- log: every step to metrics.jsonl/TensorBoard, a line every --log_interval
+        # ---- log every step; evaluate and checkpoint at their intervals, at the end and on a stop
         losses.append(loss)
-        alarms.step(step, losses, float(grad_norm))
-        alarms.data(step, tally.unusable, tally.used)
-        dt = time.time() - t0
-        scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": scheduler.get_last_lr()[-1],
-                   "train/grad_norm": float(grad_norm), "train/samples_per_s": n_samples / dt,
-                   "train/tokens_per_s": n_seq_tokens / dt, "train/epoch": epoch, "train/nonfinite_steps": nonfinite,
-                   **mfu(model, micro, supervised, bool(cfg.features_cache), dt)}
-        periodic = cfg.log_interval and step % cfg.log_interval == 0
-        if periodic:
-            scalars.update(periodic_scalars(device, tally))
-        if logger:
-            logger.log(step, scalars)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['train/lr']:.2e}", sps=f"{scalars['train/samples_per_s']:.1f}")
-        if periodic and dist.is_main:
-            bar.write(log_line(step, total_steps, losses[-cfg.log_interval:], scalars, tally, alarms.active))
-
-        # ---- evaluate and checkpoint (rank 0 evaluates; the others wait in the next all-reduce)
+        run.log_step(step, losses, grad_norm, scheduler.get_last_lr()[-1], counts, nonfinite, epoch, micro,
+                     time.time() - t0, bar)
         last = step == total_steps
-        if dist.is_main and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-            metrics = log_heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers, logger, step, bar.write)
-            alarms.eval(step, metrics)
-            log_sample_replies(assistant, eval_ds, cfg.sample_replies, logger, step, bar.write)
-            summary.update(eval_summary(metrics))
-        if (cfg.save_interval and step % cfg.save_interval == 0) or last or stopping:
-            train_state = {"step": step, "total_steps": total_steps, "epoch": epoch, "losses": losses,
-                           "nonfinite_steps": nonfinite,
-                           "summary": {k: v for k, v in summary.items() if k.startswith(("eval", "image_"))}}
-            checkpoint = save_training(ckpt_dir, train_state, lambda folder: save_checkpoint(
-                model, folder, {"step": step, "total_steps": total_steps, "run": run_name, "stage": cfg.stage,
-                                "init_from": start_point(cfg),
-                                "train_config": redacted(cfg)}, tokenizer), optimizer, scheduler,
-                dist, {"position": position, "skipped": dict(tally.skipped), "truncated": tally.truncated}, cfg.keep_last)
-        if stopping and not last:
+        if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+            run.evaluate(step)
+        if (cfg.save_interval and step % cfg.save_interval == 0) or last or counts.stopping:
+            checkpoint = run.save(step, epoch, position, losses, nonfinite)
+        if counts.stopping and not last:
             bar.close()
-            if dist.is_main:
-                console.warn(f"stopped at step {step}; checkpoint {checkpoint}. Continue with:\n  "
-                             + resume_command(argv or [], run_name, dist.world_size, STAGE_SCRIPTS[cfg.stage]))
-            cleanup_dist()
-            return {**summary, "interrupted": True, "signal": stop.signum, "steps": step, "checkpoint": checkpoint}
+            return run.stopped(step, checkpoint, stop.signum, argv)
     bar.close()
-
-    # ---- summary
-    summary.update(run_totals(tally, dist, losses, nonfinite, cfg.log_interval or 10, total_steps, global_batch,
-                              time.time() - t_start))
-    summary["checkpoint"] = checkpoint
-    if dist.is_main:
-        if "eval_loss" not in summary:
-            metrics = heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
-            alarms.eval(total_steps, metrics)
-            summary.update(eval_summary(metrics))
-        summary["alarms"] = alarms.fired
-        if alarms.too_short:
-            summary["alarms_too_short_to_judge"] = alarms.too_short
-        dump_json(summary, os.path.join(run_dir, "summary.json"))
-        logger.close()
-        print_summary(summary, alarms, checkpoint, cfg.runs_dir)
-    barrier()        # leave together: a rank tearing down while rank 0 still evaluates can abort gloo
-    cleanup_dist()
-    return summary
+    return run.finish(losses, nonfinite, global_batch, time.time() - t_start, checkpoint)
 
 
-def open_run(cfg: TrainConfig, dist) -> tuple[str, str, str, str | None]:
-    """(run name, runs/<run>, checkpoints/<run>, the checkpoint to resume from or None), with the
-    config printed. `--resume auto` without --run_name continues the newest unfinished run of
-    this stage (a new run's name is the time, so there would never be anything to resume)."""
-    run_name = cfg.run_name or (run_name_of(cfg.resume) if cfg.resume not in ("", "auto") else "")
-    if not run_name and cfg.resume == "auto":
-        run_name = unfinished_run(cfg.checkpoints_dir, cfg.stage)
-        console.info(f"--resume auto: continuing run '{run_name}', the newest unfinished stage-{cfg.stage} run in "
-                     f"{cfg.checkpoints_dir}/")
-    run_name = run_name or time.strftime(f"stage{cfg.stage}_%Y%m%d_%H%M%S")
-    run_dir, ckpt_dir = os.path.join(cfg.runs_dir, run_name), os.path.join(cfg.checkpoints_dir, run_name)
-    resume_from = resume_point(cfg.resume, cfg.overwrite, run_name, ckpt_dir, run_dir)
-    barrier()  # rank 0 may have just deleted an old run (--overwrite)
-    print_config(redacted(cfg), f"stage-{cfg.stage} config (run {run_name})")
-    return run_name, run_dir, ckpt_dir, resume_from
+@dataclass
+class StepCounts:
+    """What one optimizer step trained on, summed over every rank by one all-reduce, which also
+    carries whether any rank was asked to stop (so all of them stop after the same step)."""
+
+    tokens: float        # supervised tokens of the global step: the loss is their mean
+    samples: float
+    seq_tokens: float    # every token the LLM read (padding excluded)
+    stopping: bool
+    local_tokens: int    # this rank's supervised tokens (its MFU)
+
+    @classmethod
+    def over_ranks(cls, micro: list[Batch], stop_requested: bool, device: torch.device) -> "StepCounts":
+        local = sum(supervised_tokens(b["labels"]) for b in micro)
+        counts = torch.tensor([local, sum(b["size"] for b in micro), sum(int(b["attention_mask"].sum()) for b in micro),
+                               float(stop_requested)], dtype=torch.float64, device=device)
+        tokens, samples, seq_tokens, stopping = all_reduce_sum(counts).tolist()
+        return cls(tokens, samples, seq_tokens, stopping > 0, local)
 
 
-def finished_run(run_name: str, run_dir: str, checkpoint: str, step: int, dist) -> dict:
-    """A run resumed after its last step: say so and name its checkpoint; its folders are left
-    exactly as they were (summary.json included)."""
-    path = os.path.join(run_dir, "summary.json")
-    summary = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            summary = json.load(fh)
-    console.success(f"run '{run_name}' finished at step {step} already: nothing to train (raise --max_steps to "
-                    f"train it further)\n  checkpoint:    {checkpoint}\n  chat with it:  python eval_llava.py "
-                    f"--checkpoint {checkpoint}")
-    cleanup_dist()
-    return {"run": run_name, "run_dir": run_dir, **summary, "steps": step, "checkpoint": checkpoint,
-            "already_finished": True}
-
-
-def schedule(kind: str, optimizer, warmup: int, total_steps: int):
+def make_optimizer(cfg: TrainConfig, model: LlavaModel, total_steps: int):
+    """(AdamW over what trains, its schedule, the trained parameters): the projector in a group of
+    its own (--projector_lr), linear warmup, then cosine decay (or constant)."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-    return (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if kind == "cosine"
-            else get_constant_schedule_with_warmup(optimizer, warmup))
+    projector = [p for n, p in model.trainable_parameters() if n.startswith("projector.")]
+    llm = [p for n, p in model.trainable_parameters() if not n.startswith("projector.")]
+    groups = [{"params": projector, "lr": cfg.projector_lr or cfg.lr}, {"params": llm, "lr": cfg.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    warmup = int(total_steps * cfg.warmup_ratio)
+    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if cfg.lr_scheduler == "cosine"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    return optimizer, scheduler, projector + llm
+
+
+def refuse_nonfinite(step: int, loss: float, grad_norm: float, in_a_row: int, limit: int, tally: SkipTally,
+                     ckpt_dir: str) -> None:
+    """Say that a step's update was skipped; stop the run when it keeps happening."""
+    console.warn(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
+                 f"({in_a_row} in a row, limit {limit})")
+    if in_a_row >= limit:
+        raise SystemExit(f"{in_a_row} non-finite steps in a row at step {step}: lower --lr, check the data "
+                         f"(skipped: {dict(tally.skipped)}), or resume from {find_latest(ckpt_dir)}")
 
 
 def accumulation(cfg: TrainConfig, world_size: int) -> int:
@@ -480,7 +399,8 @@ def main(argv: list[str] | None = None, stage_defaults: dict | None = None, doc:
     argv = sys.argv[1:] if argv is None else list(argv)
     console.quiet_library_bars()
     cfg = parse_args(argv, stage_defaults, doc or __doc__)
-    if cfg.demo:
+    if cfg.demo:  # the toy world (and an earlier stage's demo) first; then an ordinary run, measured around
+        cfg = prepare_demo(cfg)
         return run_demo(cfg, lambda c: train(c, argv), started)
     return train(cfg, argv)
 

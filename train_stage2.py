@@ -11,7 +11,7 @@ with 3% warmup, gradient checkpointing, 512 text tokens, a seeded 2% held-out sp
     torchrun --standalone --nproc-per-node 8 train_stage2.py --stage1 checkpoints/<run> --data_root ...
 
 Each answer of a dialogue is trained on exactly what eval_llava.py feeds before it in a live
-chat (Qwen3's template: one sample per turn, see dataset.Stage1Dataset). A checkpoint holds the
+chat (Qwen3's template: one sample per turn, see dataset.LlavaDataset). A checkpoint holds the
 projector and the LLM in transformers' format (step_N/llm/); eval_llava.py, export and stage 3
 take it like any other. Every flag of train_stage1.py applies; only the defaults differ.
 """

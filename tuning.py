@@ -124,7 +124,7 @@ def is_peft(llm: nn.Module) -> bool:
 
 
 def expected_trainable(name: str, tuning: Tuning) -> bool:
-    """Whether parameter `name` (of model.LlavaStage1) trains under `tuning`."""
+    """Whether parameter `name` (of model.LlavaModel) trains under `tuning`."""
     if name.startswith("projector."):
         return tuning.projector
     if name.startswith("llm."):

@@ -23,7 +23,6 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # nothing leaves the machine unasked
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse
 import atexit
 import collections
 import contextlib
@@ -33,14 +32,11 @@ import socket
 import tempfile
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 from PIL import Image
 
 from dataset import ImageLoader, decode_image
-from eval_llava import ApiAssistant, Assistant, add_api_args, load_assistant
-from model import checkpoint_file, read_checkpoint_meta
-from tuning import Tuning
+from assistant import ApiAssistant, Assistant, add_api_args, load_assistant
 from utils import console
 from utils.config import Parser
 from utils.openai_api import ApiError
@@ -50,80 +46,26 @@ MAX_UPLOAD_MB = 20               # an image above this gets a chat message (--ma
 SERVER_CAP = 10                  # Gradio refuses an upload above this many times that (a toast, not a chat
                                  # message): the hard bound on what a client can make the server store
 PORTS_TRIED = 100                # a busy --port: the next free one of this many is taken
-API_QUESTION_CHARS = 4000        # the reference API's question cap (its own limits vary)
 TOY_EXAMPLES = "data/toy/eval/images"
 
 
 class ChatEngine:
-    """The model behind the page. Generation runs in a worker thread under one lock: one request
-    at a time, and a handler that stops reading (a closed tab) never holds the lock."""
+    """The model behind the page, ours or a reference API's (assistant.py gives both one
+    interface). One request generates at a time, under one lock that the generating worker
+    holds, so a handler that stops reading (a closed tab) never holds it."""
 
     def __init__(self, assistant: Assistant | ApiAssistant, header: str, max_new_tokens: int):
         self.assistant, self.header = assistant, header
         self.lock = threading.Lock()
-        self.question_budget = self._budget(max_new_tokens)
-
-    def _budget(self, max_new_tokens: int) -> int:
-        """Question tokens that fit: the LLM's context minus the image slots, the reply and the template."""
-        if isinstance(self.assistant, ApiAssistant):
-            return API_QUESTION_CHARS
-        cfg = self.assistant.model.llm.config
-        context = min(getattr(cfg, "max_position_embeddings", 4096) or 4096, 8192)
-        return max(16, context - len(self.assistant.fmt.image_ids()) - max_new_tokens - 64)
+        self.question_budget, self.unit = assistant.question_budget(max_new_tokens)
 
     def fit(self, question: str) -> tuple[str, bool]:
         """The question cut to the budget (tokens for our model, characters for an API)."""
-        if isinstance(self.assistant, ApiAssistant):
-            return question[:self.question_budget], len(question) > self.question_budget
-        tok = self.assistant.tokenizer
-        ids = tok.encode(question, add_special_tokens=False)
-        if len(ids) <= self.question_budget:
-            return question, False
-        return tok.decode(ids[:self.question_budget]), True
+        return self.assistant.fit(question, self.question_budget)
 
     def stream(self, image: Image.Image, messages: list[dict], gen: dict, stop: threading.Event) -> Iterator[str]:
         """The reply so far, growing; an ApiError when the reference API fails."""
-        if isinstance(self.assistant, ApiAssistant):
-            with self.lock:
-                yield self.assistant.reply(image, messages, **gen)
-            return
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.assistant.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result: dict[str, Any] = {}
-
-        def work():
-            try:
-                with self.lock:
-                    result["reply"] = self.assistant.reply_batch([(image, messages)], streamer=streamer, stop=stop,
-                                                                 **gen)[0]
-            except Exception as e:  # noqa: BLE001 - reported in the chat
-                result["error"] = e
-                streamer.end()
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield text.strip()
-        worker.join()
-        if "error" in result:
-            raise result["error"]
-        yield result["reply"]  # the stripped reply eval_llava keeps in its history
-
-
-def describe(args: argparse.Namespace, assistant: Assistant | ApiAssistant) -> str:
-    """The header: what is loaded (stage, tower, projector, LLM, step) or which reference API."""
-    if isinstance(assistant, ApiAssistant):
-        return f"**参考模型 / reference model** `{args.api_model}` · {args.api_base}"
-    meta = read_checkpoint_meta(args.checkpoint)
-    spec = assistant.model.spec
-    tuning = Tuning(**meta.get("tuning", {})).describe()
-    return (f"**stage {meta.get('stage', 1)}** · step {meta.get('step', '?')} · "
-            f"`{os.path.dirname(checkpoint_file(args.checkpoint))}`  \n"
-            f"视觉塔 / tower `{spec.vision_tower}` ({spec.vision_type}) · projector {spec.projector} · "
-            f"LLM `{spec.llm}` · 训练 / trained: {tuning}")
+        return self.assistant.stream(image, messages, gen, stop, self.lock)
 
 
 PREVIEW_PX = 512                 # the page shows the image 260 px high: a larger preview only costs bytes
@@ -208,10 +150,10 @@ def build_app(engine: ChatEngine, allow_urls: bool = False, default_tokens: int 
         question, cut = engine.fit(question)
         shown = chatbot + [{"role": "user", "content": question}]
         if cut:
-            unit = "characters" if isinstance(engine.assistant, ApiAssistant) else "tokens"
             shown.append({"role": "assistant", "content": f"⚠️ 问题太长，已截断到 {engine.question_budget} 个"
-                                                          f"{'字符' if unit == 'characters' else ' token'} / "
-                                                          f"the question was cut to {engine.question_budget} {unit}"})
+                                                          f"{'字符' if engine.unit == 'characters' else ' token'} / "
+                                                          f"the question was cut to {engine.question_budget} "
+                                                          f"{engine.unit}"})
         messages = state["messages"] + [{"role": "user", "content": question}]
         gen = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p)}
         stop = threading.Event()
@@ -296,10 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         assistant = load_assistant(args)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
-    if isinstance(assistant, Assistant):
-        assistant.model.eval()
     port = free_port(args.host, args.port)
-    app = build_app(ChatEngine(assistant, describe(args, assistant), args.max_new_tokens), args.allow_urls,
+    app = build_app(ChatEngine(assistant, assistant.description(), args.max_new_tokens), args.allow_urls,
                     args.max_new_tokens, args.max_upload_mb)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.warn(f"--host {args.host}: the page is reachable from other machines on your network; anyone who "

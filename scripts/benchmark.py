@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from backbones import VISION_TYPES, arch_config, prefix_tokens  # noqa: E402
-from model import LlavaStage1, ModelSpec, Projector, VisionTower  # noqa: E402
+from model import LlavaModel, ModelSpec, Projector, VisionTower  # noqa: E402
 from prompts import IGNORE_INDEX  # noqa: E402
 from tuning import Tuning, add_lora, assert_trainable, set_trainable  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
@@ -112,7 +112,7 @@ def _config(c: str | dict):
     return getattr(cfg, "vision_config", cfg)
 
 
-def build_ours(arch: Arch, dtype: torch.dtype, attn: str, device: torch.device, seed: int = 0) -> LlavaStage1:
+def build_ours(arch: Arch, dtype: torch.dtype, attn: str, device: torch.device, seed: int = 0) -> LlavaModel:
     """Random-weight towers from configs, wrapped exactly as training wraps them."""
     import transformers
 
@@ -131,11 +131,11 @@ def build_ours(arch: Arch, dtype: torch.dtype, attn: str, device: torch.device, 
                      llm_hidden_size=lcfg.hidden_size)
     vision.to(dtype)
     llm.to(dtype)
-    model = LlavaStage1(vision, projector, llm, spec, IMAGE_TOKEN_ID if lcfg.vocab_size > IMAGE_TOKEN_ID else 3)
+    model = LlavaModel(vision, projector, llm, spec, IMAGE_TOKEN_ID if lcfg.vocab_size > IMAGE_TOKEN_ID else 3)
     return model.to(device)
 
 
-def build_reference(ours: LlavaStage1, attn: str):
+def build_reference(ours: LlavaModel, attn: str):
     """transformers' LlavaForConditionalGeneration holding our tensors (no copy)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -175,7 +175,7 @@ def build_reference(ours: LlavaStage1, attn: str):
     return ref.eval()
 
 
-def make_batch(ours: LlavaStage1, batch: int, text_len: int, answer_len: int, device: torch.device, seed: int = 0):
+def make_batch(ours: LlavaModel, batch: int, text_len: int, answer_len: int, device: torch.device, seed: int = 0):
     """Token ids [B, 4 + N + text_len] with N image slots after a 4-token prompt head; the last
     `answer_len` tokens are supervised."""
     g = torch.Generator().manual_seed(seed)
@@ -192,7 +192,7 @@ def make_batch(ours: LlavaStage1, batch: int, text_len: int, answer_len: int, de
                                              pixel_values=pixels).items()}
 
 
-def flops_per_sample(ours: LlavaStage1, text_len: int, answer_len: int, cached: bool) -> float:
+def flops_per_sample(ours: LlavaModel, text_len: int, answer_len: int, cached: bool) -> float:
     return step_flops(ours, 1, [4 + ours.vision.num_tokens + text_len], answer_len, cached)
 
 
@@ -240,7 +240,7 @@ def time_steps(step_fn, device: torch.device, steps: int, warmup: int) -> tuple[
     return seconds, peak, float(loss)
 
 
-def step_ours(model: LlavaStage1, batch: dict, features: torch.Tensor | None, device: torch.device):
+def step_ours(model: LlavaModel, batch: dict, features: torch.Tensor | None, device: torch.device):
     params = [p for _, p in model.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
@@ -299,7 +299,7 @@ class Models:
     """Both models of one comparison, built once and timed at any batch size."""
 
     arch: str
-    ours: LlavaStage1
+    ours: LlavaModel
     ref: Any                 # LlavaForConditionalGeneration sharing ours' weights, or None
     changes: list[str]       # what `comparable` changed so that both compute the same function
     device: torch.device

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from backbones import preprocessing, resolve_model, vision_defaults  # noqa: E402
 from dataset import ImageLoader, ImageTransform  # noqa: E402
 from readers import read_records  # noqa: E402
-from model import load_vision_tower  # noqa: E402
+from checkpoint_io import load_vision_tower  # noqa: E402
 from utils import console  # noqa: E402
 from utils.atomic import atomic_path, atomic_write  # noqa: E402
 from utils.config import Parser  # noqa: E402

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from backbones import (image_tokens, load_tokenizer, preprocessing, resolve_model, vision_arch,  # noqa: E402
                        vision_defaults)
-from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate, decode_image  # noqa: E402
+from dataset import ImageLoader, ImageTransform, LlavaDataset, collate, decode_image  # noqa: E402
 from readers import read_records  # noqa: E402
 from prompts import CHAT_TEMPLATE_KWARGS, IMAGE_TOKEN, INSTRUCTION_POOLS, PromptFormat, encode_conversation  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
@@ -45,7 +45,7 @@ def measure(data_format: str, data_root: str, chat_json: str, llm: str, vision_t
     slots = image_tokens(vcfg, vision_defaults(vision_tower, vpath)["feature_select"])
     fmt = PromptFormat.build(tok, IMAGE_TOKEN, slots, False, CHAT_TEMPLATE_KWARGS)
     loader = ImageLoader(root, draft=transform.size if draft else None)
-    ds = Stage1Dataset(records, tok, fmt, transform, loader, max_text_len, instructions=instructions)
+    ds = LlavaDataset(records, tok, fmt, transform, loader, max_text_len, instructions=instructions)
     stages = Counter()
     failed: Counter = Counter()
     done = 0

@@ -40,7 +40,8 @@ if ROOT not in sys.path:  # `python scripts/export_hf.py` from the repository ro
 from backbones import VISION_TYPES, prefix_tokens, read_json  # noqa: E402
 from dataset import ImageTransform  # noqa: E402
 from prompts import IMAGE_PLACEHOLDER, PromptFormat, encode_prompt  # noqa: E402
-from model import LlavaStage1, ModelSpec, checkpoint_file, load_checkpoint, read_checkpoint_meta  # noqa: E402
+from checkpoint_io import checkpoint_file, load_checkpoint, read_checkpoint_meta  # noqa: E402
+from model import LlavaModel, ModelSpec
 from tuning import Tuning, merged  # noqa: E402
 from utils import console  # noqa: E402
 from utils.config import Parser  # noqa: E402
@@ -101,7 +102,7 @@ def plan_export(spec: ModelSpec) -> Plan:
     return plan
 
 
-def check_llm(model: LlavaStage1) -> None:
+def check_llm(model: LlavaModel) -> None:
     """The LLM must be rebuilt by AutoModel from its config with the same weights and head."""
     from transformers import AutoModel
 
@@ -124,7 +125,7 @@ def check_llm(model: LlavaStage1) -> None:
 
 # --------------------------------------------------------------------------- the pieces
 
-def llava_config(model: LlavaStage1, plan: Plan):
+def llava_config(model: LlavaModel, plan: Plan):
     from transformers import LlavaConfig
 
     spec, vision = model.spec, model.vision
@@ -139,7 +140,7 @@ def llava_config(model: LlavaStage1, plan: Plan):
         multimodal_projector_bias=True, tie_word_embeddings=bool(getattr(tcfg, "tie_word_embeddings", False)))
 
 
-def llava_state_dict(model: LlavaStage1) -> dict[str, torch.Tensor]:
+def llava_state_dict(model: LlavaModel) -> dict[str, torch.Tensor]:
     """Our parts under LlavaForConditionalGeneration's names."""
     state = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()}
     state.update({f"model.language_model.{k}": v for k, v in model.llm.model.state_dict().items()})
@@ -210,7 +211,7 @@ def image_processor(t: ImageTransform):
                                  image_mean=list(t.mean), image_std=list(t.std), do_convert_rgb=True)
 
 
-def build_processor(model: LlavaStage1, tokenizer, plan: Plan):
+def build_processor(model: LlavaModel, tokenizer, plan: Plan):
     from transformers import LlavaProcessor
 
     spec = model.spec
@@ -322,7 +323,7 @@ def target_dtype(name: str, spec: ModelSpec) -> torch.dtype:
     return DTYPES.get(str(stored).replace("torch.", ""), torch.float32)
 
 
-def write_export(model: LlavaStage1, tokenizer, meta: dict, out: str, dtype: torch.dtype, final: str) -> None:
+def write_export(model: LlavaModel, tokenizer, meta: dict, out: str, dtype: torch.dtype, final: str) -> None:
     """Everything into the folder `out` (the caller's temporary name for `final`)."""
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
@@ -350,7 +351,7 @@ def write_export(model: LlavaStage1, tokenizer, meta: dict, out: str, dtype: tor
 
 
 @torch.no_grad()
-def verify(model: LlavaStage1, tokenizer, out: str) -> float:
+def verify(model: LlavaModel, tokenizer, out: str) -> float:
     """Max |logit difference| between our model and the exported folder on one random image and
     a one-turn prompt, both run in float32."""
     import numpy as np

@@ -68,13 +68,14 @@ def pytest_collection_modifyitems(items):
 def toy_model(tiny):
     """(model, tokenizer, prompt format) on the tiny world, projector freshly initialised, on
     the test device."""
-    from model import ModelSpec, build_model
+    from checkpoint_io import build_model
+    from model import ModelSpec
     from prompts import PromptFormat
 
     torch.manual_seed(0)
     spec = ModelSpec(vision_tower=tiny.vision, llm=tiny.llm, projector="mlp2x_gelu", feature_post_norm=True)
     model, tok = build_model(spec, DEVICE)
-    return model, tok, PromptFormat.for_model(spec, tok)
+    return model, tok, PromptFormat.for_model(model.spec, tok)
 
 
 LLAMA2_TEMPLATE = (

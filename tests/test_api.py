@@ -15,6 +15,7 @@ from PIL import Image
 
 import eval_llava
 from utils import console
+from assistant import ApiAssistant
 from utils.openai_api import ApiError, ChatApi
 
 KEY = "sk-test-4f1e9c0d2b7a"
@@ -93,7 +94,7 @@ def test_one_shot_sends_the_image_as_a_data_url_with_the_key_from_the_environmen
 
 def test_chat_keeps_the_history_and_survives_a_failed_request(api, tmp_path, capsys):
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
-    assistant = eval_llava.ApiAssistant(ChatApi(api.base, "ref-vl", "REF_KEY", retries=0))
+    assistant = ApiAssistant(ChatApi(api.base, "ref-vl", "REF_KEY", retries=0))
     api.script = [(200, "not json at all", {})]           # the first answer is malformed
     typed = f"{tmp_path / 'a.png'}\n什么颜色？\n什么颜色？\n什么形状？\nexit\n"
     eval_llava.chat(assistant, {"max_new_tokens": 8}, stdin=io.StringIO(typed))

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from backbones import VISION_TYPES, detect_vision_type, load_llm, vision_defaults
-from model import load_vision_tower
+from checkpoint_io import load_vision_tower
 
 VC = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
@@ -182,12 +182,12 @@ def test_dinov3_drops_cls_and_registers_and_stays_in_eval(tmp_path):
 
 def test_dinov3_features_identical_across_calls_while_the_projector_trains(tmp_path):
     """DINOv3 randomises RoPE in train mode; a frozen tower must never enter it."""
-    from model import LlavaStage1, ModelSpec, Projector
+    from model import LlavaModel, ModelSpec, Projector
 
     make_dinov3(tmp_path)
     tower = load_vision_tower(str(tmp_path), -1, "patch", True)
     proj = Projector("linear", 32, 8)
-    model = LlavaStage1(tower, proj, nn.Linear(1, 1), ModelSpec("v", "l"), 0)  # LLM unused here
+    model = LlavaModel(tower, proj, nn.Linear(1, 1), ModelSpec("v", "l"), 0)  # LLM unused here
     model.train()
     opt = torch.optim.SGD(proj.parameters(), lr=0.1)
     x = torch.randn(2, 3, 32, 32)
@@ -199,7 +199,7 @@ def test_dinov3_features_identical_across_calls_while_the_projector_trains(tmp_p
         opt.step()
     assert not tower.training and not tower.model.training
     assert torch.equal(first, model.encode_images(x))
-    tower.model.train()  # even a direct call on the inner model is put back by LlavaStage1.train
+    tower.model.train()  # even a direct call on the inner model is put back by LlavaModel.train
     model.train()
     assert not tower.model.training
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataset import ImageLoader, ImageTransform, Stage1Dataset, decode_image
+from dataset import ImageLoader, ImageTransform, LlavaDataset, decode_image
 from readers import read_chat_json, read_sa1b
 from prompts import PromptFormat, encode_conversation
 from utils.skips import SampleError
@@ -198,7 +198,7 @@ def test_dataset_skips_and_counts_every_bad_sample(tiny, tmp_path):
     }), tmp_path / "data" / "a.parquet")
     records, skipped = read_sa1b(str(tmp_path))
     assert skipped == {"bad_cap_seg": 1, "empty_caption": 1}
-    ds = Stage1Dataset(records, tok, fmt, ImageTransform(size=16), ImageLoader(str(tmp_path)), max_text_len=24)
+    ds = LlavaDataset(records, tok, fmt, ImageTransform(size=16), ImageLoader(str(tmp_path)), max_text_len=24)
     items = [ds[i] for i in range(len(ds))]
     assert Counter(it.get("skip") for it in items) == {None: 2, "corrupt_image": 1, "missing_image": 1}
     long = items[3]

@@ -122,7 +122,7 @@ def test_a_run_folder_is_a_checkpoint(tiny_run, tiny, tmp_path, capsys):
     """A run folder means the checkpoint its `latest` pointer names; a step folder and the
     safetensors file work as before; anything else is a clear error."""
     import eval_llava
-    from model import checkpoint_file
+    from checkpoint_io import checkpoint_file
 
     step4 = str(tiny_run / "step_000004" / "projector.safetensors")
     assert checkpoint_file(str(tiny_run)) == checkpoint_file(str(tiny_run / "step_000004")) == checkpoint_file(step4) == step4

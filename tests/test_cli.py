@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 from utils.checkpoint import resume_command
 
 SCRIPTS = ["train_stage1.py", "train_stage2.py", "train_stage3_lora.py", "eval_llava.py", "web_demo.py", "convert_vqa.py",
-           "model.py", "dataset.py", "toy_world.py",
+           "checkpoint_io.py", "dataset.py", "toy_world.py",
            *sorted(f"scripts/{n}" for n in os.listdir(os.path.join(ROOT, "scripts"))
                    if n.endswith(".py") and n != "__init__.py")]
 
@@ -37,7 +37,7 @@ def parser_of(script: str) -> argparse.ArgumentParser:
 
     argparse.ArgumentParser.parse_args = capture
     try:
-        module.main() if script in ("model.py", "dataset.py", "toy_world.py") else module.main([])
+        module.main() if script in ("dataset.py", "toy_world.py") else module.main([])
     except _Parser as e:
         return e.args[0]
     finally:
@@ -87,15 +87,18 @@ def test_help_from_the_shell(tmp_path):
         assert res.returncode == 0 and "(default: " in res.stdout, res.stderr[-2000:]
 
 
-@pytest.fixture
-def no_toy_build(monkeypatch, tiny):
-    """--demo without building the demo world: the test world's paths stand in."""
-    import toy_demo
+def test_parsing_the_demo_builds_nothing(tmp_path, monkeypatch):
+    """Parsing only parses: --demo's world, data and earlier-stage run are made by the entry
+    point's main (toy_demo.prepare_demo), never while reading flags."""
+    monkeypatch.chdir(tmp_path)                                       # where models/toy would appear
+    for stage_defaults in (None, {"stage": 2}, {"stage": 3}):
+        cfg = train_config.parse_args(["--demo"], stage_defaults)
+        assert cfg.demo and cfg.max_steps == toy_demo.demo_defaults(cfg.stage)["max_steps"]
+        assert (cfg.data_root, cfg.stage1, cfg.init) == ("", "", "")   # filled by prepare_demo, from the built world
+    assert os.listdir(tmp_path) == []
 
-    monkeypatch.setattr(toy_demo, "ensure_toy_world", lambda *a, **kw: tiny)
 
-
-def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeypatch, no_toy_build):
+def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeypatch):
     # What trains is checked as a whole (tests/test_stages.py): --no-tune_projector alone trains
     # nothing and --load_in_4bit needs LoRA, so both are refused here by design.
     booleans = [f.name for f in dataclasses.fields(train_config.TrainConfig)
@@ -155,7 +158,8 @@ def test_resume_hint_repeats_the_command_with_the_run_name_once():
         "python train_stage1.py --trackers '[\"jsonl\"]' --run_id r --resume auto"
 
 
-def test_demo_logs_its_before_and_after_figures_and_prints_its_wall_time(no_toy_build, tmp_path, capsys):
+def test_demo_logs_its_before_and_after_figures_and_prints_its_wall_time(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(toy_demo, "ensure_toy_world", lambda *a, **kw: tiny)   # the test world stands in for the demo's
     summary = train_stage1.main(["--demo", "--max_steps", "10", "--batch_size", "8", "--num_workers", "0",
                                  "--eval_interval", "5", "--eval_samples", "16", "--sample_replies", "0",
                                  "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck")])

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from dataset import ImageTransform
-from model import ModelSpec, build_model, save_checkpoint
+from checkpoint_io import build_model, save_checkpoint
+from model import ModelSpec
 from prompts import IMAGE_PLACEHOLDER, PromptFormat, encode_prompt
 from scripts import export_hf
 from tests.conftest import DEVICE

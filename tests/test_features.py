@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from dataset import ImageLoader, ImageTransform, Stage1Dataset
+from dataset import ImageLoader, ImageTransform, LlavaDataset
 from readers import read_records
-from eval_llava import heldout_loss
+from heldout import heldout_loss
 from scripts.cache_features import cache_features
 from utils.feature_cache import FeatureCache, cache_key
 
@@ -26,7 +26,7 @@ def caches(tiny, tmp_path_factory):
 def _eval_set(model, tok, fmt, tiny, features=None):
     records, _, root = read_records("sa1b", tiny.eval)
     transform = ImageTransform.from_dict(model.spec.image_transform)
-    return Stage1Dataset(records, tok, fmt, transform, ImageLoader(root), instructions="zh", features=features)
+    return LlavaDataset(records, tok, fmt, transform, ImageLoader(root), instructions="zh", features=features)
 
 
 def _key(spec):

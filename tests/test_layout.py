@@ -11,14 +11,15 @@ from tests.conftest import ROOT
 LAYERS = {
     "utils": 0,
     "backbones": 1, "prompts": 1, "tuning": 1,  # where models come from | the prompt contract | what trains
-    "model": 2, "readers": 2,           # utils <- backbones, tuning <- model;  utils <- prompts <- readers
-    "dataset": 3,                       # readers <- dataset (images, the dataset, sampler, collates)
-    "eval_llava": 4, "convert_vqa": 4, "toy_world": 4,   # toy_world: the offline world (models and data)
-    "toy_demo": 5, "web_demo": 5,       # the demos around train() | the browser chat
-    "train_config": 6,                  # a run's configuration and where its models come from
-    "train_stage1": 7,                  # the training loop
-    "train_stage2": 8, "train_stage3_lora": 8,   # the later stages: the same loop with their defaults
-    "scripts": 9,                       # runnable helpers: leaves, nothing imports them
+    "model": 2, "readers": 2,           # the architecture | one reader per on-disk format
+    "dataset": 3, "checkpoint_io": 3,   # images, the dataset, sampler, collates | build, save, load a model
+    "assistant": 4, "convert_vqa": 4, "toy_world": 4,   # answering | VQA -> chat.json | the offline world
+    "heldout": 5,                       # evaluation during training (held-out loss, gap, samples, exact match)
+    "bookkeeping": 6, "eval_llava": 6, "toy_demo": 6, "web_demo": 6,   # a run's logs and checkpoints | the CLIs
+    "train_config": 7,                  # a run's configuration and where its models come from
+    "train_stage1": 8,                  # the training loop
+    "train_stage2": 9, "train_stage3_lora": 9,   # the later stages: the same loop with their defaults
+    "scripts": 10,                      # runnable helpers: leaves, nothing imports them
 }
 
 
@@ -97,3 +98,17 @@ def test_the_checker_sees_what_it_must(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import os\n\ndef later():\n    from train_stage1 import train\n    import model\n")
     assert imports_of(str(probe)) >= {"train_stage1", "train_stage1.train", "model"}
+
+
+def test_training_imports_no_command_line_file():
+    """train() gets its held-out evaluation, sample replies and run bookkeeping from modules of
+    their own (heldout.py, assistant.py, bookkeeping.py), never from a CLI (eval_llava, web_demo)."""
+    g = graph()
+    seen, todo = set(), ["train_stage1"]
+    while todo:
+        for dep in g[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    assert {"heldout", "assistant", "bookkeeping", "checkpoint_io"} <= seen
+    assert not seen & {"eval_llava", "web_demo", "convert_vqa"}, seen & {"eval_llava", "web_demo", "convert_vqa"}

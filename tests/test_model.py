@@ -3,16 +3,17 @@
 import pytest
 import torch
 
-from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate, to_device
+from dataset import ImageLoader, ImageTransform, LlavaDataset, collate, to_device
 from readers import read_records
-from model import Projector, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from checkpoint_io import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from model import Projector
 from tests.conftest import tolerance
 
 
 def toy_batch(model, tok, fmt, tiny, n=4):
     """A collated batch on the model's device (the test device for toy_model)."""
     records, _, root = read_records("sa1b", tiny.train, max_samples=n)
-    ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform), ImageLoader(root))
+    ds = LlavaDataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform), ImageLoader(root))
     return to_device(collate([ds[i] for i in range(n)], tok.pad_token_id), next(model.projector.parameters()).device)
 
 
@@ -96,7 +97,7 @@ def test_save_load_round_trip_is_exact_and_strict(toy_model, tmp_path):
 
 
 def test_generate_batched_equals_one_by_one(toy_model, tiny):
-    from eval_llava import Assistant
+    from assistant import Assistant
 
     model, tok, fmt = toy_model
     asst = Assistant.from_model(model, tok)
@@ -123,7 +124,7 @@ def test_frozen_loads_are_strict_about_missing_weights(tiny, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from model import load_vision_tower
+    from checkpoint_io import load_vision_tower
 
     bad = tmp_path / "vision"
     shutil.copytree(tiny.vision, bad)
@@ -138,7 +139,7 @@ def test_vision_tower_loads_from_a_whole_dual_tower_clip(tmp_path):
     """openai/clip-* and OFA-Sys/chinese-clip-* ship text + vision in one folder."""
     from transformers import CLIPConfig, CLIPModel
 
-    from model import load_vision_tower
+    from checkpoint_io import load_vision_tower
 
     vc = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     tc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,

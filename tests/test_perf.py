@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from dataset import EpochSampler, ImageLoader, ImageTransform, Stage1Dataset, collate, collate_packed
+from dataset import EpochSampler, ImageLoader, ImageTransform, LlavaDataset, collate, collate_packed
 from readers import read_records
 
 
 def _batch_items(tiny, model, tok, fmt, n=6):
     records, _, root = read_records("sa1b", tiny.eval)
-    ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform), ImageLoader(root),
+    ds = LlavaDataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform), ImageLoader(root),
                        instructions="zh")
     return [ds[i] for i in range(n)]
 

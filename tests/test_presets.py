@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import train_stage1
-from model import read_checkpoint_meta
+from checkpoint_io import read_checkpoint_meta
 from tests.conftest import ROOT
 from tests.test_backbones import VC, make_dinov3, make_qwen3vl, write_modelscope_clip
 

@@ -132,7 +132,7 @@ def test_typed_flags_override_a_preset():
 
 def test_summary_of_every_preset_from_bundled_configs(tmp_path):
     """Token accounting works before any download: real-size configs ship in configs/."""
-    from model import summary_from_configs as describe
+    from checkpoint_io import summary_from_configs as describe
 
     for name, preset in PRESETS.items():
         s = describe(preset["vision_tower"], preset["llm"], preset["projector"], models_dir=str(tmp_path))
@@ -159,7 +159,8 @@ def test_one_feature_table_for_describe_training_and_the_dataset_preview(tiny, t
 
     import dataset
     from backbones import describe, vision_defaults
-    from model import ModelSpec, build_model
+    from checkpoint_io import build_model
+    from model import ModelSpec
     from tests.test_backbones import VC
 
     clip = str(tmp_path / "clip")

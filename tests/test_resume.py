@@ -127,7 +127,7 @@ def test_resuming_a_finished_run_says_so_names_its_checkpoint_and_leaves_it_alon
     again = train_stage1.main(args(tiny, tmp_path, "f", 4, "--resume", "auto"))   # the printed hint, typed again
     out = capsys.readouterr().out
     assert again["already_finished"] and again["checkpoint"] == done["checkpoint"]
-    assert f"run 'f' finished at step 4 already" in out
+    assert "run 'f' finished at step 4 already" in out
     assert f"chat with it:  python eval_llava.py --checkpoint {done['checkpoint']}\n" in out
     assert {name: (run / name).read_bytes() for name in files} == files          # summary.json not blanked
     assert json.loads(files["summary.json"])["checkpoint"] == done["checkpoint"]
@@ -223,9 +223,9 @@ def test_accumulated_loss_is_the_mean_over_all_tokens(tiny, tmp_path, uneven_cha
 
 
 def test_non_finite_steps_are_skipped_counted_and_abort_when_persistent(tiny, tmp_path, monkeypatch):
-    from model import LlavaStage1
+    from model import LlavaModel
 
-    real = LlavaStage1.forward
+    real = LlavaModel.forward
     calls = {"n": 0, "bad": {3}}
 
     def flaky(self, *a, **k):
@@ -233,7 +233,7 @@ def test_non_finite_steps_are_skipped_counted_and_abort_when_persistent(tiny, tm
         ls, n = real(self, *a, **k)
         return (ls * float("nan"), n) if self.training and calls["n"] in calls["bad"] else (ls, n)
 
-    monkeypatch.setattr(LlavaStage1, "forward", flaky)
+    monkeypatch.setattr(LlavaModel, "forward", flaky)
     summary = train_stage1.main(args(tiny, tmp_path, "nan", 6))
     assert summary["nonfinite_steps"] == 1 and summary["steps"] == 6
     p = projector(summary["checkpoint"])

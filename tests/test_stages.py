@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 import train_stage1
 import train_stage2
 import train_stage3_lora
-from dataset import ImageLoader, ImageTransform, Stage1Dataset, collate
+from dataset import ImageLoader, ImageTransform, LlavaDataset, collate
 from readers import COGVLM_SUBSETS, Record, read_cogvlm_sft
-from model import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from checkpoint_io import build_model, load_checkpoint, save_checkpoint
+from model import ModelSpec
 from prompts import (IGNORE_INDEX, IMAGE_PLACEHOLDER, PromptFormat, encode_conversation, encode_prompt,
                      history_matches_live_chat, with_image_placeholder)
 from tests.conftest import ROOT
@@ -47,8 +48,8 @@ def supervised(ids, labels) -> list[int]:
     return [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
 
 
-def dataset(records, tok, fmt, **kw) -> Stage1Dataset:
-    return Stage1Dataset(records, tok, fmt, ImageTransform(size=32), ImageLoader(""), **kw)
+def dataset(records, tok, fmt, **kw) -> LlavaDataset:
+    return LlavaDataset(records, tok, fmt, ImageTransform(size=32), ImageLoader(""), **kw)
 
 
 # --------------------------------------------------------------------------- prompts and labels
@@ -78,10 +79,11 @@ def test_each_turn_is_trained_on_exactly_what_a_live_chat_feeds(fmt_tok, toy_mod
     import io
 
     import eval_llava
+    from assistant import Assistant
     from PIL import Image
 
     model, tok, fmt = toy_model
-    assistant = eval_llava.Assistant.from_model(model, tok)
+    assistant = Assistant.from_model(model, tok)
     fed = []
     answers = iter([DIALOGUE[1]["content"], DIALOGUE[3]["content"], DIALOGUE[5]["content"]])
 
@@ -90,7 +92,7 @@ def test_each_turn_is_trained_on_exactly_what_a_live_chat_feeds(fmt_tok, toy_mod
         return [tok.encode(next(answers), add_special_tokens=False)]
 
     monkeypatch.setattr(model, "generate", fake_generate)
-    monkeypatch.setattr(eval_llava.ImageLoader, "__call__", lambda self, src: Image.new("RGB", (40, 40)))
+    monkeypatch.setattr(ImageLoader, "__call__", lambda self, src: Image.new("RGB", (40, 40)))
     typed = "/tmp/x.png\n" + "".join(m["content"] + "\n" for m in DIALOGUE if m["role"] == "user")
     eval_llava.chat(assistant, {"max_new_tokens": 4}, stdin=io.StringIO(typed))
     ds = dataset([Record(image="x.png", conversations=with_image_placeholder(DIALOGUE))], tok, fmt)
@@ -142,7 +144,7 @@ def test_text_only_records_have_no_image_slots_and_mix_with_image_records(fmt_to
                Record(image="", conversations=[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "是的"}]),
                Record(image=chat[1]["image"], conversations=[{"role": "user", "content": "<image>\n什么形状？"},
                                                               {"role": "assistant", "content": "圆形"}])]
-    ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform),
+    ds = LlavaDataset(records, tok, fmt, ImageTransform.from_dict(model.spec.image_transform),
                        ImageLoader(tiny.train))
     items = [ds[i] for i in range(3)]
     assert "pixel_values" not in items[1] and fmt.image_token_id not in items[1]["input_ids"]
@@ -243,7 +245,7 @@ def test_a_tuned_checkpoint_given_as_stage1_is_refused_naming_init(tmp_path, sta
     tuned LLM instead. The meaning of --init is what the user wanted."""
     from safetensors.torch import save_file
 
-    from model import METADATA_KEY
+    from checkpoint_io import METADATA_KEY
 
     meta = {"spec": {}, "tuning": {"llm": llm}, "stage": stage, "step": 10}
     save_file({"proj.weight": torch.zeros(1)}, str(tmp_path / "projector.safetensors"),

@@ -89,10 +89,11 @@ def test_eval_interactive_loop_through_stdin(short_run, toy, monkeypatch, capsys
 def test_image_ablation_gap_is_positive_after_training_and_near_zero_untrained(short_run, toy):
     import torch
 
-    from dataset import ImageLoader, ImageTransform, Stage1Dataset
+    from dataset import ImageLoader, ImageTransform, LlavaDataset
     from readers import read_records
-    from eval_llava import heldout_loss
-    from model import Projector, load_checkpoint
+    from heldout import heldout_loss
+    from checkpoint_io import load_checkpoint
+    from model import Projector
     from prompts import PromptFormat
 
     summary, out = short_run
@@ -103,7 +104,7 @@ def test_image_ablation_gap_is_positive_after_training_and_near_zero_untrained(s
     spec = model.spec
     fmt = PromptFormat.build(tok, spec.image_token, spec.num_image_tokens, spec.image_wrap, spec.chat_template_kwargs)
     records, _, root = read_records("sa1b", toy.eval)
-    ds = Stage1Dataset(records, tok, fmt, ImageTransform.from_dict(spec.image_transform), ImageLoader(root),
+    ds = LlavaDataset(records, tok, fmt, ImageTransform.from_dict(spec.image_transform), ImageLoader(root),
                        instructions="zh")
     untrained = []
     for seed in range(4):  # a random projector's gap is noise around zero: average a few draws
@@ -165,7 +166,8 @@ def test_batch_vqa_on_the_toy_vqa_set(short_run, toy, tmp_path, capsys):
     # with a fresh projector in its place the same LM does far worse.
     import torch
 
-    from eval_llava import Assistant, official_vqa_accuracy
+    from assistant import Assistant
+    from toy_demo import official_vqa_accuracy
     from model import Projector
     from toy_world import VQA_TEMPLATE
 

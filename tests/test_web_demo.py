@@ -45,8 +45,9 @@ def wait_until_serving(proc, url: str, timeout: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny, tmp_path_factory):
-    from model import ModelSpec, build_model, save_checkpoint
+    from checkpoint_io import build_model, save_checkpoint
 
+    from model import ModelSpec
     torch.manual_seed(0)
     model, _ = build_model(ModelSpec(vision_tower=tiny.vision, llm=tiny.llm))
     with torch.no_grad():
@@ -114,7 +115,7 @@ def one_shot(checkpoint, image, question, tokens=12) -> str:
 
 
 def test_same_greedy_text_as_one_shot_and_follow_ups_use_the_history(server, checkpoint, tiny):
-    from eval_llava import Assistant
+    from assistant import Assistant
     from dataset import ImageLoader
 
     url, _, _ = server
@@ -302,7 +303,7 @@ def test_every_loaded_image_is_previewed_through_a_file_of_its_own(tiny):
     while another downloaded it (10 clients x 20 rounds of /load_image failed 3 times here). A
     returned file path is copied in atomically instead: every load must give one, of its own."""
     import web_demo
-    from eval_llava import ApiAssistant
+    from assistant import ApiAssistant
 
     app = web_demo.build_app(web_demo.ChatEngine(ApiAssistant(api=None), "test", 16))
     load = next(f for f in app.fns.values() if f.api_name == "load_image").fn

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import random
 import signal
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -58,13 +56,6 @@ def pick_device(flag: str = "auto") -> torch.device:
     if flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(flag)
-
-
-def seed_everything(seed: int) -> None:
-    """Python, numpy and torch (every device) from one seed."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def setup(device_flag: str = "auto") -> DistInfo:

@@ -38,7 +38,7 @@ def peak_flops(device: torch.device) -> tuple[str, float | None]:
 
 def matmul_params(model: Any) -> tuple[int, int, int]:
     """(projector, vision without embeddings, LLM decoder without embeddings) parameter counts
-    of a model.LlavaStage1; counted once and kept on the model, since training asks every step."""
+    of a model.LlavaModel; counted once and kept on the model, since training asks every step."""
     counts = getattr(model, "_matmul_params", None)
     if counts is None:
         decoder = model.llm.get_decoder()
@@ -51,7 +51,7 @@ def matmul_params(model: Any) -> tuple[int, int, int]:
 
 
 def step_flops(model: Any, n_images: int, seq_tokens: list[int], n_supervised: int, cached: bool = False) -> float:
-    """Model FLOPs of one training step of a model.LlavaStage1 (see the module docstring)."""
+    """Model FLOPs of one training step of a model.LlavaModel (see the module docstring)."""
     lm, n = model.llm.config, model.spec.num_image_tokens
     p_proj, p_v, p_lm = matmul_params(model)
     flops = 6.0 * p_proj * n * n_images

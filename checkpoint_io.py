@@ -1,0 +1,246 @@
+"""Building a model and its checkpoints: from a ModelSpec to a LlavaModel on a device (the frozen
+parts loaded strictly from local folders, a fresh projector), saving what trained (projector,
+`llm/`, `adapter/`) with the metadata that rebuilds it, and loading any stage's checkpoint back.
+model.py is the architecture alone; this is how it meets the disk.
+
+    python checkpoint_io.py --list                                   # registry ids and presets
+    python checkpoint_io.py --summary --model clip-zh-qwen3-0.6b     # tokens, widths, parameters (no download)
+    python checkpoint_io.py --summary --vision_tower models/toy/vision --llm models/toy/llm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from backbones import (MODELSCOPE_CLIP, PRESETS, REGISTRY, VISION_TYPES, describe, detect_vision_type,
+                       from_pretrained_strict, knows_vision_markers, load_llm, load_modelscope_chinese_clip,
+                       load_tokenizer, preprocessing, resolve_model)
+from model import LlavaModel, ModelSpec, Projector, VisionTower
+from prompts import ensure_image_token
+from tuning import LLM_DIR, Tuning, check_device, load_adapter, quantization_config, save_llm
+from utils import console
+from utils.atomic import atomic_path, atomic_write
+from utils.checkpoint import WEIGHTS_FILE, find_latest
+from utils.config import Parser
+
+CHECKPOINT_FILE = WEIGHTS_FILE          # projector.safetensors
+# The safetensors metadata key a checkpoint describes itself under. Named when only stage 1
+# existed; kept, since every checkpoint already written (of any stage) carries it.
+METADATA_KEY = "llava_stage1"
+
+
+def load_vision_tower(path: str, feature_layer: int = -1, select: str = "all", post_norm: bool = False,
+                      dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> VisionTower:
+    import transformers
+
+    model_type = detect_vision_type(path)
+    if model_type == MODELSCOPE_CLIP:
+        model = load_modelscope_chinese_clip(path, dtype)
+    else:
+        cls = getattr(transformers, VISION_TYPES[model_type][1])
+        model = from_pretrained_strict(cls, path, "vision tower", dtype=dtype, trust_remote_code=trust_remote_code)
+    return VisionTower(model, model_type, feature_layer, select, post_norm)
+
+
+def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtype: torch.dtype | None = None,
+                attn_implementation: str = "sdpa", models_dir: str = "models",
+                trust_remote_code: bool = False, llm_dtype: torch.dtype | None = None,
+                load_in_4bit: bool = False) -> tuple[LlavaModel, Any]:
+    """Load the frozen parts from local directories and create the projector.
+
+    Frozen weights are stored in bf16 on CUDA (half the memory, full tensor-core speed) and
+    fp32 on CPU; the projector stays fp32 (autocast handles its matmuls). `llm_dtype`
+    overrides the LLM's (fp32 master weights when it is tuned in full); `load_in_4bit` loads
+    it as QLoRA's NF4 base (CUDA only).
+    Returns (model, tokenizer); `model.spec` is a copy of `spec` completed from the loaded parts
+    (paths, widths, image tokens, preprocessing); `spec` itself is left as given.
+    """
+    spec = replace(spec)
+    device = torch.device(device)
+    if frozen_dtype is None:
+        frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    spec.vision_path = _locate(spec.vision_tower, spec.vision_path, models_dir)
+    spec.llm_path = _locate(spec.llm, spec.llm_path, models_dir)
+    vision = load_vision_tower(spec.vision_path, spec.feature_layer, spec.feature_select,
+                               spec.feature_post_norm, frozen_dtype, trust_remote_code)
+    spec.vision_type = detect_vision_type(spec.vision_path)
+    spec.vision_hidden_size, spec.num_image_tokens = vision.hidden_size, vision.num_tokens
+    spec.image_transform = preprocessing(spec.vision_path, vision.image_size)
+    if spec.image_wrap is None:
+        spec.image_wrap = knows_vision_markers(spec.llm_path)
+    llm = load_llm(spec.llm_path, llm_dtype or frozen_dtype, attn_implementation, trust_remote_code,
+                   quantization_config() if load_in_4bit else None)
+    tokenizer = load_tokenizer(spec.llm_path, trust_remote_code)
+    spec.llm_hidden_size = llm.config.hidden_size
+    image_token_id = ensure_image_token(tokenizer, spec.image_token)
+    projector = Projector(spec.projector, spec.vision_hidden_size, spec.llm_hidden_size)
+    model = LlavaModel(vision, projector, llm, spec, image_token_id)
+    if load_in_4bit:  # from_pretrained placed the 4-bit base already (bitsandbytes weights refuse .to())
+        vision.to(device)
+        projector.to(device)
+    else:
+        model.to(device)
+    model.assert_only_projector_trainable()
+    return model, tokenizer
+
+
+def _locate(name: str, stored_path: str, models_dir: str) -> str:
+    """The stored path when it still exists, else the id or path resolved again."""
+    if stored_path and os.path.isdir(stored_path):
+        return stored_path
+    return resolve_model(name, models_dir)
+
+
+def save_checkpoint(model: LlavaModel, directory: str, extra: dict | None = None, tokenizer: Any = None) -> str:
+    """Write `projector.safetensors` (weights + JSON metadata), a readable `model_spec.json`,
+    and when the LLM was tuned its weights (tuning.save_llm: llm/ or adapter/).
+
+    Each file is written to a temp name and renamed (and a training step folder is committed
+    as a whole by utils.checkpoint.save_step), so a crash leaves the old files or the new ones.
+    """
+    meta = {"spec": asdict(model.spec), "tuning": asdict(model.tuning), **(extra or {})}
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+    path = os.path.join(directory, CHECKPOINT_FILE)
+    if model.tuning.llm != "none":
+        if tokenizer is None:
+            raise ValueError("saving a tuned LLM needs its tokenizer (the llm/ folder must load on its own)")
+        save_llm(model.llm, tokenizer, directory, model.tuning)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
+    atomic_write(os.path.join(directory, "model_spec.json"), json.dumps(meta, indent=2, ensure_ascii=False))
+    return path
+
+
+def checkpoint_file(path: str) -> str:
+    """The safetensors file of a checkpoint given as the file itself, its step folder, or a run
+    folder (checkpoints/<run>: the checkpoint its `latest` pointer names, else the newest)."""
+    found = path
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
+        found = find_latest(path) or path
+    if os.path.isdir(found):
+        found = os.path.join(found, CHECKPOINT_FILE)
+    if not os.path.isfile(found):
+        raise FileNotFoundError(f"no checkpoint at {path}: give a run folder (checkpoints/<run>), one of its "
+                                f"step folders, or a {CHECKPOINT_FILE}")
+    return found
+
+
+class NotACheckpoint(FileNotFoundError):
+    """A path that names a file, but not a checkpoint of this project (an image, another model's
+    safetensors): every caller that reports a missing checkpoint in one line reports this too."""
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """The metadata a checkpoint describes itself with (spec, tuning, step, run, config)."""
+    try:
+        with safe_open(checkpoint_file(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except SafetensorError as e:      # an image or any other file given as --checkpoint
+        raise NotACheckpoint(f"{path} is not a checkpoint: not a safetensors file ({e}). Give a run folder "
+                             f"(checkpoints/<run>), one of its step folders, or a {CHECKPOINT_FILE}") from None
+    if METADATA_KEY not in meta:
+        raise NotACheckpoint(f"{path} is not a checkpoint of this project: a safetensors file without the "
+                             f"'{METADATA_KEY}' metadata that train_stage1/2/3 write")
+    return json.loads(meta[METADATA_KEY])
+
+
+def load_projector_weights(model: LlavaModel, path: str) -> None:
+    """Strict load: every key present, no extras, same shapes (a silent partial load is how
+    'loss stuck at 7.5' reports start)."""
+    state = load_file(checkpoint_file(path), device="cpu")
+    missing, unexpected = model.projector.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: projector keys do not match; missing={missing} unexpected={unexpected}")
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu", vision_tower: str | None = None,
+                    llm: str | None = None, trainable: bool = False, **build_kwargs) -> tuple[LlavaModel, Any, dict]:
+    """Rebuild the model of any stage from a checkpoint alone; `vision_tower`/`llm` override
+    stored paths (`llm`: the base LLM; a full-tuned checkpoint carries its own LLM in llm/).
+
+    Everything is loaded strictly: the projector, a tuned LLM (from_pretrained refusing missing
+    weights) and LoRA adapters (every tensor checked). `trainable`: LoRA adapters come back
+    trainable (resume); `model.tuning` is the checkpoint's either way.
+    """
+    meta = read_checkpoint_meta(path)
+    spec = ModelSpec.from_dict(meta["spec"])
+    tuning = Tuning(**meta.get("tuning", {}))
+    folder = os.path.dirname(os.path.abspath(checkpoint_file(path)))
+    stored = asdict(spec)
+    if vision_tower:
+        spec.vision_tower, spec.vision_path = vision_tower, ""
+    if tuning.llm == "full":
+        if llm:
+            raise ValueError(f"{path}: the LLM was tuned in full and lives in {LLM_DIR}/; --llm cannot replace it")
+        spec.llm_path = os.path.join(folder, LLM_DIR)
+    elif llm:
+        spec.llm, spec.llm_path = llm, ""
+    device = torch.device(device)
+    if tuning.load_in_4bit and device.type != "cuda":
+        # The adapter applies to the base in full precision too (what merging does); say so.
+        console.warn(f"{path}: trained over a 4-bit base (QLoRA); on {device.type} the base loads in full precision")
+    elif tuning.load_in_4bit:
+        check_device(tuning, device)
+        build_kwargs.setdefault("load_in_4bit", True)
+    if tuning.llm == "full" and device.type == "cuda" and trainable:
+        build_kwargs.setdefault("llm_dtype", torch.float32)   # master weights for more training
+    model, tokenizer = build_model(spec, device, **build_kwargs)
+    for key in ("num_image_tokens", "vision_hidden_size", "llm_hidden_size"):
+        if stored[key] != getattr(model.spec, key):
+            raise ValueError(f"{path}: checkpoint has {key}={stored[key]} but the loaded models give "
+                             f"{getattr(model.spec, key)}; wrong --vision_tower/--llm?")
+    load_projector_weights(model, path)
+    if tuning.llm == "lora":
+        model.llm = load_adapter(model.llm, folder, trainable)
+    model.tuning = tuning
+    return model, tokenizer, meta
+
+
+def summary_from_configs(vision: str, llm: str, projector: str = "linear", models_dir: str = "models",
+                         feature_layer: int | None = None, feature_select: str | None = None) -> dict[str, Any]:
+    """backbones.describe plus the projector: image tokens, widths, parameters per part and bf16
+    weight memory of a whole model, from configs alone (nothing downloaded or loaded)."""
+    d = describe(vision, llm, models_dir, feature_layer, feature_select)
+    with torch.device("meta"):
+        proj = sum(p.numel() for p in Projector(projector, d["d_v"], d["d_lm"]).parameters())
+    params = {"vision": d["params"]["vision"], "projector": proj, "llm": d["params"]["llm"]}
+    return {"vision": vision, "llm": llm, "image_tokens_per_image": d["image_tokens_per_image"],
+            "widths": f"D_v={d['d_v']} -> D_lm={d['d_lm']}", "params": params, "trainable": proj,
+            "bf16_weights_gib": round(sum(params.values()) * 2 / 2**30, 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = Parser(description=__doc__)
+    p.add_argument("--summary", action="store_true", help="print the summary from configs (what happens when "
+                                                          "--list is not given)")
+    p.add_argument("--list", action="store_true", help="list registry ids and presets")
+    p.add_argument("--model", choices=list(PRESETS), help="a preset")
+    p.add_argument("--vision_tower", help="registry id or local folder (overrides the preset's)")
+    p.add_argument("--llm", help="registry id or local folder (overrides the preset's)")
+    p.add_argument("--projector", choices=Projector.TYPES, help="projector type (overrides the preset's)")
+    p.add_argument("--models_dir", default="models", help="where registry ids live")
+    args = p.parse_args(argv)
+    if args.list:
+        for k, info in REGISTRY.items():
+            console.kv(k, f"{info.kind:<6} hf={info.hf}  modelscope={info.modelscope}  {info.note}", 18)
+        for k, v in PRESETS.items():
+            console.kv(k, f"{v['vision_tower']} + {v['projector']} + {v['llm']}", 26)
+    if args.summary or not args.list:
+        preset = PRESETS.get(args.model or "", {})
+        vision, llm = args.vision_tower or preset.get("vision_tower"), args.llm or preset.get("llm")
+        if not (vision and llm):
+            p.error("give --model PRESET or both --vision_tower and --llm (or --list)")
+        projector = args.projector or preset.get("projector", "linear")
+        for k, v in summary_from_configs(vision, llm, projector, args.models_dir).items():
+            console.kv(k, v)
+
+
+if __name__ == "__main__":
+    main()
