@@ -20,9 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from backbones import (MODELSCOPE_CLIP, PRESETS, REGISTRY, VISION_TYPES, describe, detect_vision_type,
-                       from_pretrained_strict, knows_vision_markers, load_llm, load_modelscope_chinese_clip,
-                       load_tokenizer, preprocessing, resolve_model)
+                       from_pretrained_strict, knows_vision_markers, load_llm, load_tokenizer, preprocessing,
+                       resolve_model)
 from model import LlavaModel, ModelSpec, Projector, VisionTower
+from modelscope_clip import load_modelscope_chinese_clip
 from prompts import ensure_image_token
 from tuning import LLM_DIR, Tuning, check_device, load_adapter, quantization_config, save_llm
 from utils import console

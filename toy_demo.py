@@ -32,7 +32,8 @@ from heldout import caption_exact_match
 from model import ModelSpec
 from prompts import CAPTION_PROMPT
 from readers import read_chat_json, read_records
-from toy_world import QUESTIONS, STYLE_NOTE, VQA_TEMPLATE, ToyPaths, ensure_instruction_data, ensure_toy_world
+from toy_instructions import QUESTIONS, STYLE_NOTE, ensure_instruction_data
+from toy_world import VQA_TEMPLATE, ToyPaths, ensure_toy_world
 from tuning import ADAPTER_DIR
 from utils import console
 from utils.checkpoint import STAGE_SCRIPTS, find_latest

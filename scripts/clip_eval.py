@@ -30,8 +30,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from backbones import (CLIP_MEAN, CLIP_STD, MODELSCOPE_CLIP, detect_vision_type, from_pretrained_strict,  # noqa: E402
-                       load_modelscope_chinese_clip, modelscope_state_dict, read_json, resolve_model)
+                       resolve_model)
 from dataset import IMAGE_EXTENSIONS, ImageTransform, decode_image  # noqa: E402
+from modelscope_clip import load_modelscope_chinese_clip, modelscope_state_dict, read_json  # noqa: E402
 from utils.config import Parser  # noqa: E402
 from utils.dist import pick_device  # noqa: E402
 from utils.skips import SampleError  # noqa: E402
@@ -66,7 +67,7 @@ def _modelscope_text_config(path: str, sd: dict[str, torch.Tensor]) -> dict:
 def load_modelscope_full(path: str) -> torch.nn.Module:
     """ModelScope's Chinese-CLIP checkpoint -> ChineseCLIPModel (both towers + projections).
 
-    The vision tower goes through backbones.load_modelscope_chinese_clip (the same mapping that
+    The vision tower goes through modelscope_clip.load_modelscope_chinese_clip (the same mapping that
     training uses); `bert.*` maps 1:1 onto ChineseCLIPTextModel (transformers' converter does the
     same), `visual.proj` / `text_projection` are [in, out] matrices, so Linear weights are their
     transposes. Missing weights raise; the only weights left out are BERT's pooler, which

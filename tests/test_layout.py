@@ -10,16 +10,17 @@ from tests.conftest import ROOT
 # utils/, whose helpers lean on each other (acyclically: checked below).
 LAYERS = {
     "utils": 0,
-    "backbones": 1, "prompts": 1, "tuning": 1,  # where models come from | the prompt contract | what trains
-    "model": 2, "readers": 2,           # the architecture | one reader per on-disk format
-    "dataset": 3, "checkpoint_io": 3,   # images, the dataset, sampler, collates | build, save, load a model
-    "assistant": 4, "convert_vqa": 4, "toy_world": 4,   # answering | VQA -> chat.json | the offline world
-    "heldout": 5,                       # evaluation during training (held-out loss, gap, samples, exact match)
-    "bookkeeping": 6, "eval_llava": 6, "toy_demo": 6, "web_demo": 6,   # a run's logs and checkpoints | the CLIs
-    "train_config": 7,                  # a run's configuration and where its models come from
-    "train_stage1": 8,                  # the training loop
-    "train_stage2": 9, "train_stage3_lora": 9,   # the later stages: the same loop with their defaults
-    "scripts": 10,                      # runnable helpers: leaves, nothing imports them
+    "modelscope_clip": 1,               # one foreign on-disk format: ModelScope's Chinese-CLIP
+    "backbones": 2, "prompts": 2, "tuning": 2,  # where models come from | the prompt contract | what trains
+    "model": 3, "readers": 3,           # the architecture | one reader per on-disk format
+    "dataset": 4, "checkpoint_io": 4,   # images, the dataset, sampler, collates | build, save, load a model
+    "assistant": 5, "convert_vqa": 5, "toy_world": 5,   # answering | VQA -> chat.json | the offline world
+    "heldout": 6, "toy_instructions": 6,   # evaluation during training | stages 2/3's toy data beside the world
+    "bookkeeping": 7, "eval_llava": 7, "toy_demo": 7, "web_demo": 7,   # a run's logs and checkpoints | the CLIs
+    "train_config": 8,                  # a run's configuration and where its models come from
+    "train_stage1": 9,                  # the training loop
+    "train_stage2": 10, "train_stage3_lora": 10,   # the later stages: the same loop with their defaults
+    "scripts": 11,                      # runnable helpers: leaves, nothing imports them
 }
 
 

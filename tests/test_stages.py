@@ -26,7 +26,7 @@ from model import ModelSpec
 from prompts import (IGNORE_INDEX, IMAGE_PLACEHOLDER, PromptFormat, encode_conversation, encode_prompt,
                      history_matches_live_chat, with_image_placeholder)
 from tests.conftest import ROOT
-from toy_world import ensure_instruction_data
+from toy_instructions import ensure_instruction_data
 from tuning import Tuning, add_lora, assert_trainable, check_device, set_trainable
 from utils.checkpoint import find_latest
 
