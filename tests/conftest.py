@@ -42,6 +42,20 @@ def cached_world(size: str):
                                 log=lambda *a: None)
 
 
+def train_argv(world, out, name: str = "run", steps: int = 8, *extra: str, **flags) -> list[str]:
+    """A training command line on a toy world (`tiny` or `toy`), writing runs/ and ck/ under `out`.
+    Small and quiet by default (batch 4, no workers, no periodic evaluation, 8 held-out samples,
+    no sample replies); `flags` (--key value, True for a bare switch) and `extra` (raw words) come
+    after the defaults, and argparse keeps the last value of a repeated flag."""
+    argv = ["--vision_tower", world.vision, "--llm", world.llm, "--data_root", world.train,
+            "--eval_data_root", world.eval, "--max_steps", str(steps), "--batch_size", "4", "--num_workers", "0",
+            "--eval_interval", "0", "--eval_samples", "8", "--sample_replies", "0", "--run_name", name,
+            "--runs_dir", str(out / "runs"), "--checkpoints_dir", str(out / "ck")]
+    for key, value in flags.items():
+        argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return argv + list(extra)
+
+
 @pytest.fixture(scope="session")
 def toy():
     """The trained toy world (its LM prior and tower pretrained): for evidence of alignment."""

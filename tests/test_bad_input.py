@@ -146,7 +146,7 @@ def server():
     }
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)   # poll: a quick shutdown
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_port}", _Handler.hits, len(good)
     release.set()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dataset import ImageLoader
 from eval_llava import chat, image_reference
-from tests.conftest import ROOT
+from tests.conftest import ROOT, train_argv
 
 
 class FakeAssistant:
@@ -111,10 +111,7 @@ def tiny_run(tiny, tmp_path_factory):
     import train_stage1
 
     out = tmp_path_factory.mktemp("chat_run")
-    train_stage1.main(["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.train,
-                       "--eval_data_root", tiny.eval, "--max_steps", "4", "--batch_size", "4", "--num_workers", "0",
-                       "--eval_interval", "0", "--eval_samples", "4", "--sample_replies", "0", "--save_interval", "2",
-                       "--run_name", "c", "--runs_dir", str(out / "runs"), "--checkpoints_dir", str(out / "ck")])
+    train_stage1.main(train_argv(tiny, out, "c", 4, eval_samples=4, save_interval=2))
     return out / "ck" / "c"
 
 

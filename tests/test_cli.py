@@ -15,7 +15,7 @@ import pytest
 import toy_demo
 import train_config
 import train_stage1
-from tests.conftest import ROOT
+from tests.conftest import ROOT, train_argv
 from utils.checkpoint import resume_command
 
 SCRIPTS = ["train_stage1.py", "train_stage2.py", "train_stage3_lora.py", "eval_llava.py", "web_demo.py", "convert_vqa.py",
@@ -136,11 +136,7 @@ def test_values_that_cannot_work_are_refused_when_parsing(argv, message, capsys)
 
 
 def test_intervals_of_zero_mean_off(tiny, tmp_path, capsys):
-    summary = train_stage1.main([
-        "--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.train, "--eval_data_root", tiny.eval,
-        "--max_steps", "12", "--batch_size", "4", "--num_workers", "0", "--eval_samples", "8", "--sample_replies", "0",
-        "--log_interval", "0", "--save_interval", "0", "--eval_interval", "0", "--run_name", "z",
-        "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck")])
+    summary = train_stage1.main(train_argv(tiny, tmp_path, "z", 12, log_interval=0, save_interval=0, eval_interval=0))
     out = capsys.readouterr().out
     assert summary["steps"] == 12 and "step 12/12" not in out and "eval @" not in out   # no log lines, no evals
     assert sorted(os.listdir(tmp_path / "ck" / "z")) == ["latest", "step_000012"]      # only the final save
@@ -158,6 +154,7 @@ def test_resume_hint_repeats_the_command_with_the_run_name_once():
         "python train_stage1.py --trackers '[\"jsonl\"]' --run_id r --resume auto"
 
 
+@pytest.mark.slow   # a demo: two measurements around a training run
 def test_demo_logs_its_before_and_after_figures_and_prints_its_wall_time(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(toy_demo, "ensure_toy_world", lambda *a, **kw: tiny)   # the test world stands in for the demo's
     summary = train_stage1.main(["--demo", "--max_steps", "10", "--batch_size", "8", "--num_workers", "0",

@@ -107,7 +107,7 @@ def test_vqav2_resumes_an_interrupted_archive_and_extracts_atomically(tmp_path, 
                     "/zips/val2014.zip": _zip({"val2014/COCO_val2014_000000000009.jpg": b"jpeg" * 300})}
     _Files.cut, _Files.ranges = set(), []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     base = f"http://127.0.0.1:{server.server_port}"
     monkeypatch.setitem(download_data.VQA_FILES, "val", [
         (f"{base}/vqa/v2_Questions_Val_mscoco.zip", "v2_OpenEnded_mscoco_val2014_questions.json"),

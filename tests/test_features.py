@@ -9,6 +9,7 @@ import pytest
 from dataset import ImageLoader, ImageTransform, LlavaDataset
 from readers import read_records
 from heldout import heldout_loss
+from tests.conftest import train_argv
 from scripts.cache_features import cache_features
 from utils.feature_cache import FeatureCache, cache_key
 
@@ -79,11 +80,9 @@ def test_training_from_the_cache(tiny, caches, tmp_path):
     import train_stage1
 
     out, _, _ = caches
-    argv = ["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.eval, "--eval_data_root", tiny.eval,
-            "--max_steps", "3", "--batch_size", "8", "--num_workers", "0", "--eval_interval", "0",
-            "--sample_replies", "0", "--feature_layer", "-1", "--feature_select", "all", "--feature_post_norm",
-            "--features_cache", str(out / "fp32"), "--runs_dir", str(tmp_path / "runs"),
-            "--checkpoints_dir", str(tmp_path / "ck"), "--trackers", "jsonl"]
+    argv = train_argv(tiny, tmp_path, "cached", 3, "--feature_post_norm", data_root=tiny.eval, batch_size=8,
+                      eval_samples=500, feature_layer=-1, feature_select="all", features_cache=out / "fp32",
+                      trackers="jsonl")
     summary = train_stage1.main(argv + ["--run_name", "cached"])
     assert summary["steps"] == 3 and summary["skipped"] == {}
     with pytest.raises(ValueError, match="feature_select"):

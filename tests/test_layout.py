@@ -1,8 +1,10 @@
-"""Imports go one way (DESIGN.md, Layout): every project file is parsed with ast, imports inside
-functions included, and no module may import one of its own layer or above; no cycles at all."""
+"""Imports go one way (the README's "目录结构（Layout）" section, whose table of floors must match
+LAYERS below): every project file is parsed with ast, imports inside functions included, and no
+module may import one of its own layer or above; no cycles at all."""
 
 import ast
 import os
+import re
 
 from tests.conftest import ROOT
 
@@ -113,3 +115,12 @@ def test_training_imports_no_command_line_file():
                 todo.append(dep)
     assert {"heldout", "assistant", "bookkeeping", "checkpoint_io"} <= seen
     assert not seen & {"eval_llava", "web_demo", "convert_vqa"}, seen & {"eval_llava", "web_demo", "convert_vqa"}
+
+
+def test_the_readme_layout_table_is_the_one_in_the_code():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## 目录结构（Layout）"):]
+    section = section[:section.index("\n## ", 1)]
+    floors = {m: int(n) for n, mods in re.findall(r"^\| (\d+) \| (.+) \|$", section, re.M)
+              for m in re.findall(r"`(\w+)`", mods)}
+    assert floors == LAYERS

@@ -12,14 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import train_stage1
-from tests.conftest import ROOT
+from tests.conftest import ROOT, train_argv
 
 
 def base_args(tiny, out, name="h", steps=30, *extra):
-    return ["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.train, "--eval_data_root", tiny.eval,
-            "--max_steps", str(steps), "--batch_size", "8", "--num_workers", "0", "--eval_samples", "16",
-            "--sample_replies", "0", "--run_name", name, "--runs_dir", str(out / "runs"),
-            "--checkpoints_dir", str(out / "ck"), *extra]
+    return train_argv(tiny, out, name, steps, "--eval_interval", "200", *extra, batch_size=8, eval_samples=16)
 
 
 def run_cli(argv, timeout=300, **kw):
@@ -29,12 +26,10 @@ def run_cli(argv, timeout=300, **kw):
 
 
 def chat_args(tiny, out, image_root, *extra):
-    return ["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_format", "chat",
-            "--chat_json", os.path.join(tiny.train, "chat.json"), "--image_root", image_root,
-            "--eval_data_root", tiny.eval, "--eval_chat_json", os.path.join(tiny.eval, "chat.json"),
-            "--max_steps", "20", "--batch_size", "8", "--num_workers", "0", "--eval_samples", "8",
-            "--sample_replies", "0", "--run_name", "e", "--runs_dir", str(out / "runs"),
-            "--checkpoints_dir", str(out / "ck"), *extra]
+    argv = train_argv(tiny, out, "e", 20, "--eval_interval", "200", "--data_root", "", *extra, batch_size=8,
+                      data_format="chat", chat_json=os.path.join(tiny.train, "chat.json"), image_root=image_root,
+                      eval_chat_json=os.path.join(tiny.eval, "chat.json"))
+    return argv
 
 
 # --------------------------------------------------------------------------- no progress possible
@@ -106,7 +101,7 @@ def test_second_ctrl_c_while_waiting_for_data_quits_without_a_traceback(tiny, tm
     _Gate.open.clear()
     _Gate.asked.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     records = json.load(open(os.path.join(tiny.train, "chat.json")))[:64]
     for r in records:
         r["image"] = f"http://127.0.0.1:{server.server_port}/{r['image']}"
@@ -205,6 +200,7 @@ def test_healthy_short_run_is_silent_and_logs_memory_and_a_step_0_eval(toy, tmp_
     assert summary["eval_loss_before"] > summary["eval_loss"]
 
 
+@pytest.mark.slow   # an in-process training run: the slow tier
 def test_a_smoke_run_too_short_to_judge_says_so_instead_of_raising_alarms(tiny, tmp_path, capsys):
     """20 steps that barely move the loss (a tiny lr): the soft checks have nothing to judge yet."""
     summary = train_stage1.main(base_args(tiny, tmp_path, "smoke", 20, "--lr", "1e-6", "--eval_interval", "10"))
@@ -226,6 +222,7 @@ def test_the_end_of_run_summary_is_rounded_for_reading_and_summary_json_is_whole
     assert saved["eval_loss"] == summary["eval_loss"] and len(repr(saved["eval_loss"])) > 8
 
 
+@pytest.mark.slow   # an in-process training run: the slow tier
 def test_zero_learning_rate_raises_the_flat_loss_alarm(tiny, tmp_path, capsys):
     summary = train_stage1.main(base_args(tiny, tmp_path, "lr0", 20, "--lr", "0", "--eval_interval", "10"))
     kinds = [a["kind"] for a in summary["alarms"]]
@@ -240,6 +237,7 @@ def test_zero_learning_rate_raises_the_flat_loss_alarm(tiny, tmp_path, capsys):
     assert "alarm/flat_loss" in acc.Tags()["scalars"] and any(t.startswith("alarms") for t in acc.Tags()["tensors"])
 
 
+@pytest.mark.slow   # an in-process training run: the slow tier
 def test_projector_output_scaled_to_zero_raises_grad_and_gap_alarms(tiny, tmp_path, monkeypatch):
     from model import Projector
 
@@ -252,6 +250,7 @@ def test_projector_output_scaled_to_zero_raises_grad_and_gap_alarms(tiny, tmp_pa
     assert summary["image_ablation_gap"] == 0.0
 
 
+@pytest.mark.slow   # an in-process training run: the slow tier
 def test_a_high_skip_rate_raises_the_skip_alarm(tiny, tmp_path):
     records = json.load(open(os.path.join(tiny.train, "chat.json")))
     for r in records[::5]:                                           # every fifth image missing: 20%

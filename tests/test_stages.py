@@ -25,7 +25,7 @@ from checkpoint_io import build_model, load_checkpoint, save_checkpoint
 from model import ModelSpec
 from prompts import (IGNORE_INDEX, IMAGE_PLACEHOLDER, PromptFormat, encode_conversation, encode_prompt,
                      history_matches_live_chat, with_image_placeholder)
-from tests.conftest import ROOT
+from tests.conftest import ROOT, train_argv
 from toy_instructions import ensure_instruction_data
 from tuning import Tuning, add_lora, assert_trainable, check_device, set_trainable
 from utils.checkpoint import find_latest
@@ -310,9 +310,8 @@ def chain(tiny, tmp_path_factory):
     tiny world, exportable settings (no post-norm). Returns the three step folders."""
     out = tmp_path_factory.mktemp("chain")
     data = ensure_instruction_data(tiny, "tiny", log=lambda *a: None)
-    s1 = train_stage1.main(["--vision_tower", tiny.vision, "--llm", tiny.llm, "--data_root", tiny.train,
-                            "--eval_data_root", tiny.eval, "--feature_layer", "-1", "--feature_select", "all",
-                            "--no-feature_post_norm", *common(out, "s1", 4)])
+    s1 = train_stage1.main(train_argv(tiny, out, "s1", 4, "--no-feature_post_norm", *common(out, "s1", 4),
+                                      feature_layer=-1, feature_select="all"))
     s2 = train_stage2.main(["--stage1", s1["checkpoint"], "--data_root", data.sft_train, "--lr", "1e-3",
                             "--eval_ratio", "0.1", *common(out, "s2_full", 4)])
     s3 = train_stage3_lora.main(["--init", s2["checkpoint"], "--data_format", "chat", "--chat_json", data.style_train,

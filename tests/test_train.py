@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, train_argv
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,8 @@ def short_run(toy, tmp_path_factory):
     import train_stage1
 
     out = tmp_path_factory.mktemp("run")
-    argv = ["--vision_tower", toy.vision, "--llm", toy.llm, "--data_root", toy.train, "--eval_data_root", toy.eval,
-            "--max_steps", "100", "--batch_size", "16", "--num_workers", "0", "--instructions", "zh",
-            "--eval_interval", "50", "--eval_samples", "48", "--save_interval", "50", "--sample_replies", "2",
-            "--run_name", "t", "--runs_dir", str(out / "runs"), "--checkpoints_dir", str(out / "checkpoints"),
-            "--device", DEVICE]
+    argv = train_argv(toy, out, "t", 100, batch_size=16, instructions="zh", eval_interval=50, eval_samples=48,
+                      save_interval=50, sample_replies=2, checkpoints_dir=out / "checkpoints", device=DEVICE)
     return train_stage1.main(argv), out
 
 
