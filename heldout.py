@@ -118,7 +118,10 @@ def caption_exact_match(assistant: Assistant, ds: LlavaDataset, instruction: str
 
 
 def log_sample_replies(assistant: Assistant, ds: LlavaDataset, n: int, logger: RunLogger | None, step: int) -> None:
-    """Answer a few held-out images and log prompt, reply and reference (and the image)."""
+    """Answer the first n held-out images and log prompt, reply and reference (and the image);
+    n = 0 logs none (heldout_items reads 0 as "all", which is right for scores, not for a log)."""
+    if n <= 0:
+        return
     items, refs = heldout_items(ds, n)
     replies = assistant.reply_batch(items, max_new_tokens=64)
     for k, ((image, msgs), reply, ref) in enumerate(zip(items, replies, refs)):

@@ -110,7 +110,7 @@ class TrainConfig:
     eval_interval: int = _f(200, "steps between held-out evaluations, plus one before training "
                                  "(0 = only once, at the end)")
     eval_samples: int = _f(500, "held-out samples per evaluation (0 = all)")
-    sample_replies: int = _f(4, "held-out images answered and logged at each evaluation")
+    sample_replies: int = _f(4, "held-out images answered and logged at each evaluation (0: none)")
     save_interval: int = _f(100, "steps between checkpoints (the align plan's 100; 0 = only at the end and on a stop)")
     keep_last: int = _f(3, "keep the newest K step checkpoints (0 = all)")
     resume: str = _f("", "'auto': continue from the newest complete checkpoint of --run_name; or a checkpoint path")

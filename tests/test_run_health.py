@@ -214,8 +214,9 @@ def test_a_smoke_run_too_short_to_judge_says_so_instead_of_raising_alarms(tiny, 
 
 
 def test_the_end_of_run_summary_is_rounded_for_reading_and_summary_json_is_whole(tiny, tmp_path, capsys):
-    summary = train_stage1.main(base_args(tiny, tmp_path, "round", 4, "--eval_interval", "0"))
+    summary = train_stage1.main(base_args(tiny, tmp_path, "round", 4, "--eval_interval", "4"))
     out = capsys.readouterr().out
+    assert "[sample " not in out                                      # --sample_replies 0 (train_argv's): none
     done = out[out.index("\ndone\n"):]
     assert f"{summary['eval_loss']:.4f}" in done and repr(summary["eval_loss"]) not in done
     saved = json.loads((tmp_path / "runs" / "round" / "summary.json").read_text())
