@@ -18,6 +18,10 @@ from tests.conftest import ROOT, train_argv
 from utils.checkpoint import find_latest
 
 
+STEPS = 80  # 5 epochs of the tiny world at batch 4: the stops land early, the resumes cross epoch ends
+LAST = f"step_{STEPS:06d}"
+
+
 def args(tiny, out, name, steps, *extra):
     return train_argv(tiny, out, name, steps, "--feature_post_norm", *extra, save_interval=4, keep_last=0,
                       feature_layer=-1, feature_select="all", lr=3e-3)
@@ -63,9 +67,9 @@ def projector(ckpt):
 
 @pytest.fixture(scope="module")
 def straight(tiny, tmp_path_factory):
-    """The uninterrupted reference: 160 steps in one process."""
+    """The uninterrupted reference: STEPS steps in one process."""
     out = tmp_path_factory.mktemp("straight")
-    proc = cli(args(tiny, out, "ref", 160))
+    proc = cli(args(tiny, out, "ref", STEPS))
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log[-3000:]
     return out
@@ -73,18 +77,18 @@ def straight(tiny, tmp_path_factory):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_auto_is_bit_identical(tiny, tmp_path, straight):
-    proc = cli(args(tiny, tmp_path, "r", 160))
+    proc = cli(args(tiny, tmp_path, "r", STEPS))
     wait_for_checkpoint(proc, tmp_path / "ck" / "r")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     resumed_at = int(os.path.basename(find_latest(str(tmp_path / "ck" / "r")))[5:])
-    assert resumed_at < 160
-    proc = cli(args(tiny, tmp_path, "r", 160, "--resume", "auto"))
+    assert resumed_at < STEPS
+    proc = cli(args(tiny, tmp_path, "r", STEPS, "--resume", "auto"))
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log[-3000:]
     assert "resumed from" in log and f"at step {resumed_at}" in log
-    a, b = projector(straight / "ck" / "ref" / "step_000160"), projector(tmp_path / "ck" / "r" / "step_000160")
+    a, b = projector(straight / "ck" / "ref" / LAST), projector(tmp_path / "ck" / "r" / LAST)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(tmp_path / "runs" / "r") == losses(straight / "runs" / "ref")  # every step once, identical
 
@@ -93,7 +97,7 @@ def test_kill_9_then_resume_auto_is_bit_identical(tiny, tmp_path, straight):
 def test_sigterm_to_the_process_group_finishes_the_step_saves_and_says_how_to_resume(tiny, tmp_path, straight):
     """What `timeout`, Slurm and `kill -TERM -- -PGID` do: every process of the group gets SIGTERM,
     the DataLoader workers too. The step finishes, a checkpoint is written, the resume is exact."""
-    proc = cli(args(tiny, tmp_path, "t", 160, "--save_interval", "1000", "--num_workers", "2"),  # only the stop saves
+    proc = cli(args(tiny, tmp_path, "t", STEPS, "--save_interval", "1000", "--num_workers", "2"),  # only the stop saves
                start_new_session=True)                                # setsid: a process group of its own
     # Wait until training has started (the metrics file grows), then signal the whole group.
     deadline = time.time() + 300
@@ -109,10 +113,10 @@ def test_sigterm_to_the_process_group_finishes_the_step_saves_and_says_how_to_re
     assert "Ctrl-C" not in log and "killed by signal" not in log and "Traceback" not in log
     assert "--resume auto" in log and "stopped at step" in log
     stopped = find_latest(str(tmp_path / "ck" / "t"))
-    assert stopped is not None and not stopped.endswith("step_000160")
-    proc = cli(args(tiny, tmp_path, "t", 160, "--save_interval", "1000", "--resume", "auto"))
+    assert stopped is not None and not stopped.endswith(LAST)
+    proc = cli(args(tiny, tmp_path, "t", STEPS, "--save_interval", "1000", "--resume", "auto"))
     assert proc.communicate(timeout=600)[0] and proc.returncode == 0
-    a, b = projector(straight / "ck" / "ref" / "step_000160"), projector(tmp_path / "ck" / "t" / "step_000160")
+    a, b = projector(straight / "ck" / "ref" / LAST), projector(tmp_path / "ck" / "t" / LAST)
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
