@@ -28,15 +28,15 @@ def tolerance(device: str | torch.device = DEVICE) -> dict:
 
 def cached_world(size: str):
     """A toy world built once into .cache/ (git-ignored) and reused while its recipe stamp
-    matches; a file lock keeps concurrent pytest processes from building it twice. Tests only
-    read it."""
+    matches; a file lock per size keeps concurrent pytest processes (and the background build,
+    pytest_collection_finish) from building it twice. Tests only read it."""
     import fcntl
 
     from toy_world import ensure_toy_world
 
     base = os.environ.get("LLAVA_TOY_TEST_DIR", os.path.join(ROOT, ".cache", "toy_test"))
     os.makedirs(base, exist_ok=True)
-    with open(os.path.join(base, ".lock"), "w") as lock:
+    with open(os.path.join(base, f".lock-{size}"), "w") as lock:   # a lock per size: tiny never waits for test
         fcntl.flock(lock, fcntl.LOCK_EX)
         return ensure_toy_world(size, os.path.join(base, "models", "toy"), os.path.join(base, "data", "toy"),
                                 log=lambda *a: None)
