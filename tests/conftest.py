@@ -72,41 +72,10 @@ def tiny():
 def pytest_collection_modifyitems(items):
     """The trained toy world takes a while to build and its tests train for real: they are the
     slow tier (`python -m pytest -m "not slow"` leaves them out), with subprocess and torchrun
-    tests, which carry the marker themselves. They run last, in file order, so that the world
-    can build in the background meanwhile (pytest_collection_finish)."""
+    tests, which carry the marker themselves."""
     for item in items:
         if "toy" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: "toy" in item.fixturenames)  # stable: file order within each group
-
-
-_background_build: list = []
-
-
-def pytest_collection_finish(session):
-    """When tests that need the trained toy world follow others, it builds in a process of its own
-    while those run (~30 s of a 2-core machine's time that the tests before it leave mostly idle:
-    they wait on interpreters starting and on each other). It holds the world's file lock, so the
-    `toy` fixture waits for it and then reuses the world; if it failed, the fixture builds again
-    and the error is the test's. Its log: build.log beside the world."""
-    import subprocess
-
-    uses = ["toy" in item.fixturenames for item in session.items]
-    if not any(uses) or uses[0]:
-        return                                      # nothing to overlap: the fixture builds it in place
-    base = os.environ.get("LLAVA_TOY_TEST_DIR", os.path.join(ROOT, ".cache", "toy_test"))
-    os.makedirs(base, exist_ok=True)
-    with open(os.path.join(base, "build.log"), "w") as log:
-        _background_build.append(subprocess.Popen(
-            [sys.executable, "-c", "from tests.conftest import cached_world; cached_world('test')"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-
-
-def pytest_sessionfinish(session):
-    for proc in _background_build:                  # a stopped session leaves no build behind
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
