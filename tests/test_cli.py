@@ -283,11 +283,14 @@ def test_a_download_with_no_network_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_tests_log_ends_with_the_pytest_count(tmp_path):
-    """pytest.ini passes -q already; a second -q (-qq) dropped the "N passed" line from tests.log."""
+    """pytest.ini passes -q already; a second -q (-qq) dropped the "N passed" line from tests.log.
+    The step runs one device test of a file of its own: what is checked is the step's pytest
+    command line and its log, not the suite (which would only add a model load)."""
+    (tmp_path / "test_one.py").write_text("import pytest\n\n\n@pytest.mark.device\ndef test_one():\n    pass\n")
     res = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out"), "--dry-run", "--only", "tests"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "WORK": str(tmp_path / "work"),
-                              "PYTEST_ADDOPTS": "tests/test_model.py -k test_slot_count_mismatch_raises"})
+                              "PYTEST_ADDOPTS": f"--rootdir {ROOT} -c {ROOT}/pytest.ini {tmp_path / 'test_one.py'}"})
     log = (tmp_path / "out" / "tests.log").read_text()
     assert re.search(r"\b1 passed\b", log), log[-2000:]
     assert "tests on cpu: exit 0" in res.stdout and "benchmark" not in res.stdout    # --only: that step alone
