@@ -80,10 +80,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "clip-zh-qwen3-0.6b": dict(vision_tower="clip-vit-b16-zh", llm="qwen3-0.6b", projector="linear",
                                lr=2e-3, batch_size=16, max_samples=100_000, data_format="sa1b"),
     # The align plan: DINOv3 ViT-B/16 + the text model of Qwen3-VL-2B, Prismatic's align-stage
-    # defaults (gelu-mlp projector, lr 1e-3, global batch 256, cosine with 3% warmup, 1 epoch).
+    # defaults (gelu-mlp projector, lr 1e-3, global batch 256, cosine with 3% warmup, 1 epoch, FSDP
+    # keeping parameters gathered from forward to backward).
     "dinov3-qwen3vltext-align": dict(vision_tower="dinov3-vitb16", llm="qwen3vl-2b-text", projector="mlp2x_gelu",
                                      lr=1e-3, batch_size=16, global_batch_size=256, epochs=1, weight_decay=0.0,
-                                     max_grad_norm=1.0, warmup_ratio=0.03, save_interval=100, data_format="chat"),
+                                     max_grad_norm=1.0, warmup_ratio=0.03, save_interval=100, data_format="chat",
+                                     train_strategy="fsdp-shard-grad-op"),
     # LLaVA-1.5's recipe on a Qwen3 LLM: CLIP-L/14-336 (layer -2, patches) + mlp2x_gelu.
     "llava15-qwen3-1.7b": dict(vision_tower="clip-vit-l14-336", llm="qwen3-1.7b", projector="mlp2x_gelu",
                                lr=1e-3, batch_size=32, global_batch_size=256, warmup_ratio=0.03, data_format="chat"),

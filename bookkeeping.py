@@ -3,8 +3,10 @@ run's folders (runs/<run>/ and checkpoints/<run>/, resume or refusal), what is l
 (metrics.jsonl, TensorBoard, a line every --log_interval, alarms), held-out evaluation with sample
 replies, checkpoints with the state that makes a resume exact, and the summary at the end.
 
-Rank 0 logs, evaluates and writes; every rank contributes its data position and RNG to a
-checkpoint and its skip counts to the summary.
+Every rank evaluates its share of the held-out set (a sharded model needs every rank in each
+forward) and writes its shards of a checkpoint's resume state; rank 0 logs, writes the files
+people use and the summary; every rank contributes its data position and RNG to a checkpoint
+and its skip counts to the summary.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from checkpoint_io import save_checkpoint
 from dataset import Batch, LlavaDataset
 from heldout import eval_summary, heldout_loss, log_heldout_loss, log_sample_replies
 from model import LlavaModel
+from parallel import reshard
 from utils import console
 from utils.alarms import Alarms
 from utils.checkpoint import (STAGE_SCRIPTS, resume_command, resume_point, run_name_of, save_training,
-                              unfinished_run)
+                              trained_weights, unfinished_run)
 from utils.config import dump_json, print_config, redacted
 from utils.dist import DistInfo, barrier, cleanup as cleanup_dist
 from utils.flops import mfu
@@ -93,7 +96,7 @@ class Run:
     tally: SkipTally             # what the loader skipped (rank 0: the run's totals)
     logger: RunLogger | None     # rank 0 only
     alarms: Alarms
-    assistant: Assistant | None  # rank 0: answers the sample questions at each evaluation
+    assistant: Assistant         # answers the sample questions at each evaluation (each rank its share)
     summary: dict
 
     @classmethod
@@ -115,11 +118,12 @@ class Run:
                         gap_after=min(2 * cfg.eval_interval or total_steps, total_steps),
                         eval_loss_before=state["summary"].get("eval_loss_before"), enabled=main)
         run = cls(cfg, folders, dist, model, tokenizer, eval_ds, optimizer, scheduler, total_steps, tally, logger,
-                  alarms, Assistant.from_model(model, tokenizer) if main else None,
+                  alarms, Assistant.from_model(model, tokenizer),
                   {"run": folders.name, "run_dir": folders.run_dir, **state["summary"]})
-        if main and cfg.eval_interval and state["step"] == 0:
+        if cfg.eval_interval and state["step"] == 0:
             before = log_heldout_loss(model, eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers, logger, 0)
             alarms.eval(0, before)
+            reshard(model)
             run.summary["eval_loss_before"] = before["eval/loss"]
         return run
 
@@ -146,19 +150,18 @@ class Run:
                                   self.alarms.active))
 
     def evaluate(self, step: int) -> None:
-        """Held-out loss and image-ablation gap, the alarms that watch them, and sample replies (rank 0)."""
-        if not self.dist.is_main:
-            return
+        """Held-out loss and image-ablation gap, the alarms that watch them (rank 0), and sample replies."""
         cfg = self.cfg
         metrics = log_heldout_loss(self.model, self.eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers,
                                    self.logger, step)
         self.alarms.eval(step, metrics)
         log_sample_replies(self.assistant, self.eval_ds, cfg.sample_replies, self.logger, step)
+        reshard(self.model)      # FSDP: the gathered weights of evaluation go (parallel.py)
         self.summary.update(eval_summary(metrics))
 
-    def save(self, step: int, epoch: int, position: int, losses: list[float], nonfinite: int) -> str:
+    def save(self, step: int, epoch: int, offset: int, losses: list[float], nonfinite: int) -> str:
         """A step folder: what trained (checkpoint_io.save_checkpoint) and the state that makes a
-        resume exact (utils.checkpoint.save_training). The path on rank 0, '' on the others."""
+        resume exact (utils.checkpoint.save_training). Every rank takes part and gets its path."""
         cfg, run = self.cfg, self.folders.name
         meta = {"step": step, "total_steps": self.total_steps, "run": run, "stage": cfg.stage,
                 "init_from": cfg.stage1 or cfg.init, "train_config": redacted(cfg)}
@@ -166,12 +169,15 @@ class Run:
                  "nonfinite_steps": nonfinite,
                  "summary": {k: v for k, v in self.summary.items() if k.startswith(("eval", "image_"))}}
 
-        def write_weights(folder: str) -> None:
-            save_checkpoint(self.model, folder, meta, self.tokenizer)
+        reshard(self.model)                     # the optimizer's parameters are the sharded ones
+        weights = trained_weights(self.model)   # whole, on rank 0's CPU (gathered from FSDP's shards)
 
-        rank_state = {"position": position, "skipped": dict(self.tally.skipped), "truncated": self.tally.truncated}
-        return save_training(self.folders.ckpt_dir, state, write_weights, self.optimizer, self.scheduler, self.dist,
-                             rank_state, cfg.keep_last)
+        def write_weights(folder: str) -> None:
+            save_checkpoint(self.model, folder, meta, self.tokenizer, weights)
+
+        rank_state = {"offset": offset, "skipped": dict(self.tally.skipped), "truncated": self.tally.truncated}
+        return save_training(self.folders.ckpt_dir, state, write_weights, self.model, self.optimizer, self.scheduler,
+                             self.dist, rank_state, cfg.keep_last)
 
     def stopped(self, step: int, checkpoint: str, signum: int, argv: list[str] | None) -> dict:
         """After a stop request's checkpoint: the command that continues the run."""
@@ -188,11 +194,11 @@ class Run:
         summary.update(run_totals(self.tally, self.dist, losses, nonfinite, cfg.log_interval or 10, self.total_steps,
                                   global_batch, seconds))
         summary["checkpoint"] = checkpoint
+        if "eval_loss" not in summary:   # every rank: its share of the held-out set
+            metrics = heldout_loss(self.model, self.eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
+            self.alarms.eval(self.total_steps, metrics)
+            summary.update(eval_summary(metrics))
         if self.dist.is_main:
-            if "eval_loss" not in summary:
-                metrics = heldout_loss(self.model, self.eval_ds, cfg.eval_samples, cfg.batch_size, cfg.num_workers)
-                self.alarms.eval(self.total_steps, metrics)
-                summary.update(eval_summary(metrics))
             summary["alarms"] = self.alarms.fired
             if self.alarms.too_short:
                 summary["alarms_too_short_to_judge"] = self.alarms.too_short

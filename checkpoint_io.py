@@ -99,20 +99,29 @@ def _locate(name: str, stored_path: str, models_dir: str) -> str:
     return resolve_model(name, models_dir)
 
 
-def save_checkpoint(model: LlavaModel, directory: str, extra: dict | None = None, tokenizer: Any = None) -> str:
+def save_checkpoint(model: LlavaModel, directory: str, extra: dict | None = None, tokenizer: Any = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> str:
     """Write `projector.safetensors` (weights + JSON metadata), a readable `model_spec.json`,
     and when the LLM was tuned its weights (tuning.save_llm: llm/ or adapter/).
 
+    `weights`: the trained parameters by name, whole (training gathers them from FSDP's shards:
+    utils.checkpoint.trained_weights); by default the model's own. A projector that did not
+    train (--no-tune_projector) is saved from the model, which holds it whole.
     Each file is written to a temp name and renamed (and a training step folder is committed
     as a whole by utils.checkpoint.save_step), so a crash leaves the old files or the new ones.
     """
     meta = {"spec": asdict(model.spec), "tuning": asdict(model.tuning), **(extra or {})}
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+    if weights is None or not model.tuning.projector:
+        projector = model.projector.state_dict()
+    else:
+        projector = {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in projector.items()}
     path = os.path.join(directory, CHECKPOINT_FILE)
     if model.tuning.llm != "none":
         if tokenizer is None:
             raise ValueError("saving a tuned LLM needs its tokenizer (the llm/ folder must load on its own)")
-        save_llm(model.llm, tokenizer, directory, model.tuning)
+        llm_weights = None if weights is None else {k[4:]: v for k, v in weights.items() if k.startswith("llm.")}
+        save_llm(model.llm, tokenizer, directory, model.tuning, llm_weights)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
     atomic_write(os.path.join(directory, "model_spec.json"), json.dumps(meta, indent=2, ensure_ascii=False))

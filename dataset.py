@@ -12,7 +12,6 @@ CPU check (reads the demo's data after `python train_stage1.py --demo` has built
 from __future__ import annotations
 
 import io
-import math
 import os
 import random
 import warnings
@@ -255,12 +254,15 @@ class LlavaDataset(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Shuffled indices for one epoch and one rank, starting at `start`.
+    """Shuffled indices for one epoch and one rank, from the epoch's global sample `start`.
 
-    The order depends only on (seed, epoch), so a resumed run continues exactly where it
-    stopped. With several ranks, each takes every world_size-th index of the same
-    permutation (padded by wrap-around, like DistributedSampler) so all ranks see the same
-    number of batches.
+    The order depends only on (seed, epoch). Rank r takes every world_size-th index of that
+    permutation, so a micro-step of all ranks together reads the next batch_size x world_size
+    samples of it, whatever the split: after k micro-steps exactly the first k x batch_size x
+    world_size samples are consumed. `start` counts samples over all ranks, which is why a
+    resume continues exactly, and a resume on another process count (at the same global batch)
+    reads the same samples in the same steps. Only whole micro-steps are read: the epoch's tail
+    of fewer than batch_size x world_size samples waits for the next epoch's shuffle.
     """
 
     def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
@@ -268,7 +270,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.n, self.seed, self.epoch, self.rank, self.world = n, seed, epoch, rank, world_size
         self.start, self.shuffle = start, shuffle
         self.lengths, self.batch_size = lengths, batch_size
-        self.per_rank = math.ceil(n / world_size)
+        self.usable = n - n % (batch_size * world_size)
 
     def indices(self) -> list[int]:
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
@@ -278,13 +280,12 @@ class EpochSampler(torch.utils.data.Sampler):
             order = list(range(self.n))
         if self.lengths is not None:
             order = self._grouped(order, gen)
-        order += order[: self.per_rank * self.world - self.n]
-        return order[self.rank::self.world]
+        return order[self.start:self.usable][self.rank::self.world]
 
     def _grouped(self, order: list[int], gen: torch.Generator) -> list[int]:
         """Length grouping (as LLaVA's --group_by_modality_length does): within megabatches of 50
         global batches, sort by length so each global batch holds similar lengths (little
-        padding), then shuffle the batches. Depends only on (seed, epoch): resumable."""
+        padding), then shuffle the batches. Depends only on (seed, epoch, batch x processes)."""
         step = self.batch_size * self.world
         out: list[int] = []
         for m in range(0, len(order), step * 50):
@@ -294,10 +295,10 @@ class EpochSampler(torch.utils.data.Sampler):
         return out
 
     def __iter__(self):
-        return iter(self.indices()[self.start:])
+        return iter(self.indices())
 
     def __len__(self) -> int:
-        return self.per_rank - self.start
+        return len(range(self.rank, max(self.usable - self.start, 0), self.world))
 
 
 class Batch(TypedDict, total=False):

@@ -143,6 +143,7 @@ class LlavaModel(nn.Module):
         self.image_token_id = image_token_id
         self.tuning = Tuning()          # what trains (tuning.py); stage 1: the projector only
         self.checkpointed_layers: list[nn.Module] = []
+        self.sharded = False            # set by parallel.py under FSDP2: every rank generates in step
 
     def train(self, mode: bool = True) -> "LlavaModel":
         super().train(mode)
@@ -246,6 +247,21 @@ class LlavaModel(nn.Module):
         from the attention mask and uses the KV cache. `stop` (a threading.Event) ends the
         generation at the next token once set (a browser that left).
         """
+        if not self.sharded:
+            return self._generate(input_ids, attention_mask, stop_ids, pixel_values, image_features, max_new_tokens,
+                                  temperature, top_p, streamer, stop)
+        # FSDP2 (parallel.py): the root's parameters (embeddings, head, projector) gathered for the
+        # whole reply, and each decoder layer all-gathered at every step, so every rank runs every
+        # decoding step until all are done (transformers' synced_gpus, as under ZeRO-3).
+        self.unshard()
+        try:
+            return self._generate(input_ids, attention_mask, stop_ids, pixel_values, image_features, max_new_tokens,
+                                  temperature, top_p, streamer, stop)
+        finally:
+            self.reshard()
+
+    def _generate(self, input_ids, attention_mask, stop_ids, pixel_values, image_features, max_new_tokens,
+                  temperature, top_p, streamer, stop) -> list[list[int]]:
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
         class _Stop(StoppingCriteria):
@@ -259,7 +275,7 @@ class LlavaModel(nn.Module):
             temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
             eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=gen_cfg,
-                                streamer=streamer,
+                                streamer=streamer, synced_gpus=self.sharded,
                                 stopping_criteria=StoppingCriteriaList([_Stop()]) if stop is not None else None)  # [B, new]
         replies = []
         for row in out.tolist():

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from backbones import PRESETS, MissingModel, download, resolve_model, vision_defaults
 from checkpoint_io import read_checkpoint_meta
 from model import Projector
+from parallel import SHARDED, STRATEGIES, default_strategy
 from prompts import INSTRUCTION_POOLS
 from readers import DATA_FORMATS
 from toy_demo import apply_demo_defaults
@@ -118,10 +119,13 @@ class TrainConfig:
     max_nonfinite: int = _f(10, "abort after this many non-finite losses/gradients in a row (each is skipped)")
     trust_remote_code: bool = _f(False, "allow model folders to run their own Python code (off: never)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    train_strategy: str = _f("ddp", "several processes: data parallel, every GPU holds the whole model and the "
-                                    "gradients of what trains are summed by all-reduce; the align plan's FSDP values "
-                                    "are refused (not implemented)",
-                             choices=["ddp", "fsdp-shard-grad-op", "fsdp-full-shard"])
+    train_strategy: str = _f("", "several processes (torchrun), parallel.py; default: ddp when the projector or LoRA "
+                                 "trains, fsdp-full-shard when the LLM trains in full:\n"
+                             + "\n".join(f"- {name}: {what}" for name, what in STRATEGIES.items()),
+                             choices=list(STRATEGIES))
+    fsdp_offload: bool = _f(False, "FSDP: keep the parameter, gradient and optimizer shards in CPU memory "
+                                   "(CPUOffloadPolicy): a large LLM on a small GPU, slower steps")
+    hsdp_shard_size: int = _f(0, "hsdp: processes per shard group (0: those of one node, LOCAL_WORLD_SIZE)")
     demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes)")
 
 
@@ -160,11 +164,6 @@ def parse_args(argv: list[str] | None = None, stage_defaults: dict | None = None
     for name in ("batch_size", "grad_accum", "max_text_len"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name} {getattr(cfg, name)}: must be >= 1")
-    if cfg.train_strategy != "ddp":
-        parser.error(f"--train_strategy {cfg.train_strategy}: FSDP sharding is not implemented. Several processes "
-                     "run data parallel: every GPU holds the whole model (bf16 frozen weights: ~1.3 GiB for the "
-                     "course's pair, ~3.4 GiB for the align plan's) and the gradients of what trains are summed by "
-                     "all-reduce. Use --train_strategy ddp (or leave it out).")
     explicit = explicit_flags(parser, argv)
     if cfg.model:
         for key, value in PRESETS[cfg.model].items():
@@ -172,7 +171,22 @@ def parse_args(argv: list[str] | None = None, stage_defaults: dict | None = None
                 setattr(cfg, key, value)
     if cfg.demo:
         apply_demo_defaults(cfg, explicit)  # the demo's values; typed flags still win (its world: prepare_demo)
+    cfg.train_strategy = cfg.train_strategy or default_strategy(tuning_of(cfg))
+    check_strategy(cfg, parser)
     return cfg
+
+
+def check_strategy(cfg: TrainConfig, parser: argparse.ArgumentParser) -> None:
+    """What several processes cannot do together is refused by name, before anything loads."""
+    if cfg.fsdp_offload and cfg.train_strategy not in SHARDED:
+        parser.error(f"--fsdp_offload keeps FSDP's shards on the CPU: it needs a sharded --train_strategy "
+                     f"({', '.join(SHARDED)}), not {cfg.train_strategy}")
+    if cfg.hsdp_shard_size and cfg.train_strategy != "hsdp":
+        parser.error(f"--hsdp_shard_size is hsdp's shard group; --train_strategy is {cfg.train_strategy}")
+    if cfg.load_in_4bit and cfg.train_strategy in SHARDED:
+        parser.error(f"--load_in_4bit (QLoRA) with --train_strategy {cfg.train_strategy}: FSDP cannot shard "
+                     "bitsandbytes' 4-bit weights here. Use --train_strategy ddp (each GPU holds the 4-bit base, "
+                     "about 0.4 GiB per billion parameters) or LoRA over a bf16 base with FSDP.")
 
 
 def tuning_of(cfg: TrainConfig) -> Tuning:

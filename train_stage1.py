@@ -39,14 +39,15 @@ from checkpoint_io import build_model, load_checkpoint, read_checkpoint_meta
 from dataset import (Batch, EpochSampler, ImageLoader, ImageTransform, LlavaDataset, collate, collate_packed,
                      show_first_sample, to_device)
 from model import LlavaModel, ModelSpec
+from parallel import SHARDED, grad_norm as clip_grad_norm, parallelize
 from prompts import PromptFormat, supervised_tokens
 from readers import Record, read_records
 from toy_demo import prepare_demo, run_demo
 from train_config import TrainConfig, parse_args, resolve_models, start_point, tuning_of
 from tuning import add_lora, assert_trainable, check_device, is_peft, merged, set_trainable
 from utils import console
-from utils.checkpoint import find_latest, fresh_state, restore_training
-from utils.dist import StopRequest, all_reduce_grads, all_reduce_sum, ignore_stop_signals, setup as setup_dist
+from utils.checkpoint import complete_optimizer_state, find_latest, fresh_state, restore_training
+from utils.dist import StopRequest, all_reduce_sum, ignore_stop_signals, setup as setup_dist
 from utils.feature_cache import FeatureCache, cache_key, image_key
 from utils.seeds import epoch_seed, seed_everything
 from utils.skips import Skips, SkipTally
@@ -150,16 +151,17 @@ def report_data(train_ds: LlavaDataset, eval_ds: LlavaDataset, read_skips: Skips
 
 def batches(ds: LlavaDataset, cfg: TrainConfig, rank: int, world: int, tally: SkipTally, epoch: int = 0,
             start: int = 0):
-    """Endless (epoch, batches consumed in this epoch, batch) stream of batches that hold at least
-    one usable sample. Each epoch reshuffles with (seed, epoch); `start` skips batches already
-    trained on, so a resume continues exactly. `tally` counts what every batch skipped.
+    """Endless (epoch, offset, batch) stream of batches that hold at least one usable sample. Each
+    epoch reshuffles with (seed, epoch); `offset` is how far into the epoch all ranks have read
+    (in samples, dataset.EpochSampler) once this batch is trained on, and `start` the offset to
+    continue from, so a resume continues exactly. `tally` counts what every batch skipped.
 
     A run that cannot make progress stops here and says why, instead of looping for ever:
     too few records for one batch, or no usable sample in a whole pass or in
     --max_empty_batches batches in a row (a wrong --image_root, a dead URL list)."""
     lengths = ds.text_lengths() if cfg.group_by_length else None
     pad_id = ds.tokenizer.pad_token_id if ds.tokenizer.pad_token_id is not None else 0
-    per_pass = math.ceil(len(ds) / world) // cfg.batch_size      # drop_last: whole batches only
+    per_pass = len(ds) // (cfg.batch_size * world)                # whole micro-steps of every rank only
     if per_pass == 0:
         raise SystemExit(f"{len(ds)} training records make no full batch of {cfg.batch_size}"
                          + (f" on each of {world} processes" if world > 1 else "") + ": lower --batch_size")
@@ -167,8 +169,8 @@ def batches(ds: LlavaDataset, cfg: TrainConfig, rank: int, world: int, tally: Sk
     empty = 0
     while True:
         ds.set_epoch(epoch)
-        sampler = EpochSampler(len(ds), cfg.seed, epoch, rank, world, start=start * cfg.batch_size,
-                               lengths=lengths, batch_size=cfg.batch_size)
+        sampler = EpochSampler(len(ds), cfg.seed, epoch, rank, world, start=start, lengths=lengths,
+                               batch_size=cfg.batch_size)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
             collate_fn=functools.partial(collate_packed if cfg.pack else collate, pad_id=pad_id),
@@ -177,11 +179,11 @@ def batches(ds: LlavaDataset, cfg: TrainConfig, rank: int, world: int, tally: Sk
             # Its own generator: a DataLoader otherwise draws its base seed from the global RNG,
             # which a resumed run restores before the loader starts; dropout (LoRA) would shift.
             generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
-        for i, batch in enumerate(loader, start=start + 1):
+        for i, batch in enumerate(loader, start=1):
             tally.add(batch)
             if batch["size"]:
                 empty = 0
-                yield epoch, i, batch
+                yield epoch, start + i * cfg.batch_size * world, batch
                 continue
             empty += 1
             if empty >= limit:
@@ -205,7 +207,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
 
     # ---- model: frozen tower; projector fresh (stage 1) or from the start point; the LLM frozen,
     # in full or with LoRA adapters. On resume, every trained weight comes from the checkpoint.
+    # Then spread over the processes (parallel.py: DDP or FSDP2; nothing is wrapped in one process).
     model, tokenizer = build_training_model(cfg, vision_path, llm_path, dist, folders.resume_from)
+    par = parallelize(model, cfg.train_strategy, dist, cfg.fsdp_offload, cfg.hsdp_shard_size)
 
     # ---- data, the steps it makes, and the optimizer over what trains
     grad_accum = accumulation(cfg, dist.world_size)
@@ -214,10 +218,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     total_steps = cfg.max_steps or cfg.epochs * max(len(train_ds) // global_batch, 1)
     optimizer, scheduler, params = make_optimizer(cfg, model, total_steps)
 
-    # ---- resume: weights (above), optimizer, schedule, data position and RNG exactly as they were
+    # ---- resume: trained weights and optimizer (resharded to this run), schedule, data position, RNG
     state = fresh_state(dist.world_size)
     if folders.resume_from:
-        state = restore_training(folders.resume_from, optimizer, scheduler, dist)
+        state = restore_training(folders.resume_from, model, optimizer, scheduler, dist, cfg.batch_size)
         if state["step"] >= total_steps:  # the resume hint typed again after the end: nothing to do
             return finished_run(folders, state["step"])
         console.success(f"resumed from {folders.resume_from} at step {state['step']}")
@@ -227,8 +231,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
                     scheduler)
 
     # ---- loop
-    stream = batches(train_ds, cfg, dist.rank, dist.world_size, run.tally, state["epoch"],
-                     state["positions"][dist.rank])
+    stream = batches(train_ds, cfg, dist.rank, dist.world_size, run.tally, state["epoch"], state["offsets"][dist.rank])
     model.train()
     stop = StopRequest()
     losses, nonfinite, in_a_row, checkpoint = state["losses"], state["nonfinite_steps"], 0, ""
@@ -245,15 +248,16 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
             micro.append(to_device(batch, device))
         counts = StepCounts.over_ranks(micro, stop.requested, device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b in micro:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                ls, _ = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b.get("pixel_values"),
-                              image_features=b.get("image_features"), position_ids=b.get("position_ids"))
-                (ls / counts.tokens).backward()   # this rank's token sum over the global step's tokens
+        for k, b in enumerate(micro):
+            # Gradients are reduced over the processes on the last micro-batch only (parallel.py).
+            with par.sync(last=k == grad_accum - 1), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                                       enabled=device.type == "cuda"):
+                ls, _ = par.engine(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b.get("pixel_values"),
+                                   image_features=b.get("image_features"), position_ids=b.get("position_ids"))
+                # This rank's token sum over the global step's tokens (x processes: DDP/FSDP average).
+                (ls / counts.tokens * par.grad_scale).backward()
             loss_sum += ls.detach()
-        all_reduce_grads(params)             # summed over ranks: the gradient of the global mean
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                                         else float("inf")))
+        grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
         loss = all_reduce_sum(loss_sum).item() / max(counts.tokens, 1)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             optimizer.step()
@@ -311,6 +315,7 @@ def make_optimizer(cfg: TrainConfig, model: LlavaModel, total_steps: int):
     llm = [p for n, p in model.trainable_parameters() if not n.startswith("projector.")]
     groups = [{"params": projector, "lr": cfg.projector_lr or cfg.lr}, {"params": llm, "lr": cfg.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    complete_optimizer_state(optimizer)   # every parameter in the resume state from the first save on
     warmup = int(total_steps * cfg.warmup_ratio)
     scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if cfg.lr_scheduler == "cosine"
                  else get_constant_schedule_with_warmup(optimizer, warmup))
@@ -345,18 +350,26 @@ def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist
     exactly (asserted), with gradient checkpointing and compile when asked. Prints the counts."""
     tuning = tuning_of(cfg)
     check_device(tuning, dist.device)            # QLoRA on a CPU: refused before anything loads
+    # FSDP: built on the CPU (in the device's dtypes), then fully_shard moves one unit at a time.
+    sharded = dist.launched and cfg.train_strategy in SHARDED
+    device = torch.device("cpu") if sharded else dist.device
     build = dict(attn_implementation=cfg.attn, models_dir=cfg.models_dir, trust_remote_code=cfg.trust_remote_code,
-                 load_in_4bit=tuning.load_in_4bit)
+                 load_in_4bit=tuning.load_in_4bit,
+                 frozen_dtype=torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
     if tuning.llm == "full":
         build["llm_dtype"] = torch.float32       # fp32 master weights; autocast computes in bf16
     start = resume_from or start_point(cfg)
     if start:
         own_llm = read_checkpoint_meta(start).get("tuning", {}).get("llm") == "full"   # it carries its LLM
-        model, tokenizer, _ = load_checkpoint(start, dist.device, cfg.vision_tower or None,
+        model, tokenizer, _ = load_checkpoint(start, device, cfg.vision_tower or None,
                                               None if own_llm else cfg.llm or None, trainable=bool(resume_from), **build)
-        if resume_from and model.tuning.llm != tuning.llm:
-            raise SystemExit(f"--resume {resume_from}: that run tuned the LLM with '{model.tuning.llm}', this one asks "
-                             f"for '{tuning.llm}'")
+        if resume_from and model.tuning != tuning:
+            # Its optimizer state belongs to exactly the parameters it trained.
+            differ = ", ".join(f"--{'tune_llm' if k == 'llm' else 'tune_projector' if k == 'projector' else k} "
+                               f"{getattr(model.tuning, k)} there, {getattr(tuning, k)} here"
+                               for k in vars(tuning) if getattr(model.tuning, k) != getattr(tuning, k))
+            raise SystemExit(f"--resume {resume_from}: that run trained other parameters ({differ}); resume it "
+                             "with its own settings")
         if not resume_from:
             if is_peft(model.llm) and tuning.llm == "lora":
                 raise SystemExit(f"{start} carries LoRA adapters already: export it (scripts/export_hf.py merges them) "
@@ -369,7 +382,7 @@ def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist
                          feature_layer=cfg.feature_layer, feature_select=cfg.feature_select,
                          feature_post_norm=cfg.feature_post_norm, image_wrap=cfg.image_wrap,
                          vision_path=vision_path, llm_path=llm_path)
-        model, tokenizer = build_model(spec, dist.device, **build)
+        model, tokenizer = build_model(spec, device, **build)
     if tuning.llm == "lora" and not is_peft(model.llm):
         model.llm = add_lora(model.llm, tuning)
     model.tuning = tuning

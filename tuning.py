@@ -152,14 +152,26 @@ def assert_trainable(model: nn.Module, tuning: Tuning) -> dict[str, int]:
     return counts
 
 
-def save_llm(llm: nn.Module, tokenizer, folder: str, tuning: Tuning) -> None:
-    """The tuned part of the LLM, in its library's own format (see the module docstring)."""
+def save_llm(llm: nn.Module, tokenizer, folder: str, tuning: Tuning,
+             weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The tuned part of the LLM, in its library's own format (see the module docstring).
+    `weights`: its trained parameters by name, whole (gathered from FSDP's shards); default: its own."""
+    if weights is not None:
+        # A weight tied to another (Qwen3's LM head is its input embedding) is saved once, under the
+        # first name, as save_pretrained does with the model's own state dict.
+        first: dict[int, str] = {}
+        for name, p in llm.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), name)
+        names = dict(llm.named_parameters(remove_duplicate=False))
+        weights = {k: v for k, v in weights.items() if k not in names or first[id(names[k])] == k}
+        if tuning.llm == "full":  # persistent buffers, if the LLM has any: never sharded, whole on every rank
+            weights.update({k: v for k, v in llm.state_dict().items() if k not in names})
     if tuning.llm == "full":
         out = os.path.join(folder, LLM_DIR)
-        llm.save_pretrained(out, safe_serialization=True)
+        llm.save_pretrained(out, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(out)
     elif tuning.llm == "lora":
-        llm.save_pretrained(os.path.join(folder, ADAPTER_DIR), safe_serialization=True)
+        llm.save_pretrained(os.path.join(folder, ADAPTER_DIR), safe_serialization=True, state_dict=weights)
 
 
 def load_adapter(llm: nn.Module, folder: str, trainable: bool = False) -> nn.Module:

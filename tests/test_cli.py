@@ -100,9 +100,11 @@ def test_parsing_the_demo_builds_nothing(tmp_path, monkeypatch):
 
 def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeypatch):
     # What trains is checked as a whole (tests/test_stages.py): --no-tune_projector alone trains
-    # nothing and --load_in_4bit needs LoRA, so both are refused here by design.
+    # nothing, --load_in_4bit needs LoRA and --fsdp_offload a sharded strategy, so they are refused
+    # here by design.
     booleans = [f.name for f in dataclasses.fields(train_config.TrainConfig)
-                if f.type in ("bool", "bool | None") and f.name not in ("demo", "tune_projector", "load_in_4bit")]
+                if f.type in ("bool", "bool | None")
+                and f.name not in ("demo", "tune_projector", "load_in_4bit", "fsdp_offload")]
     assert {"feature_post_norm", "image_wrap", "pack", "compile", "overwrite"} <= set(booleans)
     # A preset and the demo that switch every boolean on: a typed --no-X must still win.
     preset = "clip-zh-qwen3-0.6b"
@@ -125,8 +127,10 @@ def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeyp
     (["--save_interval", "-1"], "--save_interval -1: must be >= 0"),
     (["--log_interval", "-5"], "--log_interval -5: must be >= 0"),
     (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
-    (["--train_strategy", "fsdp-shard-grad-op"], "Several processes run data parallel"),
-    (["--stage", "align", "--model.align_train_strategy", "fsdp-full-shard"], "FSDP sharding is not implemented"),
+    (["--fsdp_offload"], "--fsdp_offload keeps FSDP's shards on the CPU: it needs a sharded --train_strategy"),
+    (["--train_strategy", "fsdp-full-shard", "--hsdp_shard_size", "4"], "--hsdp_shard_size is hsdp's shard group"),
+    (["--tune_llm", "lora", "--load_in_4bit", "--train_strategy", "hsdp"], "Use --train_strategy ddp"),
+    (["--train_strategy", "zero3"], "invalid choice: 'zero3'"),
 ])
 def test_values_that_cannot_work_are_refused_when_parsing(argv, message, capsys):
     with pytest.raises(SystemExit) as err:

@@ -97,7 +97,24 @@ def test_epoch_sampler_is_a_deterministic_partition():
     assert sorted(a + b) == list(range(10)) and len(a) == len(b) == 5
     assert a == EpochSampler(10, seed=3, epoch=1, rank=0, world_size=2).indices()
     assert a != EpochSampler(10, seed=3, epoch=2, rank=0, world_size=2).indices()
-    assert list(EpochSampler(10, seed=3, epoch=1, rank=0, world_size=2, start=2)) == a[2:]
+    # `start` counts samples over all ranks: 4 read by two ranks is 2 each.
+    assert list(EpochSampler(10, seed=3, epoch=1, rank=0, world_size=2, start=4)) == a[2:]
+
+
+def test_epoch_sampler_reads_the_same_samples_per_step_on_any_process_count():
+    """1 process x batch 8 and 2 or 4 processes x batch 4 or 2 read the same 8 samples at every
+    micro-step, from the start and from a resumed offset; the tail short of a whole micro-step
+    waits for the next epoch."""
+    def steps(world, batch, start=0):
+        ranks = [EpochSampler(21, seed=5, epoch=2, rank=r, world_size=world, batch_size=batch, start=start).indices()
+                 for r in range(world)]
+        return [sorted(i for ids in ranks for i in ids[k * batch:(k + 1) * batch]) for k in range(len(ranks[0]) // batch)]
+
+    one = steps(1, 8)
+    assert len(one) == 2 and len({i for s in one for i in s}) == 16            # 21 samples: 2 whole steps
+    assert steps(2, 4) == steps(4, 2) == one
+    assert steps(2, 4, start=8) == steps(1, 8, start=8) == one[1:]            # a resume on another count
+    assert len(EpochSampler(21, seed=5, epoch=2, rank=1, world_size=2, batch_size=4, start=8)) == 4
 
 
 def test_the_toy_world_cache_key_covers_the_prompt_code_and_instruction_pools(monkeypatch):

@@ -15,7 +15,8 @@ LAYERS = {
     "modelscope_clip": 1,               # one foreign on-disk format: ModelScope's Chinese-CLIP
     "backbones": 2, "prompts": 2, "tuning": 2,  # where models come from | the prompt contract | what trains
     "model": 3, "readers": 3,           # the architecture | one reader per on-disk format
-    "dataset": 4, "checkpoint_io": 4,   # images, the dataset, sampler, collates | build, save, load a model
+    "dataset": 4, "checkpoint_io": 4, "parallel": 4,   # images, dataset, sampler, collates | build, save,
+                                        # load a model | several processes: DDP, FSDP2
     "assistant": 5, "convert_vqa": 5, "toy_world": 5,   # answering | VQA -> chat.json | the offline world
     "heldout": 6, "toy_instructions": 6,   # evaluation during training | stages 2/3's toy data beside the world
     "bookkeeping": 7, "eval_llava": 7, "toy_demo": 7, "web_demo": 7,   # a run's logs and checkpoints | the CLIs

@@ -6,8 +6,8 @@
 
 Global vs per-device batch becomes gradient accumulation; `llava-v15` is
 DIR/download/llava-laion-cc-sbu-558k/chat.json with images relative to that folder; the
-FSDP strategies mean DDP over the projector here (it is all that trains). What cannot be
-honoured is refused by name rather than ignored.
+strategies (fsdp-shard-grad-op, fsdp-full-shard) are PyTorch's FSDP2 (parallel.py). What cannot
+be honoured is refused by name rather than ignored.
 """
 
 from __future__ import annotations

@@ -1,23 +1,31 @@
 """One run's checkpoints: atomic step folders, a `latest` pointer, rotation, the training state
-(optimizer, schedule, data position, RNG of every rank) and the rules of a run folder.
+(trained weights and optimizer, schedule, data position, RNG of every rank) and the rules of a
+run folder.
 
-    checkpoints/<run>/step_000100/   projector.safetensors (+ model_spec.json)  trainer_state.pt
+    checkpoints/<run>/step_000100/   projector.safetensors (+ model_spec.json, llm/ or adapter/)
+                                     resume/           trained parameters + optimizer state
+                                                       (torch.distributed.checkpoint, as trained:
+                                                       sharded under FSDP, one copy under DDP)
+                                     trainer_state.pt  step, schedule, data position, RNG per rank
     checkpoints/<run>/latest         "step_000100", written only after that folder is complete
 
 A folder is written under a temporary name and renamed when complete, and the pointer is
 replaced after that, so `kill -9` at any moment (a save included) leaves the previous
 checkpoint intact and findable. trainer_state.pt holds only tensors and plain Python values
-and is read with weights_only=True: loading it runs no pickled code.
+and is read with weights_only=True: loading it runs no pickled code; resume/ is tensors and
+DCP's metadata. DCP reshards resume/ onto any process count and strategy when it loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shlex
 import shutil
+import warnings
 from collections import Counter
 from typing import Any, Callable
 
@@ -27,9 +35,10 @@ import torch
 from utils import console
 from utils.atomic import atomic_write
 from utils.config import redacted
-from utils.dist import DistInfo, gather
+from utils.dist import DistInfo, barrier, broadcast_object, gather_objects, rank_and_world
 
 STATE_FILE = "trainer_state.pt"
+RESUME_DIR = "resume"
 WEIGHTS_FILE = "projector.safetensors"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STAGE_SCRIPTS = {1: "train_stage1.py", 2: "train_stage2.py", 3: "train_stage3_lora.py"}  # what a resume hint names
@@ -49,22 +58,30 @@ def step_dirs(ckpt_dir: str) -> list[tuple[int, str]]:
 
 def save_step(ckpt_dir: str, step: int, write: Callable[[str], None], keep_last: int = 0) -> str:
     """Write one checkpoint with `write(folder)`, commit it by renaming, point `latest` at it,
-    then drop all but the newest `keep_last` (0 keeps all)."""
-    os.makedirs(ckpt_dir, exist_ok=True)
+    then drop all but the newest `keep_last` (0 keeps all). Every rank calls this and runs
+    `write` on the same temporary folder (each writes its shards; rank 0 the rest: a shared
+    filesystem across nodes); rank 0 commits once all have written."""
+    main = rank_and_world()[0] == 0
     name = f"step_{step:06d}"
     final = os.path.join(ckpt_dir, name)
-    tmp = os.path.join(ckpt_dir, f".{name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = broadcast_object(os.path.join(ckpt_dir, f".{name}.tmp{os.getpid()}"))   # rank 0's name
+    if main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
     write(tmp)
-    if os.path.isdir(final):  # the same step saved again (an interrupt right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write(os.path.join(ckpt_dir, "latest"), name + "\n")
-    if keep_last > 0:
-        for _, old in step_dirs(ckpt_dir)[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+    barrier()               # every rank's part is on disk
+    if main:
+        if os.path.isdir(final):  # the same step saved again (an interrupt right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write(os.path.join(ckpt_dir, "latest"), name + "\n")
+        if keep_last > 0:
+            for _, old in step_dirs(ckpt_dir)[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    barrier()               # nobody reads `latest` before it names this step
     return final
 
 
@@ -184,47 +201,134 @@ def unfinished_run(checkpoints_dir: str, stage: int) -> str:
                      "or leave out --resume to start a new run.")
 
 
-def save_training(ckpt_dir: str, state: dict, write_weights: Callable[[str], None], optimizer, scheduler,
-                  info: DistInfo, rank_state: dict, keep_last: int) -> str:
-    """A step folder with everything needed to continue bit-exactly: the weights
-    (`write_weights(folder)`), optimizer, schedule, step and, from every rank, its data position,
-    RNG and skip counts (`rank_state`: position, skipped, truncated). Rank 0 writes; the
-    others contribute their part and get ''."""
-    per_rank = gather({**rank_state, "rng": capture_rng()}, info)
-    if not info.is_main:
-        return ""
+def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter of an AdamW its state now, exactly as AdamW creates it at a parameter's
+    first gradient (step 0, zero moments: numerically inert). A parameter without state would be
+    missing from the resume state (DCP saves what exists: pytorch #192202), and a resumed
+    optimizer would then ask for keys the checkpoint lacks."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.tensor(0.0),
+                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def _resume_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{"model": the trained parameters, "optim": the optimizer}, keyed by parameter name, as this
+    process holds them (sharded DTensors under FSDP: no gathering)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    # ignore_frozen_params lets a frozen weight tied to another name through (LoRA's lm_head).
+    return {"model": {k: v for k, v in msd.items() if k in trained}, "optim": osd}
+
+
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trained parameter by name, whole and on the CPU, on rank 0 ({} on the others):
+    gathered from the shards under FSDP, a copy otherwise. What the files people use hold
+    (projector.safetensors, llm/, adapter/); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in full.items() if k in trained}
+
+
+@contextlib.contextmanager
+def one_process_is_fine():
+    """DCP warns at every save and load without a process group ("assuming the intent is to save
+    in a single process"): that is plain `python`, the ordinary case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+        yield
+
+
+def save_resume(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The trained parameters and the optimizer into folder/resume/, every rank its own shards."""
+    import torch.distributed.checkpoint as dcp
+
+    with one_process_is_fine():
+        dcp.save(_resume_state_dicts(model, optimizer), checkpoint_id=os.path.join(folder, RESUME_DIR))
+
+
+def load_resume(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """folder/resume/ into the model's trained parameters and the optimizer, resharded to how
+    this run holds them. Strict: a trained parameter or an optimizer entry the checkpoint lacks
+    is an error, not a fresh start."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _resume_state_dicts(model, optimizer)
+    try:
+        with one_process_is_fine():
+            dcp.load(state, checkpoint_id=os.path.join(folder, RESUME_DIR))
+    except Exception as e:  # DCP wraps a missing key in a CheckpointException naming it per rank
+        raise SystemExit(f"--resume {folder}: its resume state does not fit this run ({str(e).splitlines()[0][:300]}); "
+                         "was it trained with other --tune_llm / --tune_projector / LoRA settings?") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def save_training(ckpt_dir: str, state: dict, write_weights: Callable[[str], None], model: torch.nn.Module,
+                  optimizer, scheduler, info: DistInfo, rank_state: dict, keep_last: int) -> str:
+    """A step folder with everything needed to continue bit-exactly: the weights people use
+    (`write_weights(folder)`, rank 0), the resume state (resume/: every rank), the schedule, the
+    step and, from every rank, its data offset, RNG and skip counts (`rank_state`: offset,
+    skipped, truncated). Every rank calls it and gets the folder's path."""
+    per_rank = gather_objects({**rank_state, "rng": capture_rng()})
 
     def write(folder: str) -> None:
+        save_resume(folder, model, optimizer)
+        if not info.is_main:
+            return
         write_weights(folder)
-        save_state(folder, {**state, "positions": [p["position"] for p in per_rank],
+        save_state(folder, {**state, "offsets": [p["offset"] for p in per_rank],
                             "rng": [p["rng"] for p in per_rank],
                             "skipped": dict(sum((Counter(p["skipped"]) for p in per_rank), Counter())),
                             "truncated": sum(p["truncated"] for p in per_rank), "world_size": info.world_size,
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+                            "scheduler": scheduler.state_dict()})
 
     return save_step(ckpt_dir, state["step"], write, keep_last)
 
 
 def fresh_state(world_size: int) -> dict[str, Any]:
     """The training state of a run that starts from scratch (restore_training's shape)."""
-    return {"step": 0, "epoch": 0, "positions": [0] * world_size, "losses": [], "skipped": {}, "summary": {},
+    return {"step": 0, "epoch": 0, "offsets": [0] * world_size, "losses": [], "skipped": {}, "summary": {},
             "nonfinite_steps": 0}
 
 
-def restore_training(path: str, optimizer, scheduler, info: DistInfo) -> dict[str, Any]:
-    """The training state of a checkpoint, with optimizer, schedule and this rank's RNG put
-    back (the caller loads the weights)."""
+def restore_training(path: str, model: torch.nn.Module, optimizer, scheduler, info: DistInfo,
+                     batch_size: int) -> dict[str, Any]:
+    """The training state of a checkpoint: trained weights and optimizer (resume/, resharded to
+    this run), schedule, and this rank's data offset and RNG.
+
+    On the process count it was written with, every rank continues exactly where it was. On
+    another count the epoch continues from the same sample (every rank had consumed the same
+    number of micro-steps); at the same global batch the steps then read the same samples as an
+    uninterrupted run (dataset.EpochSampler), up to float rounding and the RNG of dropout."""
     state = load_state(path)
-    optimizer.load_state_dict(state["optimizer"])
+    if os.path.isdir(os.path.join(path, RESUME_DIR)):
+        load_resume(path, model, optimizer)
+    else:  # written before resume/ existed: the optimizer inside trainer_state.pt, weights from the files
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if "offsets" not in state:  # older checkpoints counted batches per rank
+        state["offsets"] = [p * batch_size * state["world_size"] for p in state["positions"]]
     if state["world_size"] == info.world_size:
         restore_rng(state["rng"][info.rank])
     else:
-        # Another process count: the data order per rank differs, so the run continues
-        # from the same step and epoch but not bit-exactly.
-        console.warn(f"checkpoint was written by {state['world_size']} processes, now {info.world_size}: "
-                     "resuming at the epoch start of the same step, not bit-exact")
-        state["positions"] = [min(state["positions"]) * state["world_size"] // info.world_size] * info.world_size
+        offsets = state["offsets"]
+        if len(set(offsets)) > 1:
+            console.warn(f"resuming {state['world_size']} processes' checkpoint on {info.world_size}: its ranks had "
+                         f"read up to samples {offsets} of the epoch (some skipped unusable batches); continuing "
+                         f"from {min(offsets)}, so {max(offsets) - min(offsets)} samples may be read twice")
+        else:
+            console.info(f"resuming {state['world_size']} processes' checkpoint on {info.world_size}: the epoch "
+                         f"continues at sample {offsets[0]}")
+        state["offsets"] = [min(offsets)] * info.world_size
     if not info.is_main:  # totals live on rank 0; the others count afresh
         state["skipped"], state["truncated"] = {}, 0
     return state

@@ -29,8 +29,15 @@ def _base_type(tp: Any) -> Any:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """`--help` for every script: each option's default shown once, the description's line
-    breaks kept. argparse appends "(default: X)" unless the help text already says what the
+    breaks (and an option's own) kept. argparse appends "(default: X)" unless the help text already says what the
     default is (then a second one would contradict or repeat it) or there is none (None, "")."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # A help text written in lines (one per choice) keeps them; each is wrapped on its own.
+        lines = []
+        for line in text.splitlines():
+            lines += super()._split_lines(line, width)
+        return lines
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

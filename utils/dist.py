@@ -29,6 +29,11 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def launched(self) -> bool:
+        """Started by torchrun (a process group runs, even of one process): --train_strategy applies."""
+        return dist.is_available() and dist.is_initialized()
+
 
 def available_cpus() -> int:
     """Cores this process may use (a container or taskset may allow fewer than the machine has)."""
@@ -59,7 +64,9 @@ def pick_device(flag: str = "auto") -> torch.device:
 
 
 def setup(device_flag: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1).
+    """Initialise the process group when launched by torchrun (it sets WORLD_SIZE and the
+    rendezvous), even for one process: `torchrun --nproc-per-node 1` runs the multi-process path
+    on one GPU. Plain `python` starts no group.
 
     CUDA uses NCCL and one GPU per local rank; CPU uses gloo, which makes multi-process
     runs testable on a laptop.
@@ -68,12 +75,12 @@ def setup(device_flag: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_flag)
-    if world_size > 1:
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            # Rank 0 evaluates and saves while the others wait in a collective: allow an hour.
+            # Rank 0 writes a checkpoint's files while the others wait in a barrier: allow an hour.
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=60))
     return DistInfo(rank, local_rank, world_size, device)
@@ -91,49 +98,32 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_grads(params: list[torch.Tensor], bucket_elements: int = 2**25) -> None:
-    """Sum every parameter's gradient over all ranks (a no-op in a single process).
-
-    The loss each rank backpropagates is already divided by the token count of the whole
-    global batch, so the sum is the gradient of the global mean. One flat all-reduce per
-    bucket of ~32M elements of one dtype, instead of one per tensor. A rank whose micro-batch
-    left a parameter without a gradient contributes zeros, so every rank sends the same shapes.
-    Plain all-reduce rather than DDP: it serves a projector, LoRA adapters and a whole LLM alike,
-    without wrapping any of them."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for i, g in enumerate(grads):
-            bucket.append(g)
-            size += g.numel()
-            if size >= bucket_elements or i == len(grads) - 1:
-                flat = torch.cat([b.reshape(-1) for b in bucket])
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                offset = 0
-                for b in bucket:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
-                bucket, size = [], 0
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
-def gather(obj, info: DistInfo) -> list:
-    """Every rank's `obj`, in rank order (a list of one in a single process)."""
-    if not info.enabled:
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the process count) of the running group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (a list of one without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
         return [obj]
-    out = [None] * info.world_size
+    out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from utils import console
-from utils.dist import gather, memory_gib
+from utils.dist import gather_objects, memory_gib
 from utils.skips import SkipTally
 
 
@@ -122,7 +122,7 @@ def readable(value: Any) -> Any:
 def run_totals(tally: SkipTally, info, losses: list[float], nonfinite: int, window: int, total_steps: int,
                global_batch: int, elapsed: float) -> dict:
     """summary.json's training figures; skip counts summed over ranks (each skipped its own)."""
-    parts = gather((dict(tally.skipped), tally.truncated), info)
+    parts = gather_objects((dict(tally.skipped), tally.truncated))
     last = losses[-min(window, len(losses)):]
     return {"steps": total_steps, "train_loss_first": losses[0], "train_loss_last": sum(last) / len(last),
             "skipped": dict(sum((Counter(p[0]) for p in parts), Counter())), "truncated_answers": sum(p[1] for p in parts),
