@@ -74,6 +74,11 @@ class Parallel:
         the gradient of the global mean (what a sum over ranks would give)."""
         return float(self.world_size) if self.strategy else 1.0
 
+    def describe(self) -> str:
+        if not self.strategy:
+            return "one process: nothing wrapped"
+        return f"{self.strategy} over {self.world_size} processes ({STRATEGIES[self.strategy]})"
+
     def sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Around one micro-batch's forward and backward: gradients are reduced only on the last
         micro-batch of a step (accumulated locally before it)."""

@@ -13,6 +13,7 @@ A later stage continues from the newest finished demo run of the stage before it
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -60,6 +61,9 @@ STAGE3_DEMO_DEFAULTS = dict(batch_size=32, max_steps=200, lr=3e-3, warmup_ratio=
                             eval_interval=100, eval_samples=200, save_interval=100, num_workers=1, max_text_len=128,
                             data_format="chat")
 RUN_PREFIX = {1: "demo", 2: "demo_stage2", 3: "demo_stage3"}
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                      "TORCHELASTIC_USE_AGENT_STORE", "GROUP_WORLD_SIZE")
 
 
 def demo_defaults(stage: int) -> dict:
@@ -71,6 +75,9 @@ def apply_demo_defaults(cfg: Any, explicit: set[str]) -> None:
     included). Only values: where the toy world lives, and what a later stage starts from, are
     prepare_demo's, after parsing."""
     fill = dict(demo_defaults(cfg.stage))
+    world = int(os.environ.get("WORLD_SIZE", "1"))     # under torchrun: the same global batch, the same figures
+    if world > 1 and "batch_size" not in explicit and fill["batch_size"] % world == 0:
+        fill["batch_size"] //= world
     if cfg.resume != "auto":  # --resume auto alone continues the newest unfinished demo run (train_stage1.open_run)
         fill["run_name"] = time.strftime(f"{RUN_PREFIX[cfg.stage]}_%Y%m%d_%H%M%S")
     for key, value in fill.items():
@@ -82,7 +89,15 @@ def prepare_demo(cfg: Any) -> Any:
     """--demo, before training: build (or reuse) the toy world, and return the config pointed at
     it wherever the user named no model, data or start point. Stages 2 and 3 also write their
     toy instruction data and start from the previous stage's demo checkpoint (running that demo
-    first when there is none)."""
+    first when there is none). Under torchrun the processes take turns (a file lock): the first
+    builds and runs what is missing, the others find it done."""
+    os.makedirs(cfg.checkpoints_dir, exist_ok=True)
+    with open(os.path.join(cfg.checkpoints_dir, ".demo.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_demo(cfg)
+
+
+def _prepare_demo(cfg: Any) -> Any:
     paths = ensure_toy_world("demo", log=console.info)
     where: dict[str, str] = {}
     if cfg.stage == 1:
@@ -132,7 +147,9 @@ def previous_demo(cfg: Any, paths: ToyPaths) -> str:
         console.info(f"no finished stage-{stage} demo in {cfg.checkpoints_dir}/: running `python {script} --demo` first")
         cmd = [sys.executable, os.path.join(ROOT, script), "--demo", "--checkpoints_dir", cfg.checkpoints_dir,
                "--runs_dir", cfg.runs_dir, "--device", cfg.device]
-        if subprocess.run(cmd).returncode != 0:
+        # A plain one-process run, even from a torchrun launch (whose variables would make it wait for peers).
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+        if subprocess.run(cmd, env=env).returncode != 0:
             raise SystemExit(f"the stage-{stage} demo failed; run `python {script} --demo` to see why")
         found = demo_checkpoint(cfg.checkpoints_dir, stage, paths)
         if not found:
@@ -144,6 +161,8 @@ def previous_demo(cfg: Any, paths: ToyPaths) -> str:
 def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
     """An ordinary run (`train(cfg)`) measured before and after on held-out data; the figures join
     the run's summary.json and TensorBoard (demo/...). `cfg` is prepare_demo's."""
+    if int(os.environ.get("RANK", "0")):   # under torchrun: every process trains, the first one measures
+        return train(cfg)
     paths = ensure_toy_world("demo", log=console.info)   # built by prepare_demo: found at once
     measure = {1: stage1_figures, 2: stage2_figures, 3: stage3_figures}[cfg.stage]
     device = str(pick_device(cfg.device))

@@ -210,6 +210,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     # Then spread over the processes (parallel.py: DDP or FSDP2; nothing is wrapped in one process).
     model, tokenizer = build_training_model(cfg, vision_path, llm_path, dist, folders.resume_from)
     par = parallelize(model, cfg.train_strategy, dist, cfg.fsdp_offload, cfg.hsdp_shard_size)
+    console.kv("processes", par.describe())
 
     # ---- data, the steps it makes, and the optimizer over what trains
     grad_accum = accumulation(cfg, dist.world_size)
@@ -229,6 +230,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     # Logs, alarms, evaluation, checkpoints and the summary (bookkeeping.py); the "before" evaluation.
     run = Run.start(cfg, folders, dist, state, model, tokenizer, eval_ds, data.skipped, total_steps, optimizer,
                     scheduler)
+    run.summary["train_strategy"] = par.strategy or "none"
 
     # ---- loop
     stream = batches(train_ds, cfg, dist.rank, dist.world_size, run.tally, state["epoch"], state["offsets"][dist.rank])

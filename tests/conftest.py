@@ -78,6 +78,37 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+def common(tmp_path, name, steps, *extra):
+    """The flags of a stage-2/3 run on the tiny world: batch 4, a checkpoint every 4 steps (all
+    kept), no periodic evaluation; gradient checkpointing when the run's name says "full"."""
+    return ["--max_steps", str(steps), "--batch_size", "4", "--num_workers", "0", "--eval_interval", "0",
+            "--eval_samples", "8", "--sample_replies", "0", "--save_interval", "4", "--keep_last", "0",
+            "--run_name", name, "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck"),
+            "--gradient_checkpointing" if "full" in name else "--no-gradient_checkpointing", *extra]
+
+
+@pytest.fixture(scope="session")
+def chain(tiny, tmp_path_factory):
+    """Stage 1 -> stage 2 (full, CogVLM-SFT layout) -> stage 3 (LoRA, a LLaVA chat.json) on the
+    tiny world, exportable settings (no post-norm). Returns (folder, instruction data, the three
+    step folders)."""
+    import train_stage1
+    import train_stage2
+    import train_stage3_lora
+    from toy_instructions import ensure_instruction_data
+
+    out = tmp_path_factory.mktemp("chain")
+    data = ensure_instruction_data(tiny, "tiny", log=lambda *a: None)
+    s1 = train_stage1.main(train_argv(tiny, out, "s1", 4, "--no-feature_post_norm", *common(out, "s1", 4),
+                                      feature_layer=-1, feature_select="all"))
+    s2 = train_stage2.main(["--stage1", s1["checkpoint"], "--data_root", data.sft_train, "--lr", "1e-3",
+                            "--eval_ratio", "0.1", *common(out, "s2_full", 4)])
+    s3 = train_stage3_lora.main(["--init", s2["checkpoint"], "--data_format", "chat", "--chat_json", data.style_train,
+                                 "--image_root", data.style_images, "--eval_chat_json", data.style_eval, "--lr", "1e-2",
+                                 *common(out, "s3", 4)])
+    return out, data, s1["checkpoint"], s2["checkpoint"], s3["checkpoint"]
+
+
 @pytest.fixture(scope="session")
 def toy_model(tiny):
     """(model, tokenizer, prompt format) on the tiny world, projector freshly initialised, on
