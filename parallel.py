@@ -154,7 +154,8 @@ def fully_shard_model(model: LlavaModel, mesh: Any, device: torch.device, reshar
         mesh=mesh,
         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if device.type == "cuda" else MixedPrecisionPolicy(),
-        offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+        # Pinned host memory copies faster to a GPU; a CPU-only machine has none to pin.
+        offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy())
     for layer in model.llm.get_decoder().layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **common)
     ignored = None

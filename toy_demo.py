@@ -90,7 +90,10 @@ def prepare_demo(cfg: Any) -> Any:
     it wherever the user named no model, data or start point. Stages 2 and 3 also write their
     toy instruction data and start from the previous stage's demo checkpoint (running that demo
     first when there is none). Under torchrun the processes take turns (a file lock): the first
-    builds and runs what is missing, the others find it done."""
+    builds and runs what is missing, the others find it done. (The earlier stage's demo runs as
+    a plain process, without torchrun's variables, so it never waits for the lock its parent holds.)"""
+    if "WORLD_SIZE" not in os.environ:
+        return _prepare_demo(cfg)
     os.makedirs(cfg.checkpoints_dir, exist_ok=True)
     with open(os.path.join(cfg.checkpoints_dir, ".demo.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -20,6 +20,9 @@ same speed when the LLM dominates; the difference is the largest batch that fits
     python scripts/benchmark.py --arch course --sweep --json course.json                 # GPU: bf16, SDPA
     python scripts/benchmark.py --arch align --sweep --json align.json
     python scripts/benchmark.py --arch small --batch_size 8                              # a quick CPU look
+    # several processes (torchrun): time and memory per process of one step under a strategy (parallel.py)
+    torchrun --nproc-per-node 2 scripts/benchmark.py --arch course --tune_llm full --train_strategy fsdp-full-shard
+    python scripts/benchmark.py --arch course --tune_llm full --train_strategy fsdp-full-shard   # 1 process: the baseline
     # stages 2 and 3 at the course's settings (512 text tokens): ours only, the LLM trains too
     python scripts/benchmark.py --arch course --tune_llm full --gradient_checkpointing --batch_size 4 --text_len 512 --answer_len 256
     python scripts/benchmark.py --arch course --tune_llm lora --batch_size 8 --text_len 512 --answer_len 256
@@ -57,11 +60,13 @@ import torch  # noqa: E402
 
 from backbones import VISION_TYPES, arch_config, prefix_tokens  # noqa: E402
 from model import LlavaModel, ModelSpec, Projector, VisionTower  # noqa: E402
+from parallel import SHARDED, STRATEGIES, grad_norm, parallelize  # noqa: E402
 from prompts import IGNORE_INDEX  # noqa: E402
 from tuning import Tuning, add_lora, assert_trainable, set_trainable  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
 from utils.config import Parser  # noqa: E402
-from utils.dist import pick_device  # noqa: E402
+from utils.checkpoint import complete_optimizer_state  # noqa: E402
+from utils.dist import gather_objects, pick_device, setup as setup_dist  # noqa: E402
 from utils.flops import peak_flops, step_flops  # noqa: E402
 
 IMAGE_TOKEN_ID = 151655  # Qwen's <|image_pad|>
@@ -428,6 +433,70 @@ def print_table(r: dict) -> None:
         print(f"  sweep {who}: largest batch {s['largest_batch']} at {s['samples_per_s_at_largest']} samples/s")
 
 
+def local_bytes(tensors) -> int:
+    """Bytes this process holds of `tensors` (a sharded DTensor: its own shard)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
+
+
+def run_parallel(args) -> dict:
+    """--train_strategy: one training step (forward, backward, gradient reduction, clipping, AdamW)
+    of every process at --batch_size each, and what each process holds of the parameters, the
+    gradients and the optimizer state (counted from its tensors) besides its peak memory. Under
+    torchrun the strategy applies (parallel.py, as training uses it); with plain `python` nothing
+    is wrapped: the one-process baseline."""
+    info = setup_dist(args.device)
+    sharded = info.launched and args.train_strategy in SHARDED
+    dtype = args.dtype if args.dtype != "auto" else "bf16" if info.device.type == "cuda" else "fp32"
+    # FSDP builds on the CPU and fully_shard moves one unit at a time, as training does.
+    m = build(args.arch, dtype, args.attn, "cpu" if sharded else str(info.device), reference=False,
+              tune_llm=args.tune_llm, gradient_checkpointing=args.gradient_checkpointing)
+    model = m.ours
+    par = parallelize(model, args.train_strategy, info, args.fsdp_offload, shard_vision=args.fsdp_vision == "shard")
+    params = [p for _, p in model.trainable_parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    complete_optimizer_state(opt)
+    batch = make_batch(model, args.batch_size, args.text_len, args.answer_len, info.device, seed=info.rank)
+    grads = [0]
+
+    def step():
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+            ls, nt = par.engine(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                pixel_values=batch["pixel_values"])
+            (ls / (nt * info.world_size) * par.grad_scale).backward()   # the global mean over equal batches
+        grad_norm(params, 1.0)
+        grads[0] = local_bytes([p.grad for p in params if p.grad is not None])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return ls.detach() / nt
+    seconds, peak, loss = time_steps(step, info.device, args.steps, args.warmup)
+    mine = {"rank": info.rank, "step_ms": round(seconds * 1e3, 1), "peak_mem_bytes": int(peak),
+            "params_bytes": local_bytes(model.parameters()), "trained_params_bytes": local_bytes(params),
+            "grads_bytes": grads[0], "optimizer_bytes": local_bytes(t for st in opt.state.values() for t in st.values()
+                                                                    if torch.is_tensor(t) and t.dim()),
+            "loss": round(float(loss), 5)}
+    ranks = gather_objects(mine)
+    result = {"arch": args.arch, "device": peak_flops(info.device)[0], "train_strategy": par.strategy or "none",
+              "processes": info.world_size, "fsdp_offload": args.fsdp_offload, "vision_tower": args.fsdp_vision,
+              "tune_llm": model.tuning.llm, "gradient_checkpointing": bool(model.checkpointed_layers),
+              "batch_per_process": args.batch_size, "seq_len": batch["input_ids"].shape[1],
+              "samples_per_s": round(args.batch_size * info.world_size / max(r["step_ms"] for r in ranks) * 1e3, 3),
+              "per_process": ranks}
+    if info.is_main:
+        gib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+        print(f"\n{result['train_strategy']} x {info.world_size} on {result['device']} | arch {args.arch} | LLM "
+              f"{result['tune_llm']} | batch {args.batch_size} per process | seq {result['seq_len']} | "
+              f"{result['samples_per_s']} samples/s | vision tower {args.fsdp_vision}")
+        print(f"  {'rank':<6}{'step':>10}{'peak mem':>14}{'params':>14}{'grads':>14}{'optimizer':>14}")
+        for r in ranks:
+            print(f"  {r['rank']:<6}{r['step_ms']:>8} ms{gib(r['peak_mem_bytes']):>14}{gib(r['params_bytes']):>14}"
+                  f"{gib(r['grads_bytes']):>14}{gib(r['optimizer_bytes']):>14}")
+        if args.json:
+            atomic_write(args.json, json.dumps(result, indent=2))
+    if info.launched:
+        torch.distributed.destroy_process_group()
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = Parser(description=__doc__)
     p.add_argument("--arch", default="course", choices=list(ARCHS), help="architecture (see above)")
@@ -450,7 +519,15 @@ def main(argv: list[str] | None = None) -> dict:
                    help="train the LLM as stage 2 (full) or stage 3 (lora) does; measures ours only")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute LLM layers in backward "
                                                                         "(stage 2's default)")
+    p.add_argument("--train_strategy", default=None, choices=list(STRATEGIES),
+                   help="time and memory per process of a step under this strategy (under torchrun; plain python: "
+                        "the one-process baseline); ours only")
+    p.add_argument("--fsdp_offload", action="store_true", help="with a sharded --train_strategy: CPUOffloadPolicy")
+    p.add_argument("--fsdp_vision", default="replicate", choices=["replicate", "shard"],
+                   help="FSDP: the frozen tower replicated (what training does) or an FSDP unit of its own")
     args = p.parse_args(argv)
+    if args.train_strategy:
+        return run_parallel(args)
     kw = dict(text_len=args.text_len, answer_len=args.answer_len, cached_features=args.cached_features,
               steps=args.steps, warmup=args.warmup)
     alone = args.no_reference or args.tune_llm != "none" or args.gradient_checkpointing  # the reference is stage 1's

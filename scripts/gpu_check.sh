@@ -12,9 +12,13 @@
 #                                                                           -> OUT/bench_course.json, bench_align.json
 #   3b. the same for stages 2 and 3 (--tune_llm full / lora, 512 text tokens)
 #                                                                           -> OUT/bench_stage2_full.json, bench_stage3_lora.json
+#   3c. one course stage-2 step's memory per GPU without sharding, with fsdp-full-shard (torchrun, 1 process)
+#       and with --fsdp_offload too                                      -> OUT/bench_fsdp_{none,shard,offload}.json
 #   4. 100 steps of the course preset at real size through the ordinary train_stage1.py path: random
 #      weights built from configs/ (scripts/random_models.py), bf16 frozen weights, --pack, the feature
 #      cache (scripts/cache_features.py)                                    -> OUT/train_summary.json, train.log
+#   5. stage 2 on step 4's checkpoint under torchrun --nproc-per-node 1 --train_strategy fsdp-full-shard: FSDP2's
+#      fully_shard, DCP checkpoints and the gathered llm/ on a GPU       -> OUT/fsdp_summary.json, fsdp.log
 #   Everything printed also goes to OUT/gpu_check.log; models and data go to $WORK (default /tmp/gpu_check).
 #
 # Packages. The lent machine's image has torch 2.11 and transformers 5.17; both are supported: the
@@ -25,7 +29,7 @@
 #   python3 -m pip download --no-deps -d .whl tensorboardX==2.6.5      # pure Python: any platform
 # and on the device:  run(command="bash scripts/gpu_check.sh $OUT", carry=[".whl"])
 set -uo pipefail
-STEPS_ALL="versions tests bench bench_tune models cache train"
+STEPS_ALL="versions tests bench bench_tune bench_fsdp models cache train fsdp"
 usage() {
     cat <<USAGE
 usage: bash scripts/gpu_check.sh OUT_DIR [--dry-run] [--only STEP[,STEP...]]
@@ -33,7 +37,7 @@ usage: bash scripts/gpu_check.sh OUT_DIR [--dry-run] [--only STEP[,STEP...]]
   OUT_DIR      where the figures and logs go (created)
   --dry-run    the same steps on a CPU at toy sizes (~3 minutes); without it a CUDA GPU is required
   --only LIST  run only these steps, comma-separated, in their usual order: $STEPS_ALL
-               (train needs models and cache from this run or an earlier one with the same WORK)
+               (train needs models and cache, fsdp needs train, from this run or an earlier one with the same WORK)
   -h, --help   this text
 Environment: WORK (models and data, default /tmp/gpu_check), PYTHON (default python3).
 USAGE
@@ -73,8 +77,10 @@ wanted() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 if [ "$DRY" = "--dry-run" ]; then
     DEVICE=cpu; ARCHS="tiny tiny_align"; LIMIT=4; LAYERS=2; STEPS=4; BATCH=4; NTRAIN=64; BENCH_STEPS=1; TUNE_LEN=64
+    FSDP_STEPS=4
 else
     DEVICE=cuda; ARCHS="course align"; LIMIT=1024; LAYERS=0; STEPS=100; BATCH=16; NTRAIN=1024; BENCH_STEPS=5; TUNE_LEN=512
+    FSDP_STEPS=20
 fi
 status=()
 step() {  # step NAME SECONDS LOG CMD...: run with a time limit (its output also to LOG unless -),
@@ -125,6 +131,18 @@ wanted bench_tune && step "benchmark ${ARCHS%% *} stage 3 (lora)" 150 - $PY scri
     --tune_llm lora --batch_size 8 --text_len $TUNE_LEN --answer_len $((TUNE_LEN / 2)) \
     --steps $BENCH_STEPS --warmup 2 --json "$OUT/bench_stage3_lora.json"
 
+# One course stage-2 step (full, gradient checkpointing, batch 4): what one GPU holds without sharding, under
+# fsdp-full-shard on a one-process mesh (the same state plus FSDP's buffers), and with the shards offloaded.
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc-per-node 1"
+FSDP_BENCH="--arch ${ARCHS%% *} --device $DEVICE --tune_llm full --gradient_checkpointing --batch_size 4 --text_len $TUNE_LEN
+            --answer_len $((TUNE_LEN / 2)) --steps $BENCH_STEPS --warmup 2 --train_strategy fsdp-full-shard"
+wanted bench_fsdp && step "benchmark stage 2, no sharding" 150 - $PY scripts/benchmark.py $FSDP_BENCH \
+    --json "$OUT/bench_fsdp_none.json"
+wanted bench_fsdp && step "benchmark stage 2, fsdp-full-shard" 150 - $TORCHRUN scripts/benchmark.py $FSDP_BENCH \
+    --json "$OUT/bench_fsdp_shard.json"
+wanted bench_fsdp && [ "$DEVICE" = cuda ] && step "benchmark stage 2, fsdp-full-shard + offload" 200 - $TORCHRUN \
+    scripts/benchmark.py $FSDP_BENCH --fsdp_offload --json "$OUT/bench_fsdp_offload.json"
+
 wanted models && rm -rf "$WORK/rand" && step "random real-size models" 120 - $PY scripts/random_models.py --preset clip-zh-qwen3-0.6b --out "$WORK/rand" \
     --layers $LAYERS --n_train $NTRAIN --n_eval 64
 wanted cache && step "feature cache" 60 - $PY scripts/cache_features.py --vision_tower "$WORK/rand/vision" \
@@ -138,6 +156,14 @@ wanted train && rm -rf "$WORK/runs" "$WORK/ck" && step "train $STEPS steps (rand
     --pack --max_steps $STEPS --batch_size $BATCH --eval_interval $((STEPS / 2)) --eval_samples 64 --sample_replies 2 \
     --log_interval 10 --device "$DEVICE" --run_name gpu_check --runs_dir "$WORK/runs" --checkpoints_dir "$WORK/ck"
 wanted train && cp "$WORK/runs/gpu_check/summary.json" "$OUT/train_summary.json" 2>/dev/null
+
+# Stage 2 from that checkpoint, sharded by FSDP2 on one GPU: fully_shard, the DCP resume state, llm/ gathered.
+wanted fsdp && rm -rf "$WORK/runs/fsdp" "$WORK/ck/fsdp" && step "stage 2 under fsdp-full-shard (torchrun, 1 process)" 240 \
+    "$OUT/fsdp.log" $TORCHRUN train_stage2.py --stage1 "$WORK/ck/gpu_check" --data_format sa1b \
+    --data_root "$WORK/rand/data/train" --eval_data_root "$WORK/rand/data/eval" --train_strategy fsdp-full-shard \
+    --max_steps $FSDP_STEPS --batch_size 4 --eval_interval $((FSDP_STEPS / 2)) --eval_samples 32 --sample_replies 2 \
+    --save_interval $((FSDP_STEPS / 2)) --device "$DEVICE" --run_name fsdp --runs_dir "$WORK/runs" --checkpoints_dir "$WORK/ck"
+wanted fsdp && cp "$WORK/runs/fsdp/summary.json" "$OUT/fsdp_summary.json" 2>/dev/null
 
 echo; echo "=== gpu_check done ($DEVICE)"
 printf '  %s\n' "${status[@]}"

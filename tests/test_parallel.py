@@ -123,6 +123,8 @@ def launched(tiny, chain, mixed_chat, tmp_path_factory):
                        *STRATEGY_FLAGS[strategy],
                        *(["--eval_interval", "1", "--sample_replies", "3"] if (stage, strategy) == MID_RUN else []))
             for stage in (1, 2, 3) for strategy in STRATEGIES]
+    plan.append(stage_argv(2, chain, tiny, out, "two2_offload", 2, "--train_strategy", "fsdp-full-shard",
+                           "--fsdp_offload"))
     plan.append(["train_stage1.py", *train_argv(tiny, out, "mixed", 4, "--no-feature_post_norm", data_format="chat",
                                                 chat_json=mixed_chat, eval_chat_json=mixed_chat, batch_size=1,
                                                 train_strategy="fsdp-full-shard")])
@@ -147,6 +149,14 @@ def test_two_processes_equal_one_under_every_strategy(launched, stage, strategy)
     run_files = os.listdir(out / "runs" / name)
     assert sum(f.startswith("events.out") for f in run_files) == 1                  # rank 0 alone logs
     assert os.path.isdir(out / "ck" / name / "step_000002" / RESUME_DIR)
+
+
+def test_offloaded_shards_train_the_same(launched):
+    """--fsdp_offload (CPUOffloadPolicy: the shards and the optimizer step on the CPU) changes where
+    the state lives, not the result."""
+    out, refs = launched
+    assert summary(out, "two2_offload")["train_strategy"] == "fsdp-full-shard"
+    assert_same_weights(refs[2]["checkpoint"], out / "ck" / "two2_offload" / "step_000002")
 
 
 def test_sample_replies_of_every_rank_reach_the_log(launched):
@@ -218,3 +228,22 @@ def test_kill_9_resume_is_exact_and_the_resume_state_reshards_onto_other_process
         got = losses(tmp_path / "runs" / run)
         assert set(got) == set(range(first, RESUME_STEPS + 1))
         assert all(abs(ref[s] - got[s]) < 1e-5 for s in got), (run, ref, got)
+
+
+def test_benchmark_shows_what_each_process_holds_under_a_strategy(tmp_path):
+    """scripts/benchmark.py --train_strategy: under fsdp-full-shard each of 2 processes holds half
+    of the parameters, gradients and optimizer state one process holds (counted from the tensors;
+    a shard is padded to equal size, hence the margin)."""
+    from scripts.benchmark import main
+
+    common_flags = ["--arch", "tiny", "--tune_llm", "full", "--batch_size", "2", "--steps", "1", "--warmup", "1"]
+    one = main([*common_flags, "--train_strategy", "fsdp-full-shard"])["per_process"][0]
+    proc = torchrun(["scripts/benchmark.py", *common_flags, "--train_strategy", "fsdp-full-shard",
+                     "--json", str(tmp_path / "two.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["train_strategy"] == "fsdp-full-shard" and two["processes"] == 2 and len(two["per_process"]) == 2
+    for rank in two["per_process"]:
+        for key in ("trained_params_bytes", "grads_bytes", "optimizer_bytes"):
+            assert 0.45 * one[key] < rank[key] < 0.6 * one[key], (key, rank[key], one[key])
