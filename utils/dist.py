@@ -26,10 +26,6 @@ class DistInfo:
         return self.rank == 0
 
     @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
     def launched(self) -> bool:
         """Started by torchrun (a process group runs, even of one process): --train_strategy applies."""
         return dist.is_available() and dist.is_initialized()
