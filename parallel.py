@@ -77,7 +77,8 @@ class Parallel:
     def describe(self) -> str:
         if not self.strategy:
             return "one process: nothing wrapped"
-        return f"{self.strategy} over {self.world_size} processes ({STRATEGIES[self.strategy]})"
+        return (f"{self.strategy} over {self.world_size} process{'es' if self.world_size > 1 else ''} "
+                f"({STRATEGIES[self.strategy]})")
 
     def sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Around one micro-batch's forward and backward: gradients are reduced only on the last
