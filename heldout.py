@@ -74,10 +74,9 @@ def heldout_loss(model: LlavaModel, ds: LlavaDataset, n: int = 0, batch_size: in
         loss_sum += ls.item()
         tokens += int(nt)
     model.train(was_training)
-    sums = all_reduce_sum(torch.tensor([loss_sum, tokens, right_sum, swapped_sum, swapped_tokens], dtype=torch.float64,
-                                       device=device)).tolist() if synced else [loss_sum, tokens, right_sum,
-                                                                                swapped_sum, swapped_tokens]
-    loss_sum, tokens, right_sum, swapped_sum, swapped_tokens = sums
+    # Summed over ranks (exact in float64: the same figures in one process).
+    loss_sum, tokens, right_sum, swapped_sum, swapped_tokens = all_reduce_sum(torch.tensor(
+        [loss_sum, tokens, right_sum, swapped_sum, swapped_tokens], dtype=torch.float64, device=device)).tolist()
     loss = loss_sum / max(tokens, 1)
     out = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
     if swapped_tokens:

@@ -247,18 +247,17 @@ class LlavaModel(nn.Module):
         from the attention mask and uses the KV cache. `stop` (a threading.Event) ends the
         generation at the next token once set (a browser that left).
         """
-        if not self.sharded:
-            return self._generate(input_ids, attention_mask, stop_ids, pixel_values, image_features, max_new_tokens,
-                                  temperature, top_p, streamer, stop)
         # FSDP2 (parallel.py): the root's parameters (embeddings, head, projector) gathered for the
         # whole reply, and each decoder layer all-gathered at every step, so every rank runs every
         # decoding step until all are done (transformers' synced_gpus, as under ZeRO-3).
-        self.unshard()
+        if self.sharded:
+            self.unshard()
         try:
             return self._generate(input_ids, attention_mask, stop_ids, pixel_values, image_features, max_new_tokens,
                                   temperature, top_p, streamer, stop)
         finally:
-            self.reshard()
+            if self.sharded:
+                self.reshard()
 
     def _generate(self, input_ids, attention_mask, stop_ids, pixel_values, image_features, max_new_tokens,
                   temperature, top_p, streamer, stop) -> list[list[int]]:
