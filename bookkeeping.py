@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from assistant import Assistant
-from checkpoint_io import save_checkpoint
+from checkpoint_io import checkpoint_weights, save_checkpoint
 from dataset import Batch, LlavaDataset
 from heldout import eval_summary, heldout_loss, log_heldout_loss, log_sample_replies
 from model import LlavaModel
@@ -30,7 +30,7 @@ from parallel import reshard
 from utils import console
 from utils.alarms import Alarms
 from utils.checkpoint import (STAGE_SCRIPTS, resume_command, resume_point, run_name_of, save_training,
-                              trained_weights, unfinished_run)
+                              unfinished_run)
 from utils.config import dump_json, print_config, redacted
 from utils.dist import DistInfo, barrier, cleanup as cleanup_dist
 from utils.flops import mfu
@@ -170,7 +170,7 @@ class Run:
                  "summary": {k: v for k, v in self.summary.items() if k.startswith(("eval", "image_"))}}
 
         reshard(self.model)                     # the optimizer's parameters are the sharded ones
-        weights = trained_weights(self.model)   # whole, on rank 0's CPU (gathered from FSDP's shards)
+        weights = checkpoint_weights(self.model)   # whole, on rank 0's CPU (gathered from FSDP's shards)
 
         def write_weights(folder: str) -> None:
             save_checkpoint(self.model, folder, meta, self.tokenizer, weights)

@@ -30,6 +30,7 @@ from utils import console
 from utils.atomic import atomic_path, atomic_write
 from utils.checkpoint import WEIGHTS_FILE, find_latest
 from utils.config import Parser
+from utils.dist import rank_and_world
 
 CHECKPOINT_FILE = WEIGHTS_FILE          # projector.safetensors
 # The safetensors metadata key a checkpoint describes itself under. Named when only stage 1
@@ -104,17 +105,14 @@ def save_checkpoint(model: LlavaModel, directory: str, extra: dict | None = None
     """Write `projector.safetensors` (weights + JSON metadata), a readable `model_spec.json`,
     and when the LLM was tuned its weights (tuning.save_llm: llm/ or adapter/).
 
-    `weights`: the trained parameters by name, whole (training gathers them from FSDP's shards:
-    utils.checkpoint.trained_weights); by default the model's own. A projector that did not
-    train (--no-tune_projector) is saved from the model, which holds it whole.
+    `weights`: what to write by name, whole (training gathers it from FSDP's shards:
+    checkpoint_weights); by default the model's own.
     Each file is written to a temp name and renamed (and a training step folder is committed
     as a whole by utils.checkpoint.save_step), so a crash leaves the old files or the new ones.
     """
     meta = {"spec": asdict(model.spec), "tuning": asdict(model.tuning), **(extra or {})}
-    if weights is None or not model.tuning.projector:
-        projector = model.projector.state_dict()
-    else:
-        projector = {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+    projector = model.projector.state_dict() if weights is None else \
+        {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in projector.items()}
     path = os.path.join(directory, CHECKPOINT_FILE)
     if model.tuning.llm != "none":
@@ -126,6 +124,26 @@ def save_checkpoint(model: LlavaModel, directory: str, extra: dict | None = None
         save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
     atomic_write(os.path.join(directory, "model_spec.json"), json.dumps(meta, indent=2, ensure_ascii=False))
     return path
+
+
+def checkpoint_weights(model: LlavaModel) -> dict[str, torch.Tensor]:
+    """What save_checkpoint writes, whole and on the CPU of rank 0 ({} on the others); every rank
+    must call it. The trained parameters, and the projector even when it did not train
+    (--no-tune_projector): projector.safetensors always holds it, and under FSDP a frozen
+    projector is a shard of the root like any other parameter."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    weights = {k: v for k, v in full.items() if k in trained}   # (a frozen weight tied to a trained one slips in)
+    main = rank_and_world()[0] == 0
+    for name, p in model.projector.named_parameters():
+        if not p.requires_grad:
+            whole = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()   # every rank: a collective
+            if main:
+                weights[f"projector.{name}"] = whole
+    return weights
 
 
 def checkpoint_file(path: str) -> str:

@@ -125,6 +125,8 @@ def launched(tiny, chain, mixed_chat, tmp_path_factory):
             for stage in (1, 2, 3) for strategy in STRATEGIES]
     plan.append(stage_argv(2, chain, tiny, out, "two2_offload", 2, "--train_strategy", "fsdp-full-shard",
                            "--fsdp_offload"))
+    plan.append(stage_argv(3, chain, tiny, out, "two3_frozen_projector", 2, "--train_strategy", "fsdp-full-shard",
+                           "--no-tune_projector"))
     plan.append(["train_stage1.py", *train_argv(tiny, out, "mixed", 4, "--no-feature_post_norm", data_format="chat",
                                                 chat_json=mixed_chat, eval_chat_json=mixed_chat, batch_size=1,
                                                 train_strategy="fsdp-full-shard")])
@@ -157,6 +159,17 @@ def test_offloaded_shards_train_the_same(launched):
     out, refs = launched
     assert summary(out, "two2_offload")["train_strategy"] == "fsdp-full-shard"
     assert_same_weights(refs[2]["checkpoint"], out / "ck" / "two2_offload" / "step_000002")
+
+
+def test_a_frozen_projector_is_gathered_whole_into_the_checkpoint(launched, chain):
+    """--no-tune_projector under FSDP: the projector is a shard of the root like every parameter;
+    projector.safetensors still holds it whole, as the start point had it."""
+    from safetensors.torch import load_file
+
+    out, _ = launched
+    start = load_file(os.path.join(chain[3], "projector.safetensors"))
+    saved = load_file(out / "ck" / "two3_frozen_projector" / "step_000002" / "projector.safetensors")
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
 
 
 def test_sample_replies_of_every_rank_reach_the_log(launched):

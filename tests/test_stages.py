@@ -20,13 +20,13 @@ import train_stage2
 import train_stage3_lora
 from dataset import ImageLoader, ImageTransform, LlavaDataset, collate
 from readers import COGVLM_SUBSETS, Record, read_cogvlm_sft
-from checkpoint_io import build_model, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from checkpoint_io import build_model, checkpoint_weights, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from model import ModelSpec
 from prompts import (IGNORE_INDEX, IMAGE_PLACEHOLDER, PromptFormat, encode_conversation, encode_prompt,
                      history_matches_live_chat, with_image_placeholder)
 from tests.conftest import ROOT, common
 from tuning import Tuning, add_lora, assert_trainable, check_device, set_trainable
-from utils.checkpoint import find_latest, trained_weights as trained_weights_of
+from utils.checkpoint import find_latest
 
 DIALOGUE = [{"role": "user", "content": "什么颜色？"}, {"role": "assistant", "content": "红色"},
             {"role": "user", "content": "什么形状？"}, {"role": "assistant", "content": "圆形"},
@@ -275,7 +275,7 @@ def test_tuned_checkpoint_round_trip_is_exact_in_the_libraries_own_formats(tiny,
     save_checkpoint(model, str(tmp_path), {"step": 1, "stage": 2}, tok)
     # What training writes: the trained weights gathered whole (FSDP's path, here from one process)
     # give the same files, tied weights saved once.
-    save_checkpoint(model, str(tmp_path / "gathered"), {"step": 1, "stage": 2}, tok, trained_weights_of(model))
+    save_checkpoint(model, str(tmp_path / "gathered"), {"step": 1, "stage": 2}, tok, checkpoint_weights(model))
     for sub in ("projector.safetensors", "llm/model.safetensors", "adapter/adapter_model.safetensors"):
         if os.path.isfile(tmp_path / sub):   # (the bytes of a header with two metadata keys vary in order)
             a, b = load_file(tmp_path / sub), load_file(tmp_path / "gathered" / sub)

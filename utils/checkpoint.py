@@ -225,18 +225,6 @@ def _resume_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return {"model": {k: v for k, v in msd.items() if k in trained}, "optim": osd}
 
 
-def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every trained parameter by name, whole and on the CPU, on rank 0 ({} on the others):
-    gathered from the shards under FSDP, a copy otherwise. What the files people use hold
-    (projector.safetensors, llm/, adapter/); every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                ignore_frozen_params=True))
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in full.items() if k in trained}
-
-
 @contextlib.contextmanager
 def one_process_is_fine():
     """DCP warns at every save and load without a process group ("assuming the intent is to save
