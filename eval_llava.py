@@ -16,6 +16,9 @@ or that folder's projector.safetensors.
     python eval_llava.py --vqa_eval --questions Q.json --annotations A.json --predictions P.json
     # captions for a chat.json, an SA1B folder or an image folder (+ BLEU-4/CIDEr-D where references exist)
     python eval_llava.py --checkpoint checkpoints/<run> --captions data/toy/eval/chat.json
+    # a benchmark in VLMEvalKit's TSV layout (MMBench, CCBench, MMStar, SEED, AI2D, MME, POPE, ...),
+    # scored by its exact-matching rules; predictions resume from <out_dir>/<name>_predictions.jsonl
+    python eval_llava.py --checkpoint checkpoints/<run> --bench data/bench/MMBench_DEV_CN.tsv
     # the same questions to a reference model (key in $OPENAI_API_KEY, never printed or saved)
     python eval_llava.py --api_base https://api.openai.com/v1 --api_model gpt-4o-mini --vqa data/toy/vqa_chat/chat_val.json
 """
@@ -31,6 +34,7 @@ import shlex
 import sys
 
 from assistant import Assistant, add_api_args, answer_all, load_assistant
+from bench import PROMPT_STYLES, BenchError, run_bench
 from checkpoint_io import checkpoint_file
 from dataset import IMAGE_EXTENSIONS
 from prompts import CAPTION_PROMPT, IMAGE_PLACEHOLDER
@@ -39,7 +43,7 @@ from utils import console
 from utils.atomic import atomic_write
 from utils.caption_metrics import score_captions
 from utils.config import Parser
-from utils.openai_api import ApiError
+from utils.openai_api import ApiError, ChatApi
 from utils.skips import SampleError
 from utils.vqa_eval import evaluate, main as vqa_eval_main
 
@@ -266,6 +270,23 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--answer_tokens", type=int, default=16, help="--vqa: answer length limit (VQA answers are short)")
     b.add_argument("--out_dir", default=None, help="batch modes: where predictions and scores go "
                                                   "(default: runs/eval/<checkpoint name>, or runs/eval/api_<model>)")
+    k = p.add_argument_group("benchmarks (VLMEvalKit's TSV layout and scoring rules)")
+    k.add_argument("--bench", default=None, help="a VLMEvalKit benchmark TSV (scripts/download_data.py bench NAME): "
+                                                 "answer every row (resumable), score, print the table")
+    k.add_argument("--bench_prompt", default="vlmeval", choices=PROMPT_STYLES,
+                   help="vlmeval: VLMEvalKit's default prompt; llava: LLaVA-1.5's (\"Answer with the option's "
+                        "letter from the given choices directly.\" / \"请直接回答选项字母。\")")
+    k.add_argument("--extract", default="exact", choices=["exact", "lenient"],
+                   help="exact: VLMEvalKit's exact matching only; lenient: also report a figure that accepts "
+                        "\"选A\", \"c\", \"是的\" (never mixed into the comparable one)")
+    k.add_argument("--bench_tokens", type=int, default=0, help="reply length limit (0: 16 for multiple choice, "
+                                                              "32 for yes/no)")
+    k.add_argument("--run_dir", default=None, help="also write the figures to this run folder's TensorBoard "
+                                                  "(bench/<name>/...), at the checkpoint's step")
+    k.add_argument("--judge_api_base", default=None, help="an OpenAI-compatible model that extracts the choice "
+                                                         "where exact matching cannot (a separate figure)")
+    k.add_argument("--judge_model", default=None, help="the judge's model name")
+    k.add_argument("--judge_key_env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     add_api_args(p)
     args = p.parse_args(argv)
     if args.vqa_eval:
@@ -285,11 +306,13 @@ def main(argv: list[str] | None = None) -> None:
     if one_shot and (args.image is None or args.prompt is None):
         p.error("one-shot mode needs both --image and --prompt")
     console.quiet_library_bars()
-    if one_shot or args.vqa or args.captions:
+    if args.judge_api_base and not args.judge_model:
+        p.error("--judge_api_base needs --judge_model")
+    if one_shot or args.vqa or args.captions or args.bench:
         console.set_stream(sys.stderr)  # stdout carries the reply (or the scores JSON) alone
     try:
         _run(args, one_shot)
-    except FileNotFoundError as e:    # a wrong --checkpoint or model path: say which, no traceback
+    except (FileNotFoundError, BenchError) as e:    # a wrong path or benchmark file: say which, no traceback
         console.error(str(e))
         sys.exit(2)
     finally:
@@ -299,13 +322,24 @@ def main(argv: list[str] | None = None) -> None:
 def _run(args: argparse.Namespace, one_shot: bool) -> None:
     assistant = load_assistant(args)
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
-    if args.vqa or args.captions:
+    if args.vqa or args.captions or args.bench:
         if args.api_base:
             out_dir = args.out_dir or os.path.join("runs", "eval", "api_" + re.sub(r"[^\w.-]+", "_", args.api_model))
         else:
             ckpt = os.path.dirname(os.path.abspath(checkpoint_file(args.checkpoint)))   # the step folder
             out_dir = args.out_dir or os.path.join("runs", "eval", "_".join(ckpt.split(os.sep)[-2:]))
-        if args.vqa:
+        if args.bench:
+            judge = None
+            if args.judge_api_base:
+                try:
+                    judge = ChatApi(args.judge_api_base, args.judge_model, args.judge_key_env, timeout=args.api_timeout)
+                except ValueError as e:
+                    raise SystemExit(str(e)) from None
+            step = getattr(assistant, "meta", {}).get("step", 0)
+            scores = run_bench(assistant, args.bench, out_dir, style=args.bench_prompt, batch_size=args.batch_size,
+                               max_new_tokens=args.bench_tokens, lenient=args.extract == "lenient", judge_api=judge,
+                               run_dir=args.run_dir, step=step)
+        elif args.vqa:
             root = args.image_root or os.path.dirname(os.path.abspath(args.vqa))
             scores = run_vqa(assistant, args.vqa, root, out_dir, args.batch_size, args.answer_tokens)
         else:

@@ -1,0 +1,202 @@
+"""Benchmarks: VLMEvalKit's exact-matching rules on crafted cases (written from
+vlmeval/utils/matching_util.py and vlmeval/dataset/utils/yorn.py), its TSV layout (base64 images,
+image-index references, image_path), and `eval_llava.py --bench` against a fake OpenAI-compatible
+server: scores computed from the replies, a run killed midway resumed without asking twice."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+
+import pytest
+from PIL import Image
+
+import bench
+import eval_llava
+from tests.test_api import FakeApi, KEY
+from utils import bench_scoring as S
+from utils import console
+
+OPTS = {"A": "红色", "B": "蓝色", "C": "绿色", "D": "黄色"}
+
+
+@pytest.mark.parametrize("reply,exact,lenient", [
+    ("A", "A", "A"), ("B.", "B", "B"), ("(C)", "C", "C"), ("The answer is D", "D", "D"),
+    ("答案是 B", "B", "B"),          # a space makes B a word of its own: VLMEvalKit parses it
+    ("选A", None, "A"), ("c", None, "C"), ("答案是B", None, "B"),
+    ("蓝色", "B", "B"),              # the text of exactly one option
+    ("红色还是蓝色", None, None),     # two options' texts: ambiguous
+    ("A and B", None, None), ("", None, None),
+    ("the answer is c", "C", "C"),   # VLMEvalKit's verbose-answer pattern ignores case
+    ("A B C D E F G H I J", None, None),   # the one letter must be among the last five words
+    ("Cannot determine the answer", "Z", "Z"),
+])
+def test_choice_extraction_follows_vlmevalkit(reply, exact, lenient):
+    assert S.extract_choice(reply, OPTS) == exact
+    assert S.extract_choice(reply, OPTS, lenient=True) == lenient
+
+
+@pytest.mark.parametrize("reply,exact,lenient", [
+    ("Yes", "Yes", "Yes"), ("no.", "No", "No"), ("Yes, it is.", "Yes", "Yes"), ("yes or no", "Unknown", "Unknown"),
+    ("是的", "Unknown", "Yes"), ("不是", "Unknown", "No"), ("Yes。", "Unknown", "Yes"), ("maybe", "Unknown", "Unknown"),
+])
+def test_yes_no_extraction_follows_vlmevalkit(reply, exact, lenient):
+    assert S.extract_yes_no(reply) == exact
+    assert S.extract_yes_no(reply, lenient=True) == lenient
+
+
+def item(index, answer, category="c", **kw):
+    return bench.BenchItem(index=index, question="q", answer=answer, category=category, **kw)
+
+
+def test_circular_counts_a_question_only_when_every_rotation_is_right():
+    M = S.CIRCULAR_STRIDE
+    items = [item(1, "A", "color"), item(1 + M, "B", "color"), item(2, "C", "shape"), item(2 + M, "D", "shape")]
+    got = S.score_choices(items, {1: "A", 1 + M: "B", 2: "C", 2 + M: None}, circular=True)
+    assert got["circular"] == 50.0 and got["vanilla"] == 100.0 and got["vanilla_all"] == 75.0
+    assert got["unparsed"] == 1 and got["categories"]["shape"]["circular"] == 0.0
+    assert got["categories"]["color"] == {"circular": 100.0, "vanilla": 100.0, "n": 1}
+
+
+def test_mme_acc_plus_and_the_categories_present():
+    items = [item(0, "Yes", "color", image_path="a.jpg"), item(1, "No", "color", image_path="a.jpg"),
+             item(2, "Yes", "color", image_path="b.jpg"), item(3, "No", "color", image_path="b.jpg"),
+             item(4, "Yes", "code_reasoning", image_path="c.jpg"), item(5, "No", "code_reasoning", image_path="c.jpg")]
+    got = S.score_yes_no(items, {0: "Yes", 1: "No", 2: "Yes", 3: "Yes", 4: "Unknown", 5: "No"}, "mme")
+    assert got["categories"]["color"]["acc"] == 75.0 and got["categories"]["color"]["acc_plus"] == 50.0
+    assert got["perception"] == 125.0 and got["cognition"] == 50.0 + 0.0
+    assert got["categories_present"]["perception"] == ["color"]
+
+
+def test_pope_f1_with_a_split_without_yes_and_rows_in_two_splits():
+    items = [item(0, "Yes", split="random"), item(1, "No", split="random"), item(2, "No", split="adversarial"),
+             item(3, "Yes", split="random,popular")]
+    got = S.score_yes_no(items, {0: "Yes", 1: "Yes", 2: "No", 3: "Unknown"}, "pope")
+    r = got["splits"]["random"]
+    assert (r["precision"], r["recall"], r["accuracy"]) == (50.0, 50.0, 100 / 3)
+    assert got["splits"]["adversarial"]["precision"] == 0.0 and got["splits"]["adversarial"]["f1"] == 0.0
+    assert got["splits"]["popular"]["n"] == 1 and got["all_n"] == 5   # row 3 counts in both of its splits
+    assert got["splits"]["random"]["yes_ratio"] == pytest.approx(200 / 3)
+
+
+def png_b64(color) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_tsv(path, rows, columns):
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, columns, delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def mmbench_tsv(tmp_path):
+    """Two questions with two rotations each; rotations share the image through its index; one
+    row's image is corrupt."""
+    M = S.CIRCULAR_STRIDE
+    rows = []
+    for q, (color, answer) in enumerate([("red", "红色"), ("blue", "蓝色")]):
+        opts = ["红色", "蓝色"]
+        for k in range(2):
+            o = opts[k:] + opts[:k]
+            rows.append({"index": q + k * M, "question": "什么颜色？", "hint": "", "A": o[0], "B": o[1],
+                         "answer": "AB"[o.index(answer)], "category": "color",
+                         "image": png_b64(color) if k == 0 else str(q)})
+    rows.append({"index": 5, "question": "什么颜色？", "hint": "看图", "A": "红色", "B": "蓝色", "answer": "A",
+                 "category": "broken", "image": base64.b64encode(b"x" * 100).decode()})
+    path = tmp_path / "MMBench_TOY_CN.tsv"
+    write_tsv(path, rows, ["index", "question", "hint", "A", "B", "answer", "category", "image"])
+    return path
+
+
+def test_reading_base64_references_and_image_path(tmp_path):
+    b = bench.read_bench(str(mmbench_tsv(tmp_path)))
+    assert b.family == "mcq" and b.circular and b.lang == "cn" and len(b.items) == 5
+    assert b.items[1].image == b.items[0].image and len(b.items[0].image) > 64
+    assert bench.item_image(b.items[1], str(tmp_path), None).getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(bench.SampleError):
+        bench.item_image(b.items[4], str(tmp_path), None)
+    prompt = bench.build_prompt(b.items[4], b, "vlmeval")
+    assert prompt == ("Hint: 看图\nQuestion: 什么颜色？\nOptions:\nA. 红色\nB. 蓝色\n"
+                      "Please select the correct answer from the options above. \n")
+    assert bench.build_prompt(b.items[4], b, "llava") == "看图\n什么颜色？\nA. 红色\nB. 蓝色\n请直接回答选项字母。"
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "x.png")
+    write_tsv(tmp_path / "MME.tsv", [{"index": 0, "question": "Is it blue? Please answer yes or no.", "answer": "Yes",
+                                      "category": "color", "image_path": "x.png"}],
+              ["index", "question", "answer", "category", "image_path"])
+    mme = bench.read_bench(str(tmp_path / "MME.tsv"))
+    assert (mme.family, mme.kind) == ("yorn", "mme")
+    assert bench.item_image(mme.items[0], str(tmp_path), None).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_a_tsv_missing_columns_is_refused_in_one_line(tmp_path, capsys):
+    write_tsv(tmp_path / "bad.tsv", [{"index": 0, "question": "q"}], ["index", "question"])
+    with pytest.raises(bench.BenchError, match="missing column"):
+        bench.read_bench(str(tmp_path / "bad.tsv"))
+
+
+def test_api_bench_scores_from_the_replies_and_resumes_without_asking_twice(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REF_KEY", KEY)
+    fake = FakeApi()
+    asked = []
+    # The fake cannot see the image: it always picks the red option, right for the red question only.
+    fake.answer = lambda q: (asked.append(q), "A" if "A. 红色" in q else "B")[1]
+    real_add, calls = bench.Predictions.add, []
+
+    def killed_after_two(self, records):
+        real_add(self, records)
+        calls.append(len(records))
+        if len(calls) == 2:
+            raise KeyboardInterrupt    # Ctrl-C after the second batch was written
+
+    path = mmbench_tsv(tmp_path)
+    argv = ["--api_base", fake.base, "--api_model", "ref-vl", "--api_key_env", "REF_KEY", "--api_timeout", "5",
+            "--bench", str(path), "--out_dir", str(tmp_path / "out"), "--batch_size", "1"]
+    try:
+        monkeypatch.setattr(bench.Predictions, "add", killed_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            eval_llava.main(argv)
+        assert len(asked) == 2
+        monkeypatch.setattr(bench.Predictions, "add", real_add)
+        eval_llava.main(argv)
+    finally:
+        console.set_stream(None)
+        fake.server.shutdown()
+    assert len(asked) == 4                 # every readable row once in all; the corrupt one never
+    lines = (tmp_path / "out" / "MMBench_TOY_CN_predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 5 and json.loads(lines[0])["model"] == "ref-vl"
+    scores = json.loads((tmp_path / "out" / "MMBench_TOY_CN_scores.json").read_text())
+    assert scores["exact"]["circular"] == pytest.approx(100 / 3) and scores["skipped"] == {"corrupt_image": 1}
+    assert scores["exact"]["vanilla_all"] == pytest.approx(40.0)
+    assert "circular" in capsys.readouterr().err
+
+
+def test_predictions_of_another_model_are_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    bench.Predictions(str(path), {"model": "a"}).close()
+    with pytest.raises(bench.BenchError, match="another run"):
+        bench.Predictions(str(path), {"model": "b"})
+
+
+def test_our_checkpoint_answers_a_bench_and_logs_tensorboard(chain, tmp_path, capsys):
+    """Our model's path: prompts measured in tokens, batched greedy replies, the table, TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, _, s2, _ = chain
+    path = mmbench_tsv(tmp_path)
+    try:
+        eval_llava.main(["--checkpoint", s2, "--bench", str(path), "--out_dir", str(tmp_path / "out"),
+                         "--run_dir", str(tmp_path / "run"), "--device", "cpu", "--extract", "lenient"])
+    finally:
+        console.set_stream(None)
+    scores = json.loads((tmp_path / "out" / "MMBench_TOY_CN_scores.json").read_text())
+    assert scores["answered"] == 4 and scores["skipped"] == {"corrupt_image": 1} and "lenient" in scores
+    assert scores["model"].endswith(s2.rstrip("/").split("/")[-1]) and len(scores["md5"]) == 32
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert "bench/MMBench_TOY_CN/circular" in acc.Tags()["scalars"]
+    assert "VLMEvalKit exact matching" in capsys.readouterr().err
