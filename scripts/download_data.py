@@ -19,6 +19,13 @@ THUDM/CogVLM-SFT-311K); zip archives in it are extracted in place.
 
     python scripts/download_data.py cogvlm_sft --out data/CogVLM-SFT-311K
 
+Benchmarks in VLMEvalKit's TSV layout (images inside, base64) come from where VLMEvalKit publishes
+them (its vlmeval/dataset/image_mcq.py and image_yorn.py list the URLs and MD5s used here); the
+MD5 is checked, and a file that does not match is set aside and refused.
+
+    python scripts/download_data.py bench MMBench_DEV_CN --out data/bench
+    python scripts/download_data.py bench MMBench_DEV_EN,MME,POPE --out data/bench
+
 SA1B's parquet rows hold image URLs and captions, not images: prepare the images once with
 scripts/prepare_sa1b.py (the command is printed at the end). Every shard is checked after the
 download (a parquet footer that cannot be read is deleted, and the next run fetches it again);
@@ -30,6 +37,7 @@ never leaves a half-extracted folder that looks complete.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import http.client
 import os
 import shutil
@@ -56,6 +64,20 @@ VQA_FILES = {  # split -> [(url, what the archive holds)]
             (f"{VQA_BASE}/v2_Annotations_Val_mscoco.zip", "v2_mscoco_val2014_annotations.json")],
 }
 COGVLM_DATASET = "ZhipuAI/CogVLM-SFT-311K"   # https://modelscope.cn/datasets/ZhipuAI/CogVLM-SFT-311K
+VLMEVAL = "https://opencompass.openxlab.space/utils"
+BENCH_FILES = {   # name -> (url, md5), as VLMEvalKit's DATASET_URL / DATASET_MD5 list them (commit e8e78f0)
+    "MMBench_DEV_EN": (f"{VLMEVAL}/benchmarks/MMBench/MMBench_DEV_EN.tsv", "b6caf1133a01c6bb705cf753bb527ed8"),
+    "MMBench_DEV_CN": (f"{VLMEVAL}/benchmarks/MMBench/MMBench_DEV_CN.tsv", "08b8fc3324a5ed74155350f57be69fbd"),
+    "MMBench_DEV_EN_V11": (f"{VLMEVAL}/benchmarks/MMBench/MMBench_DEV_EN_V11.tsv", "30c05be8f2f347a50be25aa067248184"),
+    "MMBench_DEV_CN_V11": (f"{VLMEVAL}/benchmarks/MMBench/MMBench_DEV_CN_V11.tsv", "593f9b5f6bea453d870a798b34ae4f37"),
+    "CCBench": (f"{VLMEVAL}/VLMEval/CCBench.tsv", "f5dde47f24dc5a6fb6e595b409b466ac"),
+    "MMStar": (f"{VLMEVAL}/VLMEval/MMStar.tsv", "e1ecd2140806c1b1bbf54b43372efb9e"),
+    "SEEDBench_IMG": (f"{VLMEVAL}/benchmarks/SEEDBench/SEEDBench_IMG.tsv", "68017231464752261a2526d6ca3a10c0"),
+    "AI2D_TEST": (f"{VLMEVAL}/VLMEval/AI2D_TEST.tsv", "0f593e0d1c7df9a3d69bf1f947e71975"),
+    "MME": (f"{VLMEVAL}/VLMEval/MME.tsv", "b36b43c3f09801f5d368627fb92187c3"),
+    "POPE": (f"{VLMEVAL}/VLMEval/POPE.tsv", "c12f5acb142f2ef1f85a26ba2fbe41d5"),
+    "HallusionBench": (f"{VLMEVAL}/VLMEval/HallusionBench.tsv", "0c23ac0dc9ef46832d7a24504f2a0c7c"),
+}
 COCO_IMAGES = {"train": (f"{COCO_BASE}/train2014.zip", "train2014"), "val": (f"{COCO_BASE}/val2014.zip", "val2014")}
 
 
@@ -223,7 +245,37 @@ def download_vqav2(out: str, splits: list[str], images: bool) -> dict:
     return got
 
 
+def md5_of(path: str) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_bench(names: list[str], out: str, files: dict | None = None) -> dict:
+    """Each benchmark TSV to OUT/<name>.tsv (resumable), kept only when its MD5 matches."""
+    files = files or BENCH_FILES
+    got = {}
+    for name in names:
+        url, md5 = files[name]
+        dest = os.path.join(out, f"{name}.tsv")
+        if not (os.path.isfile(dest) and md5_of(dest) == md5):
+            console.info(f"{name}: downloading {url}")
+            fetch(url, dest)
+            have = md5_of(dest)
+            if have != md5:
+                os.replace(dest, dest + ".bad")
+                raise SystemExit(f"{name}: MD5 {have} is not VLMEvalKit's {md5}; the file is kept as {dest}.bad "
+                                 f"(run again to download it afresh)")
+        console.info(f"{name}: {dest} (MD5 {md5} checked)")
+        got[name] = dest
+    return got
+
+
 def next_steps(dataset: str, out: str, splits: list[str], images: bool, got: dict | None = None) -> str:
+    if dataset == "bench":
+        return "\n".join(f"python eval_llava.py --checkpoint checkpoints/<run> --bench {p}" for p in (got or {}).values())
     if dataset == "cogvlm_sft":
         return (f"train stage 2 on it:\n  python train_stage2.py --stage1 checkpoints/<stage-1 run> "
                 f"--data_root {(got or {}).get('data_root', out)}")
@@ -243,7 +295,8 @@ def next_steps(dataset: str, out: str, splits: list[str], images: bool, got: dic
 
 def main(argv: list[str] | None = None) -> dict:
     p = Parser(description=__doc__)
-    p.add_argument("dataset", choices=["sa1b", "vqav2", "cogvlm_sft"], help="what to download")
+    p.add_argument("dataset", choices=["sa1b", "vqav2", "cogvlm_sft", "bench"], help="what to download")
+    p.add_argument("names", nargs="?", default="", help=f"bench: comma-separated names, from {', '.join(BENCH_FILES)}")
     p.add_argument("--out", required=True, help="destination folder")
     p.add_argument("--shards", default="0-9", help="sa1b: parquet shards, e.g. 0-9 (the course's training set) or 10")
     p.add_argument("--splits", default="train,val", help="vqav2: comma-separated splits")
@@ -254,6 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
         got = download_sa1b(parse_shards(args.shards), args.out)
     elif args.dataset == "cogvlm_sft":
         got = download_cogvlm_sft(args.out)
+    elif args.dataset == "bench":
+        names = [n.strip() for n in args.names.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BENCH_FILES]
+        if unknown or not names:
+            p.error(f"bench NAME: choose from {', '.join(BENCH_FILES)}" + (f" (not {', '.join(unknown)})" if unknown else ""))
+        got = download_bench(names, args.out)
     else:
         unknown = set(splits) - set(VQA_FILES)
         if unknown or not splits:

@@ -164,3 +164,25 @@ def test_cogvlm_sft_download_extracts_its_archive_into_the_course_layout(tmp_pat
     monkeypatch.setattr(download_data, "modelscope_dataset_download", lambda *a: None)
     with pytest.raises(SystemExit, match="labels_zh"):
         download_data.main(["cogvlm_sft", "--out", str(tmp_path / "empty")])
+
+
+def test_bench_tsv_resumes_checks_its_md5_and_refuses_a_wrong_one(tmp_path, monkeypatch):
+    import hashlib
+
+    good = b"index\tquestion\tA\tB\tanswer\timage\n" + b"0\tq\ta\tb\tA\t" + b"x" * 5000 + b"\n"
+    _Files.files, _Files.cut, _Files.ranges = {"/MMB.tsv": good, "/BAD.tsv": good}, set(), []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setattr(download_data, "BENCH_FILES", {"MMB": (f"{base}/MMB.tsv", hashlib.md5(good).hexdigest()),
+                                                       "BAD": (f"{base}/BAD.tsv", "0" * 32)})
+    monkeypatch.setattr(download_data.time, "sleep", lambda s: None)
+    try:
+        got = download_data.main(["bench", "MMB", "--out", str(tmp_path)])
+        assert (tmp_path / "MMB.tsv").read_bytes() == good and got == {"MMB": str(tmp_path / "MMB.tsv")}
+        assert [start for p, start in _Files.ranges if p == "/MMB.tsv" and start > 0]   # resumed after the cut
+        with pytest.raises(SystemExit, match="MD5"):
+            download_data.main(["bench", "BAD", "--out", str(tmp_path)])
+    finally:
+        server.shutdown()
+    assert (tmp_path / "BAD.tsv.bad").is_file() and not (tmp_path / "BAD.tsv").exists()
