@@ -41,13 +41,7 @@ from utils.skips import SampleError, describe_skips
 
 # A reply to a multiple-choice question is a letter or an option; a yes/no one, a word or a sentence.
 DEFAULT_TOKENS = {"mcq": 16, "yorn": 32}
-# The instruction after the options. VLMEvalKit's own prompt (ImageMCQDataset.build_prompt) is
-# English for every language; LLaVA's (model_vqa_mmbench.py) has a Chinese form for MMBench-CN.
-VLMEVAL_MCQ_INSTRUCTION = "Please select the correct answer from the options above. \n"
-LLAVA_MCQ_INSTRUCTION = {"en": "Answer with the option's letter from the given choices directly.",
-                         "cn": "请直接回答选项字母。"}
-LLAVA_YORN_INSTRUCTION = "Answer the question using a single word or phrase."
-PROMPT_STYLES = ("vlmeval", "llava")
+PROMPT_STYLES = scoring.PROMPT_STYLES
 KINDS = ("mmbench", "ccbench", "mmstar", "seedbench", "ai2d", "mme", "pope", "hallusionbench")
 
 
@@ -168,16 +162,8 @@ def build_prompt(item: BenchItem, bench: Bench, style: str) -> str:
     "Options:" with "A. text" lines, then its instruction; a yes/no question as it stands (MME's
     already ends in "Please answer yes or no."). llava: LLaVA-1.5's evaluation prompts."""
     if bench.family == "yorn":
-        return item.question if style == "vlmeval" else f"{item.question}\n{LLAVA_YORN_INSTRUCTION}"
-    options = "".join(f"{k}. {v}\n" for k, v in item.options.items())
-    if style == "llava":
-        question = f"{item.hint}\n{item.question}" if item.hint else item.question
-        text = question + "".join(f"\n{k}. {v}" for k, v in item.options.items())
-        cn = re.search(r"[\u4e00-\u9fff]", text)   # VLMEvalKit's llava.py: cn_string(prompt)
-        return f"{text}\n{LLAVA_MCQ_INSTRUCTION['cn' if cn else 'en']}"
-    prompt = f"Hint: {item.hint}\n" if item.hint else ""
-    prompt += f"Question: {item.question}\n"
-    return prompt + f"Options:\n{options}{VLMEVAL_MCQ_INSTRUCTION}" if item.options else prompt
+        return scoring.yes_no_prompt(item.question, style)
+    return scoring.mcq_prompt(item.question, item.options, item.hint, style)
 
 
 def item_image(item: BenchItem, root: str, draft: int | None) -> Image.Image:

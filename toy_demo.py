@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 from assistant import Assistant, answer_all
+from bench import run_bench
 from checkpoint_io import build_model, checkpoint_file, read_checkpoint_meta
 from dataset import ImageLoader, LlavaDataset
 from heldout import caption_exact_match
 from model import ModelSpec
 from prompts import CAPTION_PROMPT
 from readers import read_chat_json, read_records
-from toy_instructions import QUESTIONS, STYLE_NOTE, ensure_instruction_data
+from toy_instructions import BENCH_NAMES, QUESTIONS, STYLE_NOTE, ensure_instruction_data
 from toy_world import VQA_TEMPLATE, ToyPaths, ensure_toy_world
 from tuning import ADAPTER_DIR
 from utils import console
@@ -56,7 +57,7 @@ DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, l
 # Qwen3-0.6B; gradient checkpointing would only slow it down.
 STAGE2_DEMO_DEFAULTS = dict(batch_size=32, max_steps=400, lr=1e-3, projector_lr=1e-3, warmup_ratio=0.05,
                             log_interval=25, eval_interval=200, eval_samples=200, save_interval=200, num_workers=1,
-                            max_text_len=128, gradient_checkpointing=False, data_format="cogvlm_sft", eval_ratio=0.0)
+                            max_text_len=160, gradient_checkpointing=False, data_format="cogvlm_sft", eval_ratio=0.0)
 STAGE3_DEMO_DEFAULTS = dict(batch_size=32, max_steps=200, lr=3e-3, warmup_ratio=0.05, log_interval=25,
                             eval_interval=100, eval_samples=200, save_interval=100, num_workers=1, max_text_len=128,
                             data_format="chat")
@@ -271,7 +272,21 @@ def stage2_figures(assistant: Assistant, cfg: Any, paths: ToyPaths) -> dict[str,
     second = assistant.reply_batch([(assistant.loader(img), m) for img, m in items], max_new_tokens=8)
     turn2 = sum(r == shape[i] for i, r in zip(images, second)) / max(len(images), 1)
     return {"toy_vqa_accuracy": vqa, "answers_that_stop": stopped, "second_turn_accuracy": turn2,
-            "heldout_exact_match": caption_figure(assistant, "sa1b", paths.eval, cfg)}
+            "heldout_exact_match": caption_figure(assistant, "sa1b", paths.eval, cfg),
+            **toy_bench_figures(assistant, os.path.join(os.path.dirname(paths.train), "bench"),
+                                os.path.join(cfg.runs_dir, cfg.run_name, "bench"))}
+
+
+def toy_bench_figures(assistant: Assistant, bench_dir: str, out_root: str) -> dict[str, float]:
+    """The toy benchmarks (VLMEvalKit layout and exact matching, its default prompt): MMBench-style
+    circular and vanilla accuracy, MME-style perception score, POPE-style F1. Predictions and
+    scores go to runs/<run>/bench/<the model's stage and step>/ (toy_instructions.py writes the files)."""
+    who = f"stage{assistant.meta.get('stage', 1)}_step{assistant.meta.get('step', 0)}"
+    out = os.path.join(out_root, who)
+    got = {key: run_bench(assistant, os.path.join(bench_dir, f"{name}.tsv"), out, batch_size=64, quiet=True)["exact"]
+           for key, name in BENCH_NAMES.items()}
+    return {"toy_mmbench_circular": got["mcq"]["circular"], "toy_mmbench_vanilla": got["mcq"]["vanilla"],
+            "toy_mme_perception": got["mme"]["perception"], "toy_pope_f1": got["pope"]["overall"]}
 
 
 def stage3_figures(assistant: Assistant, cfg: Any, paths: ToyPaths) -> dict[str, float]:

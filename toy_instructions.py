@@ -1,14 +1,21 @@
 """The toy data of stages 2 and 3, written beside a built toy world (toy_world.py) from the same
 shapes: a toy CogVLM-SFT-311K of single- and multi-turn questions (colour, shape, position,
 yes/no, captions) -> data/toy/sft/{train,eval}, and a LLaVA chat.json teaching a new answer style
-(full-sentence answers) -> data/toy/style. It has a stamp of its own, so adding it never rebuilds
-the world stage 1 trained on.
+(full-sentence answers) -> data/toy/style, and small benchmarks in VLMEvalKit's TSV layout on
+held-out images -> data/toy/bench: an MMBench-style multiple-choice set with circular rotations
+(a category per attribute), an MME-style yes/no pair set and a POPE-style existence set. The SFT
+data asks the same formats (VLMEvalKit's and LLaVA's prompts) on its own images, as LLaVA-1.5's
+mix carries its benchmark-style instructions. It has a stamp of its own, so adding it never
+rebuilds the world stage 1 trained on.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
 import hashlib
 import inspect
+import io
 import json
 import os
 import random
@@ -17,7 +24,8 @@ from dataclasses import asdict, dataclass
 
 from prompts import IMAGE_PLACEHOLDER, INSTRUCTION_POOLS
 from readers import COGVLM_SUBSETS
-from toy_world import COLORS, COMBOS, SIZES, ToyPaths, ToySize, caption_of, render
+from toy_world import COLORS, COMBOS, POSITIONS, SHAPES, SIZES, ToyPaths, ToySize, caption_of, render
+from utils.bench_scoring import CIRCULAR_STRIDE, mcq_prompt, yes_no_prompt
 
 
 # Questions about one attribute (several phrasings; the first is the toy VQA set's own), answered
@@ -26,6 +34,11 @@ QUESTIONS = {"color": ["什么颜色？", "图中的形状是什么颜色？", "
              "shape": ["什么形状？", "这是什么形状？", "图里画的是什么形状？"],
              "position": ["在哪里？", "它在图片的哪一边？", "形状在哪个位置？"]}
 YES_NO = ("是{color}的吗？", "是的", "不是")
+VALUES = {"color": list(COLORS), "shape": SHAPES, "position": POSITIONS}
+YES_NO_BENCH = {"color": "图中的形状是{value}的吗？ Please answer yes or no.",
+                "position": "形状在{value}吗？ Please answer yes or no."}
+EXISTENCE = "图中有{value}吗？"
+BENCH_NAMES = {"mcq": "toy_MMBench_CN", "mme": "toy_MME", "pope": "toy_POPE"}
 STYLE_NOTE = "stage 3's style: every question is answered with the full caption sentence"
 
 
@@ -36,11 +49,24 @@ class InstructionPaths:
     style_train: str    # LLaVA chat.json (images under style_images)
     style_eval: str
     style_images: str
+    bench: str          # VLMEvalKit-layout TSVs: toy_MMBench_CN.tsv, toy_MME.tsv, toy_POPE.tsv
 
 
 def qa_turn(kind: str, attrs: dict, rng: random.Random, style: bool = False) -> list[dict]:
     """One (question, answer) pair about `attrs` (color, shape, position); `style` answers with
     the full caption instead of one word (stage 3's new style)."""
+    if kind == "mcq":   # a benchmark-style multiple-choice question, answered by its letter
+        attr = rng.choice(list(VALUES))
+        options = mcq_options(attr, attrs, rng)
+        letter = next(k for k, v in options.items() if v == attrs[attr])
+        question = mcq_prompt(QUESTIONS[attr][0], options, style=rng.choice(["vlmeval", "llava"]))
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": letter}]
+    if kind in ("yes_no_bench", "existence"):
+        attr = rng.choice(list(YES_NO_BENCH)) if kind == "yes_no_bench" else "shape"
+        asked = attrs[attr] if rng.random() < 0.5 else rng.choice([v for v in VALUES[attr] if v != attrs[attr]])
+        template = YES_NO_BENCH[attr] if kind == "yes_no_bench" else EXISTENCE
+        question = yes_no_prompt(template.format(value=asked), rng.choice(["vlmeval", "llava"]))
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": "Yes" if asked == attrs[attr] else "No"}]
     if kind == "yes_no":
         asked = attrs["color"] if rng.random() < 0.5 else rng.choice([c for c in COLORS if c != attrs["color"]])
         question, answer = YES_NO[0].format(color=asked), YES_NO[1] if asked == attrs["color"] else YES_NO[2]
@@ -51,6 +77,60 @@ def qa_turn(kind: str, attrs: dict, rng: random.Random, style: bool = False) -> 
     if style:
         answer = caption_of(**attrs)
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def mcq_options(attr: str, attrs: dict, rng: random.Random) -> dict[str, str]:
+    """Up to four lettered options about `attr`, the true value among them, in random order."""
+    others = rng.sample([v for v in VALUES[attr] if v != attrs[attr]], min(3, len(VALUES[attr]) - 1))
+    values = others + [attrs[attr]]
+    rng.shuffle(values)
+    return dict(zip("ABCD", values))
+
+
+def _b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_benches(out_dir: str, n_images: int, size: ToySize, seed: int) -> dict[str, str]:
+    """The three toy benchmarks on new renders, in VLMEvalKit's layout (base64 images; rotations
+    and the second question of an image refer to the first row's image by its index)."""
+    rng = random.Random(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    mcq, mme, pope = [], [], []
+    for i in range(n_images):
+        color, shape, position = rng.choice(COMBOS)
+        attrs = {"color": color, "shape": shape, "position": position}
+        image = _b64(render(color, shape, position, size.image_px, rng))
+        attr = ("color", "shape", "position")[i % 3]
+        options = mcq_options(attr, attrs, rng)
+        letters, values = list(options), list(options.values())
+        for k in range(len(values)):          # CircularEval: rotation k shifts the options by k
+            rolled = dict(zip(letters, values[k:] + values[:k]))
+            mcq.append({"index": i + k * CIRCULAR_STRIDE, "question": QUESTIONS[attr][0], "hint": "",
+                        **{c: rolled.get(c, "") for c in "ABCD"}, "answer": next(c for c, v in rolled.items() if v == attrs[attr]),
+                        "category": attr, "l2-category": "attribute", "image": image if k == 0 else str(i)})
+        mme_attr = ("color", "position")[i % 2]
+        wrong = rng.choice([v for v in VALUES[mme_attr] if v != attrs[mme_attr]])
+        for j, (value, answer) in enumerate([(attrs[mme_attr], "Yes"), (wrong, "No")]):
+            mme.append({"index": 2 * i + j, "question": YES_NO_BENCH[mme_attr].format(value=value), "answer": answer,
+                        "category": mme_attr, "image_path": f"{i:06d}.jpg", "image": image if j == 0 else str(2 * i)})
+        split = ("random", "popular", "adversarial")[i % 3]
+        absent = {"random": rng.choice([s for s in SHAPES if s != shape]),
+                  "popular": SHAPES[0] if shape != SHAPES[0] else SHAPES[1],
+                  "adversarial": SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]}[split]
+        for j, (value, answer) in enumerate([(shape, "Yes"), (absent, "No")]):
+            pope.append({"index": 2 * i + j, "question": EXISTENCE.format(value=value), "answer": answer,
+                         "category": split, "image": image if j == 0 else str(2 * i)})
+    paths = {}
+    for key, rows in (("mcq", mcq), ("mme", mme), ("pope", pope)):
+        paths[key] = os.path.join(out_dir, f"{BENCH_NAMES[key]}.tsv")
+        with open(paths[key], "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, list(rows[0]), delimiter="\t")
+            writer.writeheader()
+            writer.writerows(rows)
+    return paths
 
 
 def write_sft(out_dir: str, n_single: int, n_multi: int, size: ToySize, seed: int) -> None:
@@ -65,7 +145,8 @@ def write_sft(out_dir: str, n_single: int, n_multi: int, size: ToySize, seed: in
             attrs = {"color": color, "shape": shape, "position": position}
             render(color, shape, position, size.image_px, rng).save(
                 os.path.join(out_dir, subset, "images", f"{i:09d}.jpg"), quality=95)
-            kinds = rng.sample(["color", "shape", "position", "yes_no", "caption"], rng.randint(*turns))
+            kinds = rng.sample(["color", "shape", "position", "yes_no", "caption", "mcq", "yes_no_bench", "existence"],
+                               rng.randint(*turns))
             conv = [t for kind in kinds for t in qa_turn(kind, attrs, rng)]
             with open(os.path.join(out_dir, subset, "labels_zh", f"{i:09d}.json"), "w", encoding="utf-8") as fh:
                 json.dump({"conversations": conv}, fh, ensure_ascii=False)
@@ -98,9 +179,10 @@ def ensure_instruction_data(paths: ToyPaths, size: str | ToySize = "demo", log=p
     out = InstructionPaths(sft_train=os.path.join(root, "sft", "train"), sft_eval=os.path.join(root, "sft", "eval"),
                            style_train=os.path.join(root, "style", "train.json"),
                            style_eval=os.path.join(root, "style", "eval.json"),
-                           style_images=os.path.join(root, "style", "images"))
+                           style_images=os.path.join(root, "style", "images"), bench=os.path.join(root, "bench"))
     stamp = os.path.join(root, "instructions.json")
-    code = "".join(inspect.getsource(f) for f in (qa_turn, write_sft, write_style))
+    code = "".join(inspect.getsource(f) for f in (qa_turn, mcq_options, write_benches, write_sft, write_style,
+                                                  mcq_prompt, yes_no_prompt))
     want = hashlib.sha256(json.dumps({"size": asdict(size), "q": QUESTIONS, "yn": YES_NO, "code": code},
                                      ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
     if os.path.isfile(stamp):
@@ -108,12 +190,13 @@ def ensure_instruction_data(paths: ToyPaths, size: str | ToySize = "demo", log=p
             if json.load(fh).get("recipe") == want:
                 return out
     log(f"writing the toy instruction data under {root}/sft and {root}/style ...")
-    for d in (os.path.dirname(out.sft_train), os.path.dirname(out.style_train)):
+    for d in (os.path.dirname(out.sft_train), os.path.dirname(out.style_train), out.bench):
         shutil.rmtree(d, ignore_errors=True)
     n = size.n_train
     write_sft(out.sft_train, n, n // 2, size, seed=size.seed + 400)
     write_sft(out.sft_eval, size.n_eval // 2, size.n_eval // 2, size, seed=size.seed + 500)
     write_style(out, n // 2, size.n_eval, size, seed=size.seed + 600)
+    write_benches(out.bench, max(size.n_eval // 4, 6), size, seed=size.seed + 700)
     with open(stamp, "w", encoding="utf-8") as fh:
         json.dump({"recipe": want}, fh)
     return out

@@ -200,3 +200,22 @@ def test_our_checkpoint_answers_a_bench_and_logs_tensorboard(chain, tmp_path, ca
     acc.Reload()
     assert "bench/MMBench_TOY_CN/circular" in acc.Tags()["scalars"]
     assert "VLMEvalKit exact matching" in capsys.readouterr().err
+
+
+def test_the_toy_benches_are_real_vlmevalkit_files_and_the_demo_scores_them(chain, tmp_path):
+    """toy_instructions writes the three toy benchmarks beside the world; the stage-2 demo's
+    figures (toy_demo.toy_bench_figures, which its summary.json carries) come from them."""
+    import toy_demo
+    from assistant import Assistant
+
+    _, data, _, s2, _ = chain
+    kinds = {n: bench.read_bench(f"{data.bench}/{n}.tsv") for n in ("toy_MMBench_CN", "toy_MME", "toy_POPE")}
+    assert [(b.family, b.kind, b.circular) for b in kinds.values()] == [
+        ("mcq", "mmbench", True), ("yorn", "mme", False), ("yorn", "pope", False)]
+    mcq = kinds["toy_MMBench_CN"]
+    assert {it.category for it in mcq.items} == {"color", "shape", "position"}
+    assert len(mcq.items) > len({int(it.index) % S.CIRCULAR_STRIDE for it in mcq.items})   # rotations present
+    figures = toy_demo.toy_bench_figures(Assistant.from_checkpoint(s2), data.bench, str(tmp_path))
+    assert set(figures) == {"toy_mmbench_circular", "toy_mmbench_vanilla", "toy_mme_perception", "toy_pope_f1"}
+    assert 0 <= figures["toy_mmbench_circular"] <= figures["toy_mmbench_vanilla"] <= 100
+    assert (tmp_path / "stage2_step4" / "toy_POPE_scores.json").is_file()

@@ -24,6 +24,39 @@ MME_PERCEPTION = ("OCR", "artwork", "celebrity", "color", "count", "existence", 
 MME_COGNITION = ("code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation")
 
 
+# --------------------------------------------------------------------------- prompts
+
+# The instruction after the options. VLMEvalKit's default prompt (ImageMCQDataset.build_prompt) is
+# English for every language; LLaVA's (VLMEvalKit's llava.py) is Chinese when the prompt has Chinese.
+VLMEVAL_MCQ_INSTRUCTION = "Please select the correct answer from the options above. \n"
+LLAVA_MCQ_INSTRUCTION = {"en": "Answer with the option's letter from the given choices directly.",
+                         "cn": "请直接回答选项字母。"}
+LLAVA_YORN_INSTRUCTION = "Answer the question using a single word or phrase."
+PROMPT_STYLES = ("vlmeval", "llava")
+
+
+def cn_string(text: str) -> bool:
+    return re.search(r"[\u4e00-\u9fff]", text) is not None
+
+
+def mcq_prompt(question: str, options: dict[str, str], hint: str | None = None, style: str = "vlmeval") -> str:
+    """vlmeval: "Hint: ...", "Question: ...", "Options:" with "A. text" lines, its instruction.
+    llava: hint, question and "A. text" lines joined by newlines, then LLaVA's instruction."""
+    if style == "llava":
+        text = (f"{hint}\n{question}" if hint else question) + "".join(f"\n{k}. {v}" for k, v in options.items())
+        return f"{text}\n{LLAVA_MCQ_INSTRUCTION['cn' if cn_string(text) else 'en']}"
+    prompt = (f"Hint: {hint}\n" if hint else "") + f"Question: {question}\n"
+    if options:
+        prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items()) + VLMEVAL_MCQ_INSTRUCTION
+    return prompt
+
+
+def yes_no_prompt(question: str, style: str = "vlmeval") -> str:
+    """vlmeval: the question as it stands (MME's already ends in "Please answer yes or no.");
+    llava: LLaVA-1.5's short-answer instruction after it, as in its POPE and MME evaluation."""
+    return question if style == "vlmeval" else f"{question}\n{LLAVA_YORN_INSTRUCTION}"
+
+
 # --------------------------------------------------------------------------- multiple choice
 
 def _option_letter(reply: str, options: dict[str, str]) -> str | None:
