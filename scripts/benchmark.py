@@ -493,6 +493,9 @@ def run_parallel(args) -> dict:
         if args.json:
             atomic_write(args.json, json.dumps(result, indent=2))
     if info.launched:
+        # Both ranks leave together: a peer that destroys its gloo group while rank 0 still writes the
+        # JSON has aborted at exit under load ("terminate called without an active exception").
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
 
