@@ -18,7 +18,6 @@ import ast
 import base64
 import binascii
 import csv
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from dataset import decode_image
 from utils import bench_scoring as scoring
 from utils import console
 from utils.atomic import atomic_write
+from utils.fetch import file_md5
 from utils.metrics import RunLogger
 from utils.openai_api import ApiError, ChatApi
 from utils.skips import SampleError, describe_skips
@@ -80,14 +80,6 @@ class Bench:
         name = self.name.lower()
         return self.family == "mcq" and (kind_of(self.name) in ("mmbench", "ccbench") or "circular" in name) \
             and all(isinstance(it.index, int) for it in self.items)
-
-
-def file_md5(path: str) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cell(row: dict, key: str) -> str | None:
@@ -242,12 +234,11 @@ def answer_bench(assistant: Assistant | ApiAssistant, bench: Bench, preds: Predi
     items are asked again by the next run)."""
     todo = [it for it in bench.items if it.index not in preds.done]
     prompts = {it.index: build_prompt(it, bench, style) for it in todo}
-    ours = isinstance(assistant, Assistant)
-    if ours:
-        budget = assistant.question_budget(max_new_tokens)[0]
+    budget = assistant.question_budget(max_new_tokens)[0]      # tokens for our model, characters for an API
+    if isinstance(assistant, Assistant):
         length = {i: len(assistant.tokenizer.encode(p, add_special_tokens=False)) for i, p in prompts.items()}
     else:
-        budget, length = assistant.question_budget(max_new_tokens)[0], {i: len(p) for i, p in prompts.items()}
+        length = {i: len(p) for i, p in prompts.items()}
     todo.sort(key=lambda it: length[it.index])
     root = os.path.dirname(os.path.abspath(bench.path))
     failed_before = Counter(assistant.failures)

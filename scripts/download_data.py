@@ -37,7 +37,6 @@ never leaves a half-extracted folder that looks complete.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import http.client
 import os
 import shutil
@@ -51,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils import console  # noqa: E402
 from utils.config import Parser  # noqa: E402
+from utils.fetch import file_md5  # noqa: E402
 
 SA1B_DATASET = "Tongyi-DataEngine/SA1B-Dense-Caption"   # https://modelscope.cn/datasets/Tongyi-DataEngine/SA1B-Dense-Caption
 SA1B_SHARD = "data/train-{:04d}-*.parquet"              # data/train-0000-of-0724-<hash>.parquet ...
@@ -245,14 +245,6 @@ def download_vqav2(out: str, splits: list[str], images: bool) -> dict:
     return got
 
 
-def md5_of(path: str) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_bench(names: list[str], out: str, files: dict | None = None) -> dict:
     """Each benchmark TSV to OUT/<name>.tsv (resumable), kept only when its MD5 matches."""
     files = files or BENCH_FILES
@@ -260,10 +252,10 @@ def download_bench(names: list[str], out: str, files: dict | None = None) -> dic
     for name in names:
         url, md5 = files[name]
         dest = os.path.join(out, f"{name}.tsv")
-        if not (os.path.isfile(dest) and md5_of(dest) == md5):
+        if not (os.path.isfile(dest) and file_md5(dest) == md5):
             console.info(f"{name}: downloading {url}")
             fetch(url, dest)
-            have = md5_of(dest)
+            have = file_md5(dest)
             if have != md5:
                 os.replace(dest, dest + ".bad")
                 raise SystemExit(f"{name}: MD5 {have} is not VLMEvalKit's {md5}; the file is kept as {dest}.bad "
