@@ -219,3 +219,97 @@ def test_the_toy_benches_are_real_vlmevalkit_files_and_the_demo_scores_them(chai
     assert set(figures) == {"toy_mmbench_circular", "toy_mmbench_vanilla", "toy_mme_perception", "toy_pope_f1"}
     assert 0 <= figures["toy_mmbench_circular"] <= figures["toy_mmbench_vanilla"] <= 100
     assert (tmp_path / "stage2_step4" / "toy_POPE_scores.json").is_file()
+
+
+def test_hallusionbench_figure_and_question_accuracy_per_split():
+    """aAcc per question; fAcc: every question on one figure right; qAcc: one question right on
+    every figure of its set. The ids are the 4th-6th fields of the index (category_..._SET_FIG_Q)."""
+    rows = [("VD_x_y_0_0_0", "Yes", "Yes"), ("VD_x_y_0_0_1", "No", "No"),    # figure 0: both right
+            ("VD_x_y_0_1_0", "Yes", "No"), ("VD_x_y_0_1_1", "No", "No"),     # figure 1: one wrong
+            ("VS_x_y_1_0_0", "Yes", "Unknown")]
+    items = [bench.BenchItem(index=i, question="q", answer=a, category=i[:2], l2_category="chart") for i, a, _ in rows]
+    got = S.score_yes_no(items, {i: p for i, _, p in rows}, "hallusionbench")
+    assert got["aAcc"] == 60.0 and got["overall"] == 60.0
+    assert got["fAcc"] == pytest.approx(100 / 3)    # chart_0_0 right; chart_0_1 and chart_1_0 not
+    assert got["qAcc"] == pytest.approx(100 / 3)    # chart_0_1 right on both figures; chart_0_0 and chart_1_0 not
+    assert got["categories"]["VD"] == {"aAcc": 75.0, "fAcc": 50.0, "qAcc": 50.0, "n": 4}
+    assert got["categories"]["VS"]["aAcc"] == 0.0 and got["categories"]["chart"]["n"] == 5
+
+
+def test_a_judge_reads_the_replies_exact_matching_cannot_and_is_asked_once(tmp_path, monkeypatch):
+    """A model that answers in words: exact matching leaves every reply unparsed; the judge's
+    figure (its own, never the exact one) comes from its verdicts, kept for the next scoring."""
+    monkeypatch.setenv("REF_KEY", KEY)
+    fake = FakeApi()
+    fake.answer = lambda q: "A" if "匹配答案" in q else "我选第一个"     # the judge maps "the first one" to A
+    path = mmbench_tsv(tmp_path)
+    argv = ["--api_base", fake.base, "--api_model", "ref-vl", "--api_key_env", "REF_KEY", "--api_timeout", "5",
+            "--bench", str(path), "--out_dir", str(tmp_path / "out"), "--judge_api_base", fake.base,
+            "--judge_model", "judge-llm", "--judge_key_env", "REF_KEY"]
+    try:
+        eval_llava.main(argv)
+        judged = [r for r in fake.requests if r["body"]["model"] == "judge-llm"]
+        eval_llava.main(argv)                     # scoring again: nothing is asked again
+    finally:
+        console.set_stream(None)
+        fake.server.shutdown()
+    assert len(judged) == 4 and len([r for r in fake.requests if r["body"]["model"] == "judge-llm"]) == 4
+    assert len([r for r in fake.requests if r["body"]["model"] == "ref-vl"]) == 4
+    assert "选项: There are several options: \nA. 红色\nB. 蓝色\n" in judged[0]["body"]["messages"][0]["content"]
+    scores = json.loads((tmp_path / "out" / "MMBench_TOY_CN_scores.json").read_text())
+    # The corrupt-image row has no reply: unparsed under both, and scored wrong.
+    assert scores["exact"]["unparsed"] == 5 and scores["exact"]["vanilla"] == 0.0
+    # Always A: the red question is right in its original order only, the blue one never.
+    judge = scores["judge"]
+    assert (judge["vanilla"], judge["circular"], judge["unparsed"]) == (pytest.approx(100 / 3), 0.0, 1)
+    assert judge["categories"]["color"]["vanilla"] == 50.0
+    verdicts = [json.loads(ln) for ln in open(tmp_path / "out" / "MMBench_TOY_CN_judge.jsonl")]
+    assert {v["verdict"] for v in verdicts} == {"A"} and len(verdicts) == 4
+
+
+def test_an_api_model_on_the_toy_benches_is_scored_from_its_replies(chain, tmp_path, monkeypatch):
+    """The three toy files through an API model that cannot see: its replies, scored here from
+    the files' own answer column, give the figures eval_llava.py writes."""
+    _, data, _, _, _ = chain
+    monkeypatch.setenv("REF_KEY", KEY)
+    fake = FakeApi()
+    # MCQ: always the letter of the option that comes first in the alphabet of its text; yes/no:
+    # "Yes" when the question names a colour, "No" otherwise (and for existence questions).
+    from toy_world import COLORS as colors
+
+    def answer(q):
+        if "Options:" in q:
+            options = dict(ln.split(". ", 1) for ln in q.splitlines() if len(ln) > 2 and ln[1:3] == ". ")
+            return min(options, key=lambda k: options[k])
+        return "Yes" if any(c in q for c in colors) else "No"
+    fake.answer = answer
+    got = {}
+    try:
+        for name in ("toy_MMBench_CN", "toy_MME", "toy_POPE"):
+            eval_llava.main(["--api_base", fake.base, "--api_model", "ref-vl", "--api_key_env", "REF_KEY",
+                             "--bench", f"{data.bench}/{name}.tsv", "--out_dir", str(tmp_path)])
+            got[name] = json.loads((tmp_path / f"{name}_scores.json").read_text())["exact"]
+    finally:
+        console.set_stream(None)
+        fake.server.shutdown()
+    rows = {n: list(csv.DictReader(open(f"{data.bench}/{n}.tsv", encoding="utf-8"), delimiter="\t"))
+            for n in ("toy_MMBench_CN", "toy_MME", "toy_POPE")}
+    mcq = rows["toy_MMBench_CN"]
+    right = {int(r["index"]): min("ABCD", key=lambda k: r[k] or "\uffff") == r["answer"] for r in mcq}
+    groups: dict = {}
+    for i, ok in right.items():
+        groups.setdefault(i % S.CIRCULAR_STRIDE, []).append(ok)
+    assert got["toy_MMBench_CN"]["vanilla"] == pytest.approx(100 * sum(right[i] for i in groups) / len(groups))
+    assert got["toy_MMBench_CN"]["circular"] == pytest.approx(100 * sum(all(g) for g in groups.values()) / len(groups))
+    assert got["toy_MMBench_CN"]["unparsed"] == 0
+    pope = rows["toy_POPE"]         # existence questions name a shape: always "No"
+    assert got["toy_POPE"]["all_f1"] == 0.0 and got["toy_POPE"]["all_yes_ratio"] == 0.0
+    assert got["toy_POPE"]["all_accuracy"] == pytest.approx(100 * sum(r["answer"] == "No" for r in pope) / len(pope))
+    mme = rows["toy_MME"]           # colour questions: always "Yes"; position questions: always "No"
+    pred = {int(r["index"]): "Yes" if any(c in r["question"] for c in colors) else "No" for r in mme}
+    cats = {}
+    for r in mme:
+        cats.setdefault(r["category"], {}).setdefault(r["image_path"], []).append(pred[int(r["index"])] == r["answer"])
+    want = sum(100 * sum(sum(v) for v in c.values()) / sum(len(v) for v in c.values())
+               + 100 * sum(all(v) for v in c.values()) / len(c) for c in cats.values())
+    assert got["toy_MME"]["perception"] == pytest.approx(want) and set(cats) == {"color", "position"}

@@ -173,6 +173,27 @@ def test_demo_logs_its_before_and_after_figures_and_prints_its_wall_time(tiny, t
     assert demo[10]["demo/toy_vqa_accuracy"] == summary["toy_vqa_accuracy_after"]
 
 
+@pytest.mark.slow   # the stage-2 demo: VQA, second turn, captions and the three toy benchmarks, twice
+def test_the_stage2_demo_summary_carries_the_toy_benchmark_figures(tiny, chain, tmp_path, monkeypatch):
+    import train_stage2
+    from toy_instructions import ensure_instruction_data
+
+    _, _, s1, _, _ = chain
+    monkeypatch.setattr(toy_demo, "ensure_toy_world", lambda *a, **kw: tiny)
+    monkeypatch.setattr(toy_demo, "ensure_instruction_data", lambda paths, size, log: ensure_instruction_data(paths, "tiny", log))
+    summary = train_stage2.main(["--demo", "--stage1", s1, "--max_steps", "4", "--batch_size", "8", "--num_workers", "0",
+                                 "--eval_interval", "0", "--save_interval", "0", "--eval_samples", "8",
+                                 "--sample_replies", "0", "--runs_dir", str(tmp_path / "runs"),
+                                 "--checkpoints_dir", str(tmp_path / "ck")])
+    saved = json.loads(open(os.path.join(summary["run_dir"], "summary.json")).read())
+    for key in ("toy_mmbench_circular", "toy_mmbench_vanilla", "toy_mme_perception", "toy_pope_f1"):
+        assert 0 <= saved[f"{key}_before"] <= 2000 and 0 <= saved[f"{key}_after"] <= 2000, key
+    bench_dir = os.path.join(summary["run_dir"], "bench")
+    assert sorted(os.listdir(bench_dir)) == ["stage1_step4", "stage2_step4"]   # the start and the trained model
+    scores = json.loads(open(os.path.join(bench_dir, "stage2_step4", "toy_MMBench_CN_scores.json")).read())
+    assert scores["exact"]["circular"] == saved["toy_mmbench_circular_after"]
+
+
 def test_wrong_paths_are_one_line_errors_not_tracebacks(tiny, tmp_path, capsys):
     import eval_llava
     from scripts import export_hf

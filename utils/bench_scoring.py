@@ -262,18 +262,28 @@ def _pope(rows, answers: dict) -> dict:
 
 def _hallusion(items: list, hits: dict) -> dict:
     """aAcc over questions; fAcc over figures and qAcc over questions (every variant right), keyed
-    by the l2-category and the set/figure/question ids of HallusionBench's index (a_b_c_SET_FIG_Q)."""
-    figures, questions = defaultdict(list), defaultdict(list)
+    by the l2-category and the set/figure/question ids of HallusionBench's index (a_b_c_SET_FIG_Q);
+    overall, then per category and per l2-category, as VLMEvalKit's Hallusion_rating splits them."""
+    def rate(group: list) -> dict:
+        figures, questions = defaultdict(list), defaultdict(list)
+        for it in group:
+            parts = str(it.index).split("_")
+            if len(parts) >= 6:
+                figures[f"{it.l2_category}_{parts[3]}_{parts[4]}"].append(hits[it.index])
+                questions[f"{it.l2_category}_{parts[3]}_{parts[5]}"].append(hits[it.index])
+        out = {"aAcc": 100.0 * sum(hits[it.index] for it in group) / max(len(group), 1)}
+        if figures:
+            out["fAcc"] = 100.0 * sum(all(v) for v in figures.values()) / len(figures)
+            out["qAcc"] = 100.0 * sum(all(v) for v in questions.values()) / len(questions)
+        return {**out, "n": len(group)}
+
+    out = rate(items)
+    del out["n"]
+    splits = {c: rate(g) for c, g in _by_category(items).items()}
     for it in items:
-        parts = str(it.index).split("_")
-        if len(parts) < 6:
-            continue
-        figures[f"{it.l2_category}_{parts[3]}_{parts[4]}"].append(hits[it.index])
-        questions[f"{it.l2_category}_{parts[3]}_{parts[5]}"].append(hits[it.index])
-    out = {"aAcc": 100.0 * sum(hits.values()) / max(len(hits), 1)}
-    if figures:
-        out["fAcc"] = 100.0 * sum(all(v) for v in figures.values()) / len(figures)
-        out["qAcc"] = 100.0 * sum(all(v) for v in questions.values()) / len(questions)
+        if it.l2_category and it.l2_category not in splits:
+            splits[it.l2_category] = rate([x for x in items if x.l2_category == it.l2_category])
+    out["categories"] = splits
     return out
 
 
