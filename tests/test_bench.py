@@ -70,6 +70,20 @@ def test_mme_acc_plus_and_the_categories_present():
     assert got["categories_present"]["perception"] == ["color"]
 
 
+def test_mme_pairs_by_the_whole_image_without_image_path():
+    """Two JPEGs whose base64 starts the same (the header): still two images, two pairs."""
+    def jpeg(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), color).save(buf, format="JPEG")
+        return base64.b64encode(buf.getvalue()).decode()
+    red, blue = jpeg((255, 0, 0)), jpeg((0, 0, 255))
+    assert red[:64] == blue[:64] and red != blue
+    items = [item(0, "Yes", "color", image=red), item(1, "No", "color", image=red),
+             item(2, "Yes", "color", image=blue), item(3, "No", "color", image=blue)]
+    got = S.score_yes_no(items, {0: "Yes", 1: "No", 2: "Yes", 3: "Yes"}, "mme")
+    assert got["categories"]["color"]["acc_plus"] == 50.0 and got["categories"]["color"]["acc"] == 75.0
+
+
 def test_pope_f1_with_a_split_without_yes_and_rows_in_two_splits():
     items = [item(0, "Yes", split="random"), item(1, "No", split="random"), item(2, "No", split="adversarial"),
              item(3, "Yes", split="random,popular")]

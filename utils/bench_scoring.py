@@ -198,8 +198,9 @@ def extract_yes_no(reply: str | None, lenient: bool = False) -> str:
 
 
 def _pair_key(item) -> str:
-    """MME pairs its two questions of an image by image_path; without one, by the shared image."""
-    return item.image_path or (item.image or "")[:64] or str(item.index)
+    """MME pairs its two questions of an image by image_path; without one, by the whole shared
+    image (its first bytes are the format's header, the same for every JPEG of one encoder)."""
+    return item.image_path or item.image or str(item.index)
 
 
 def score_yes_no(items: list, answers: dict[Any, str | None], kind: str) -> dict:
