@@ -20,7 +20,6 @@ import binascii
 import csv
 import json
 import os
-import re
 import string
 import sys
 from collections import Counter
@@ -70,15 +69,13 @@ class Bench:
     md5: str
     family: str                     # mcq | yorn
     kind: str                       # one of KINDS, or "" (scored by the family's generic rules)
-    lang: str                       # en | cn: the language of LLaVA's prompt and of the judge's
     items: list[BenchItem]
 
     @property
     def circular(self) -> bool:
         """MMBench's CircularEval, chosen by name as VLMEvalKit does (mmbench, ccbench, circular);
         rotations of question i are the rows i + k * 1e6."""
-        name = self.name.lower()
-        return self.family == "mcq" and (kind_of(self.name) in ("mmbench", "ccbench") or "circular" in name) \
+        return self.family == "mcq" and (self.kind in ("mmbench", "ccbench") or "circular" in self.name.lower()) \
             and all(isinstance(it.index, int) for it in self.items)
 
 
@@ -93,14 +90,6 @@ def _cell(row: dict, key: str) -> str | None:
 def kind_of(name: str) -> str:
     low = name.lower().replace("-", "").replace("_", "")
     return next((k for k in KINDS if k in low), "")
-
-
-def lang_of(name: str, questions: list[str]) -> str:
-    """cn for MMBench-CN-style names and CCBench, else the questions' language."""
-    if re.search(r"(^|[_\-.])cn($|[_\-.])", name, re.IGNORECASE) or "ccbench" in name.lower():
-        return "cn"
-    cjk = sum(bool(re.search(r"[\u4e00-\u9fff]", q)) for q in questions)
-    return "cn" if questions and cjk > len(questions) / 2 else "en"
 
 
 def read_bench(path: str) -> Bench:
@@ -144,7 +133,7 @@ def read_bench(path: str) -> Bench:
             options={c: r[c] for c in letters if _cell(r, c) is not None}, hint=_cell(r, "hint"),
             split=_cell(r, "split") or (_cell(r, "category") if kind_of(name) == "pope" else None),
             image=image, image_path=_cell(r, "image_path")))
-    return Bench(path, name, file_md5(path), family, kind_of(name), lang_of(name, [it.question for it in items]), items)
+    return Bench(path, name, file_md5(path), family, kind_of(name), items)
 
 
 def build_prompt(item: BenchItem, bench: Bench, style: str) -> str:
@@ -245,8 +234,8 @@ def answer_bench(assistant: Assistant | ApiAssistant, bench: Bench, preds: Predi
     done_before = len(bench.items) - len(todo)
     with console.progress(len(bench.items), bench.name, unit="q", initial=done_before) as bar:
         for start in range(0, len(todo), batch_size):
-            chunk, records = [], []
-            for it in todo[start:start + batch_size]:
+            batch, chunk, records = todo[start:start + batch_size], [], []
+            for it in batch:
                 if length[it.index] > budget:
                     records.append({"index": it.index, "skipped": "prompt_too_long"})
                     continue
@@ -258,7 +247,7 @@ def answer_bench(assistant: Assistant | ApiAssistant, bench: Bench, preds: Predi
                                             max_new_tokens=max_new_tokens, batch_size=batch_size) if chunk else []
             records += [{"index": it.index, "prediction": r} for (it, _), r in zip(chunk, replies) if r is not None]
             preds.add(records)
-            bar.update(len(todo[start:start + batch_size]))
+            bar.update(len(batch))
     return Counter(assistant.failures) - failed_before
 
 
@@ -284,12 +273,12 @@ class Judge:
                         if rec.get("model") == self.api.model:
                             self.verdicts[rec["index"]] = rec["verdict"]
 
-    def choose(self, item: BenchItem, reply: str, lang: str) -> str | None:
+    def choose(self, item: BenchItem, reply: str) -> str | None:
         """The option letter the judge reads in `reply`; 'Z' when it chose none; None when the
         API failed (counted: that item stays unparsed)."""
         if item.index in self.verdicts:
             return self.verdicts[item.index]
-        question = scoring.judge_prompt(item.question, item.options, reply, lang)
+        question = scoring.judge_prompt(item.question, item.options, reply)
         try:
             text = self.api.complete([{"role": "user", "content": question}], max_tokens=16)
         except ApiError as e:
@@ -323,7 +312,7 @@ def score_bench(bench: Bench, done: dict[int, dict], lenient: bool = False, judg
                 reply = replies[it.index]
                 choice = scoring.extract_choice(reply, it.options, lenient=mode == "lenient") if reply is not None else None
                 if choice is None and mode == "judge" and reply is not None:
-                    choice = judge.choose(it, reply, bench.lang)
+                    choice = judge.choose(it, reply)
                 choices[it.index] = choice
             out[mode] = scoring.score_choices(bench.items, choices, circular=bench.circular)
         else:

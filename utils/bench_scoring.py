@@ -103,10 +103,10 @@ def extract_choice(reply: str | None, options: dict[str, str], lenient: bool = F
     return letters.pop() if len(letters) == 1 else None
 
 
-def judge_prompt(question: str, options: dict[str, str], reply: str, lang: str) -> str:
+def judge_prompt(question: str, options: dict[str, str], reply: str) -> str:
     """The judge's task, as VLMEvalKit's GPT matcher phrases it (Chinese for a Chinese question)."""
     listed = "There are several options: \n" + "".join(f"{k}. {v}\n" for k, v in options.items())
-    if re.search(r"[\u4e00-\u9fff]", question):
+    if cn_string(question):
         return ("你是一个帮助我匹配答案与单选题中多个选项的 AI 助手。你会被提供：一个问题，多个选项，一个答案。"
                 "你的任务是找到与答案意义最相近的选项。如果所有选项的意义都与答案显著不同，则输出 Z。"
                 "你应该输出一个单个的大写字母，例如 A, B, C, D（如果它们是有效选项），或 Z。\n"
@@ -239,10 +239,13 @@ def score_yes_no(items: list, answers: dict[Any, str | None], kind: str) -> dict
     return out
 
 
-def _by_category(items: list) -> dict[str, list]:
+def _by_category(items: list, l2: bool = False) -> dict[str, list]:
+    """Items per category (and, with `l2`, per l2-category too)."""
     groups: dict[str, list] = defaultdict(list)
     for it in items:
         groups[it.category].append(it)
+        if l2 and it.l2_category:
+            groups[it.l2_category].append(it)
     return dict(sorted(groups.items()))
 
 
@@ -280,11 +283,7 @@ def _hallusion(items: list, hits: dict) -> dict:
 
     out = rate(items)
     del out["n"]
-    splits = {c: rate(g) for c, g in _by_category(items).items()}
-    for it in items:
-        if it.l2_category and it.l2_category not in splits:
-            splits[it.l2_category] = rate([x for x in items if x.l2_category == it.l2_category])
-    out["categories"] = splits
+    out["categories"] = {c: rate(g) for c, g in _by_category(items, l2=True).items()}
     return out
 
 
