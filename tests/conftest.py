@@ -15,7 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# OMP_NUM_THREADS wins (several pytest processes, or a busy machine, want 1); else both cores.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 DEVICE = os.environ.get("LLAVA_TEST_DEVICE", "cpu")
 
