@@ -8,7 +8,8 @@ rerun produces byte-identical files without copying images again.
 Outputs (the val split is written separately so that it can be scored, never trained on):
     --output-chat-json  FILE      train records (a JSON list, one record per line)
     --output-val-chat-json FILE   val records; default `<FILE stem>_val.json` beside FILE
-    <FILE stem>.report.json       counts per split and filtered counts by reason
+    <FILE stem>.report.json       counts per split, dropped questions by reason with an example
+                                  each; written on every run that read its inputs, failed or not
     --output-image-root DIR       images under DIR/train2014/ and DIR/val2014/; the `image`
                                   of each record is relative to DIR (default: FILE's folder)
 With only the val split given, only the val file (and the report) is written.
@@ -23,8 +24,10 @@ A record (the human turn comes from --template; the gpt turn is `multiple_choice
      "question_id": 458752000, "image_id": 458752, "answer_type": "other", "question_type": "what is this",
      "answers": ["net", "net", ...ten...], "split": "train"}
 
-Exit codes: 0 ok, 1 the written output failed validation (the previous output is kept),
-2 unusable command line or input file (nothing is written).
+Exit codes: 0 ok, 1 the written output failed validation (a previous output is kept),
+2 unusable command line or input file, or a split whose every question was dropped (no
+chat.json is written; the error names the likeliest cause, e.g. a wrong --images-X-dir or a
+val2014 file given as --questions-train).
 
 CPU check on the official files (a 200-question subset per split, images symlinked):
     python convert_vqa.py --questions-train v2_OpenEnded_mscoco_train2014_questions.json \
@@ -43,7 +46,7 @@ import os
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from utils import console
@@ -77,10 +80,23 @@ class SplitInputs:
     images_dir: str
 
 
+@dataclass
+class Drops:
+    """Questions dropped from one split: a count and the first example per reason, so that
+    "missing_image 300" comes with the file name and folder a user can check."""
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, example: str, n: int = 1) -> None:
+        self.counts[reason] += n
+        self.examples.setdefault(reason, example)
+
+
 # --------------------------------------------------------------------------- reading
 
-def load_vqa_json(path: str, key: str) -> list:
-    """The list under `key` ("questions" / "annotations") of an official VQA v2 file."""
+def load_vqa_json(path: str, key: str) -> tuple[list, str]:
+    """(the list under `key` ("questions" / "annotations"), its `data_subtype`, e.g. "val2014")
+    of an official VQA v2 file."""
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such file (VQA {key} JSON)")
     try:
@@ -93,7 +109,7 @@ def load_vqa_json(path: str, key: str) -> list:
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         have = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
         raise ConvertError(f"{path}: expected a JSON object with a {key!r} list (official VQA v2 schema); have {have}")
-    return data[key]
+    return data[key], str(data.get("data_subtype") or "")
 
 
 def _qid(item: Any) -> int | None:
@@ -102,20 +118,20 @@ def _qid(item: Any) -> int | None:
     return qid if isinstance(qid, int) and not isinstance(qid, bool) else None
 
 
-def index_by_qid(items: list, kind: str, filtered: Counter) -> tuple[dict[int, dict], set[int]]:
+def index_by_qid(items: list, kind: str, drops: Drops) -> tuple[dict[int, dict], set[int]]:
     """(question_id -> item, ids seen more than once). Rows without an int id are counted as
     malformed; a repeated id drops every row that has it (counted once per row), since which of
     two contradicting rows is right cannot be known here."""
     out: dict[int, dict] = {}
     dups: set[int] = set()
-    for item in items:
+    for i, item in enumerate(items):
         qid = _qid(item)
         if qid is None:
-            filtered[f"malformed_{kind}"] += 1
+            drops.add(f"malformed_{kind}", f"{kind} {i} has no integer question_id")
         elif qid in dups:
-            filtered["duplicate_question_id"] += 1
+            drops.add("duplicate_question_id", f"question_id {qid}")
         elif qid in out:
-            filtered["duplicate_question_id"] += 2
+            drops.add("duplicate_question_id", f"question_id {qid}", n=2)
             del out[qid]
             dups.add(qid)
         else:
@@ -126,12 +142,12 @@ def index_by_qid(items: list, kind: str, filtered: Counter) -> tuple[dict[int, d
 # --------------------------------------------------------------------------- mapping
 
 def build_records(split: SplitInputs, questions: list, annotations: list, template: str,
-                  max_per_split: int = 0) -> tuple[list[dict], dict[str, str], Counter]:
+                  max_per_split: int = 0) -> tuple[list[dict], dict[str, str], Drops]:
     """Join one split on question_id -> (records sorted by question_id, image rel path -> source
-    path, filtered counts by reason). Each dropped question is counted under its first reason."""
-    filtered: Counter = Counter()
-    qs, q_dups = index_by_qid(questions, "question", filtered)
-    anns, a_dups = index_by_qid(annotations, "annotation", filtered)
+    path, dropped questions). Each dropped question is counted under its first reason."""
+    drops = Drops()
+    qs, q_dups = index_by_qid(questions, "question", drops)
+    anns, a_dups = index_by_qid(annotations, "annotation", drops)
     dups = q_dups | a_dups  # already counted; their other half must not count again below
     pattern, subdir = SPLITS[split.name]
     records: list[dict] = []
@@ -142,41 +158,41 @@ def build_records(split: SplitInputs, questions: list, annotations: list, templa
             break  # counts then cover the question ids examined, in id order
         q, a = qs.get(qid), anns.get(qid)
         if a is None:
-            filtered["question_without_annotation"] += 1
+            drops.add("question_without_annotation", f"question_id {qid} has no annotation")
             continue
         if q is None:
-            filtered["annotation_without_question"] += 1
+            drops.add("annotation_without_question", f"question_id {qid} has no question")
             continue
         image_id, question = q.get("image_id"), q.get("question")
         if not isinstance(image_id, int) or isinstance(image_id, bool) or not isinstance(question, str):
-            filtered["malformed_question"] += 1
+            drops.add("malformed_question", f"question_id {qid}")
             continue
         answer, answers = a.get("multiple_choice_answer"), a.get("answers")
         if not isinstance(answers, list) or not all(isinstance(x, dict) and isinstance(x.get("answer"), str)
                                                     for x in answers):
-            filtered["malformed_annotation"] += 1
+            drops.add("malformed_annotation", f"question_id {qid}")
             continue
         if a.get("image_id", image_id) != image_id:
-            filtered["image_id_mismatch"] += 1
+            drops.add("image_id_mismatch", f"question_id {qid}")
             continue
         question = " ".join(question.split())  # stray newlines/tabs would change the prompt layout
         if not question:
-            filtered["empty_question"] += 1
+            drops.add("empty_question", f"question_id {qid}")
             continue
         answer = answer.strip() if isinstance(answer, str) else ""
         if not answer:
-            filtered["empty_answer"] += 1
+            drops.add("empty_answer", f"question_id {qid}")
             continue
         if IMAGE_PLACEHOLDER in question or IMAGE_PLACEHOLDER in answer:
             # dataset.py would see two image placeholders and skip the sample at training time.
-            filtered["placeholder_in_text"] += 1
+            drops.add("placeholder_in_text", f"question_id {qid}")
             continue
         name = pattern.format(image_id)
         src = os.path.join(split.images_dir, name)
         if src not in exists:
             exists[src] = os.path.isfile(src)
         if not exists[src]:
-            filtered["missing_image"] += 1
+            drops.add("missing_image", f"{name} not in {split.images_dir}")
             continue
         rel = f"{subdir}/{name}"  # forward slashes: the file is read on any OS
         images[rel] = src
@@ -192,7 +208,56 @@ def build_records(split: SplitInputs, questions: list, annotations: list, templa
             "answers": [x["answer"] for x in answers],  # all ten: VQA accuracy is min(#matches / 3, 1)
             "split": split.name,
         })
-    return records, images, filtered
+    return records, images, drops
+
+
+# --------------------------------------------------------------------------- why a split came out empty
+
+def _split_of(subtype: str) -> str | None:
+    """'val2014' (an official file's data_subtype) -> 'val'; None for others (test2015, custom files)."""
+    return next((name for name, (_, sub) in SPLITS.items() if sub == subtype), None)
+
+
+def describe_image_dir(split: SplitInputs, expected: str) -> str:
+    """Why none of the images the questions name is in the folder, likeliest mistake first."""
+    flag, subdir = f"--images-{split.name}-dir", SPLITS[split.name][1]
+    where = f"{split.images_dir} ({flag})"
+    if os.path.isdir(os.path.join(split.images_dir, subdir)):  # the COCO root given instead of its split folder
+        return f"{where} holds a {subdir}/ folder: pass {flag} {os.path.join(split.images_dir, subdir)}"
+    found = sorted(e.name for e in os.scandir(split.images_dir) if e.is_file())  # failure path only
+    if not found:
+        return f"{where} is empty; it should hold the COCO {subdir} images, e.g. {expected}"
+    for other, (_, other_dir) in SPLITS.items():
+        seen = next((f for f in found if f.startswith(f"COCO_{other_dir}_")), None)
+        if other != split.name and seen:
+            return (f"{where} holds {other_dir} images (e.g. {seen}), but the questions name {subdir} ones "
+                    f"(e.g. {expected}): point {flag} at the {subdir} folder")
+    return (f"none of the images the questions name is in {where}: expected e.g. {expected}, "
+            f"found {len(found)} other file(s), e.g. {found[0]}")
+
+
+def explain_empty(split: SplitInputs, n_questions: int, subtypes: tuple[str, str], drops: Drops) -> str:
+    """The error for a split that produced no records: the likeliest cause, then every count."""
+    files = {"questions": (split.questions, subtypes[0]), "annotations": (split.annotations, subtypes[1])}
+    # A file of the other split (its data_subtype says so): its images are named COCO_<other>2014_...
+    wrong = [(kind, path, sub) for kind, (path, sub) in files.items() if _split_of(sub) not in (None, split.name)]
+    if not n_questions:
+        why = f"{split.questions} holds no questions"
+    elif wrong:
+        other = _split_of(wrong[0][2])
+        why = "; ".join(f"{path} is a {sub} file (its data_subtype) given as --{kind}-{split.name}: "
+                        f"pass it as --{kind}-{other}" for kind, path, sub in wrong)
+        why += f", with the {SPLITS[other][1]} images as --images-{other}-dir"
+    elif all(subtypes) and subtypes[0] != subtypes[1]:
+        why = (f"the questions ({subtypes[0]}, {split.questions}) and the annotations "
+               f"({subtypes[1]}, {split.annotations}) come from different splits")
+    elif drops.counts.most_common(1)[0][0] == "missing_image":
+        # The example is "<file name> not in <folder>": the name is the one the questions asked for.
+        why = describe_image_dir(split, drops.examples["missing_image"].split(" not in ")[0])
+    else:
+        why = f"every question was dropped, most as {drops.counts.most_common(1)[0][0]}"
+    dropped = "; ".join(f"{r} {n}, e.g. {drops.examples[r]}" for r, n in drops.counts.most_common())
+    return f"the {split.name} split produced no records: {why}\n  dropped {sum(drops.counts.values())}: {dropped}"
 
 
 # --------------------------------------------------------------------------- writing
@@ -231,13 +296,23 @@ def dump_records(records: list[dict]) -> str:
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
 
 
+def not_written(paths: list[str]) -> str:
+    """What a failed run left behind: "previous file kept" only where there was one."""
+    kept = [p for p in paths if os.path.exists(p)]
+    return f"previous file kept: {', '.join(kept)}" if kept else "nothing written"
+
+
 def write_checked(path: str, text: str, check: Callable[[str], list[str]] | None = None) -> None:
     """Write atomically; `check` runs on the finished temporary file first. A crash, a failed
     write or a failed check leaves the previous file untouched (and no temp)."""
+    def named(tmp: str) -> list[str]:  # problems name the file the user asked for, not its temp
+        return [p.replace(tmp, path) for p in check(tmp)] if check else []
+
+    outcome = not_written([path])  # asked before the write replaces anything
     try:
-        atomic_write(path, text, check)
+        atomic_write(path, text, named)
     except CheckFailed as e:
-        raise ConvertError(f"{path}: the converted output failed validation, previous file kept:\n"
+        raise ConvertError(f"{path}: the converted output failed validation, {outcome}:\n"
                            + _format_problems(e.problems), code=1) from None
 
 
@@ -366,27 +441,43 @@ def convert(*, questions_train: str | None = None, annotations_train: str | None
 
     report: dict[str, Any] = {"total": 0, "splits": {}, "outputs": {}, "image_root": image_root,
                               "template": template, "link_images": link_images, "max_per_split": max_per_split}
-    outputs: list[tuple[str, str]] = []
+    built: dict[str, tuple[list[dict], dict[str, str]]] = {}
+    empty: list[str] = []
     for s in splits:
-        questions, annotations = loaded[s.name]
-        records, images, filtered = build_records(s, questions, annotations, template, max_per_split)
-        copied = sum(place_image(src, os.path.join(image_root, rel), link_images)
-                     for rel, src in sorted(images.items()))
-        path = train_json if s.name == "train" else val_json
-        outputs.append((path, dump_records(records)))
+        (questions, q_subtype), (annotations, a_subtype) = loaded[s.name]
+        records, images, drops = build_records(s, questions, annotations, template, max_per_split)
+        built[s.name] = records, images
         report["total"] += len(records)
-        report["outputs"][s.name] = path
+        report["outputs"][s.name] = train_json if s.name == "train" else val_json
         report["splits"][s.name] = {
             "questions": len(questions), "annotations": len(annotations), "records": len(records),
-            "images": len(images), "images_placed": copied, "images_already_there": len(images) - copied,
-            "filtered": {r: filtered[r] for r in FILTER_REASONS if filtered[r]},
-            "filtered_total": sum(filtered.values()),
+            "images": len(images), "filtered": {r: drops.counts[r] for r in FILTER_REASONS if drops.counts[r]},
+            "filtered_examples": {r: drops.examples[r] for r in FILTER_REASONS if r in drops.examples},
+            "filtered_total": sum(drops.counts.values()),
         }
+        if not records:
+            empty.append(explain_empty(s, len(questions), (q_subtype, a_subtype), drops))
+
+    def give_up(msg: str, code: int) -> ConvertError:
+        # The report says why, also when nothing else was written: it is where a user looks.
+        write_checked(report_path, json.dumps({**report, "error": msg}, indent=2, ensure_ascii=False) + "\n")
+        return ConvertError(f"{msg}\n  report: {report_path}", code)
+
+    if empty:  # a requested split that yields nothing is a wrong input, not a result
+        raise give_up("\n".join(empty) + "\n  " + not_written(list(report["outputs"].values())), 2)
 
     # Images are in place before the JSON that names them appears; each file is validated
     # as a temp file and only then replaces the previous output.
-    for path, text in outputs:
-        write_checked(path, text, check=lambda tmp: validate_chat_json(tmp, image_root))
+    for name, (_, images) in built.items():
+        copied = sum(place_image(src, os.path.join(image_root, rel), link_images)
+                     for rel, src in sorted(images.items()))
+        report["splits"][name].update(images_placed=copied, images_already_there=len(images) - copied)
+    for name, (records, _) in built.items():
+        try:
+            write_checked(report["outputs"][name], dump_records(records),
+                          check=lambda tmp: validate_chat_json(tmp, image_root))
+        except ConvertError as e:
+            raise give_up(str(e), e.code) from None
     write_checked(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     report["report"] = report_path
     return report
@@ -399,8 +490,9 @@ def print_report(report: dict) -> None:
                      f"{st['annotations']} annotations; {st['images']} images "
                      f"({st['images_placed']} {'linked' if report['link_images'] else 'copied'}, "
                      f"{st['images_already_there']} already there)")
-        filtered = ", ".join(f"{k} {v}" for k, v in st["filtered"].items()) or "none"
-        console.info(f"       filtered {st['filtered_total']}: {filtered}")
+        console.info(f"       filtered {st['filtered_total']}" + ("" if st["filtered"] else ": none"))
+        for reason, n in sorted(st["filtered"].items(), key=lambda kv: -kv[1]):
+            console.info(f"         {reason} {n}, e.g. {st['filtered_examples'][reason]}")
         console.info(f"       -> {report['outputs'][name]}")
     if "train" not in report["splits"]:
         console.warn("only the val split was given: wrote the val file only, no training chat.json")

@@ -108,8 +108,12 @@ def test_filter_counts_and_report(vqa, tmp_path, capsys):
     assert val["filtered"] == {} and val["records"] == 3
     assert report["total"] == 6
     assert report["outputs"] == {"train": str(out), "val": str(tmp_path / "chat_val.json")}
+    missing = f"COCO_train2014_000000000003.jpg not in {vqa['images_train_dir']}"  # one example per reason
+    assert train["filtered_examples"]["missing_image"] == missing
+    assert train["filtered_examples"]["question_without_annotation"] == "question_id 40 has no annotation"
     printed = capsys.readouterr().out
-    assert "6 records in total" in printed and "missing_image 1" in printed and "empty_answer 1" in printed
+    assert "6 records in total" in printed and f"missing_image 1, e.g. {missing}" in printed
+    assert "empty_answer 1, e.g. question_id 22" in printed
 
 
 def test_val_written_separately_with_eval_fields(vqa, tmp_path):
@@ -223,8 +227,15 @@ def test_output_that_fails_validation_is_not_written(vqa, tmp_path, monkeypatch,
 
     monkeypatch.setattr(convert_vqa, "dump_records", broken_dump)
     assert main(flags(vqa) + ["--output-chat-json", str(out)]) == 1
-    assert "exactly 2 turns" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "exactly 2 turns" in err and f"{out}: the converted output failed validation, previous file kept" in err
+    assert ".tmp" not in err  # problems name the file the user asked for, not the temp it was checked as
     assert out.read_bytes() == good
+    fresh = tmp_path / "fresh" / "chat.json"
+    assert main(flags(vqa) + ["--output-chat-json", str(fresh)]) == 1
+    err = capsys.readouterr().err
+    assert "failed validation, nothing written" in err and "previous file kept" not in err
+    assert not fresh.exists()
 
 
 def test_validation_catches_a_broken_file(vqa, tmp_path, capsys):
@@ -262,7 +273,77 @@ def test_bad_input_file_exits_2_naming_it(vqa, tmp_path, capsys, damage, needle)
     assert main(flags(vqa) + ["--output-chat-json", str(out)]) == 2
     err = capsys.readouterr().err
     assert vqa["questions_val"] in err and needle in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()  # the train split was fine, yet nothing was written
+
+
+def test_empty_image_dir_says_why_every_record_was_dropped(vqa, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out" / "chat.json"
+    assert main(flags({**vqa, "images_val_dir": str(empty)}) + ["--output-chat-json", str(out)]) == 2
+    err = capsys.readouterr().err
+    missing = f"COCO_val2014_000000000005.jpg not in {empty}"
+    assert f"the val split produced no records: {empty} (--images-val-dir) is empty" in err
+    assert f"dropped 3: missing_image 3, e.g. {missing}" in err
+    assert "nothing written" in err and "previous file kept" not in err
+    # The train split was fine, but half a conversion is not written: fix the flag and rerun.
+    assert not out.exists() and not (tmp_path / "out" / "chat_val.json").exists()
+    report = load(tmp_path / "out" / "chat.report.json")  # the report is where a user looks: it says why
+    val = report["splits"]["val"]
+    assert (val["records"], val["filtered"], val["filtered_examples"]) == (0, {"missing_image": 3}, {"missing_image": missing})
+    assert report["splits"]["train"]["filtered"] == TRAIN_FILTERED and "is empty" in report["error"]
+
+
+def test_empty_split_keeps_the_previous_output_and_says_so(vqa, tmp_path, capsys):
+    out = tmp_path / "chat.json"
+    assert main(flags(vqa) + ["--output-chat-json", str(out)]) == 0
+    before = {p: p.read_bytes() for p in (out, tmp_path / "chat_val.json")}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(flags({**vqa, "images_val_dir": str(empty)}) + ["--output-chat-json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"previous file kept: {out}, {tmp_path / 'chat_val.json'}" in err and "nothing written" not in err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("mistake, needle", [
+    ("other_names", "expected e.g. COCO_val2014_000000000005.jpg, found 1 other file(s), e.g. 5.jpg"),
+    ("train_folder", "holds train2014 images (e.g. COCO_train2014_000000000001.jpg), but the questions name "
+                     "val2014 ones (e.g. COCO_val2014_000000000005.jpg): point --images-val-dir at the val2014 folder"),
+    ("coco_root", "holds a val2014/ folder: pass --images-val-dir {root}/val2014"),
+], ids=["other-names", "train-folder", "coco-root"])
+def test_wrong_image_dir_names_the_likeliest_mistake(vqa, tmp_path, capsys, mistake, needle):
+    root = tmp_path / "images"
+    root.mkdir()
+    if mistake == "other_names":
+        (root / "5.jpg").write_bytes(b"not looked at")
+    elif mistake == "train_folder":
+        root = Path(vqa["images_train_dir"])
+    else:
+        os.rename(vqa["images_val_dir"], root / "val2014")
+    only_val = {k: v for k, v in vqa.items() if "val" in k}
+    assert main(flags({**only_val, "images_val_dir": str(root)}) + ["--output-chat-json", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{root} (--images-val-dir)" in err and needle.format(root=root) in err and "missing_image 3" in err
+
+
+def test_val_files_given_as_train_name_the_flag_to_use(vqa, tmp_path, capsys):
+    swapped = {"questions_train": vqa["questions_val"], "annotations_train": vqa["annotations_val"],
+               "images_train_dir": vqa["images_val_dir"]}
+    out = ["--output-chat-json", str(tmp_path / "chat.json")]
+    assert main(flags(swapped) + out) == 2
+    err = capsys.readouterr().err
+    assert (f"{vqa['questions_val']} is a val2014 file (its data_subtype) given as --questions-train: "
+            f"pass it as --questions-val") in err
+    assert "pass it as --annotations-val, with the val2014 images as --images-val-dir" in err
+    assert "missing_image 3, e.g. COCO_train2014_000000000005.jpg" in err
+    # Only the annotations are val's: that file is the one named.
+    assert main(flags({**vqa, "annotations_train": vqa["annotations_val"]}) + out) == 2
+    err = capsys.readouterr().err
+    assert f"{vqa['annotations_val']} is a val2014 file (its data_subtype) given as --annotations-train" in err
+    assert "--questions-train:" not in err and "question_without_annotation 7" in err
 
 
 def test_bad_flags_exit_2(vqa, tmp_path, capsys):
