@@ -1,7 +1,9 @@
 """Building a model and its checkpoints: from a ModelSpec to a LlavaModel on a device (the frozen
 parts loaded strictly from local folders, a fresh projector), saving what trained (projector,
 `llm/`, `adapter/`) with the metadata that rebuilds it, and loading any stage's checkpoint back.
-model.py is the architecture alone; this is how it meets the disk.
+model.py is the architecture alone; this is how it meets the disk. What a checkpoint can be
+exported to (scripts/export_hf.py's refusals, vLLM's verdict) is read from its spec here too, so
+that a run can say it without loading anything and without importing a script.
 
     python checkpoint_io.py --list                                   # registry ids and presets
     python checkpoint_io.py --summary --model clip-zh-qwen3-0.6b     # tokens, widths, parameters (no download)
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,8 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from backbones import (MODELSCOPE_CLIP, PRESETS, REGISTRY, VISION_TYPES, describe, detect_vision_type,
-                       from_pretrained_strict, knows_vision_markers, load_llm, load_tokenizer, preprocessing,
-                       resolve_model)
+                       from_pretrained_strict, knows_vision_markers, llm_type, load_llm, load_tokenizer,
+                       prefix_tokens, preprocessing, read_json, resolve_model)
 from model import LlavaModel, ModelSpec, Projector, VisionTower
 from modelscope_clip import load_modelscope_chinese_clip
 from prompts import ensure_image_token
@@ -213,7 +216,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", vision_tower:
     device = torch.device(device)
     if tuning.load_in_4bit and device.type != "cuda":
         # The adapter applies to the base in full precision too (what merging does); say so.
-        console.warn(f"{path}: trained over a 4-bit base (QLoRA); on {device.type} the base loads in full precision")
+        console.notice(f"{path}: trained over a 4-bit base (QLoRA); on {device.type} the base loads in full precision")
     elif tuning.load_in_4bit:
         check_device(tuning, device)
         build_kwargs.setdefault("load_in_4bit", True)
@@ -229,6 +232,114 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", vision_tower:
         model.llm = load_adapter(model.llm, folder, trainable)
     model.tuning = tuning
     return model, tokenizer, meta
+
+
+# --------------------------------------------------------------------------- what an export can be
+
+# Our projector types as transformers' LlavaMultiModalProjector (linear_1 -> act -> linear_2): a
+# linear projector is act "linear" (transformers' identity) with linear_2 = I, exactly.
+LLAVA_PROJECTOR_ACT = {"linear": "linear", "mlp2x_gelu": "gelu"}
+# vLLM's own LLaVA (vllm/model_executor/models/llava.py, init_vision_tower_for_llava) builds a tower
+# only for a CLIPVisionConfig, SiglipVisionConfig or PixtralVisionConfig (isinstance checks) and
+# raises "Unsupported vision config" otherwise: ChineseCLIPVisionConfig and DINOv3ViTConfig subclass
+# none of them. Pixtral is not a tower this toolkit trains with.
+VLLM_TOWER_FAMILIES = ("clip", "siglip")
+# vLLM's get_act_fn (vllm/model_executor/layers/activation.py, _ACTIVATION_REGISTRY) builds both the
+# projector's act and the CLIP/SigLIP MLPs' act, and raises "Activation function 'linear' is not
+# supported" for a name it lacks. These names are in every version read; "linear" is in none.
+VLLM_ACTIVATIONS = ("gelu", "gelu_fast", "gelu_new", "gelu_pytorch_tanh", "relu", "relu2", "silu", "quick_gelu")
+# Text models in vLLM's registry (vllm/model_executor/models/registry.py) that this toolkit's LLMs
+# export as (Qwen3-VL's text model becomes Qwen3ForCausalLM); vLLM builds the LLM named by
+# text_config.architectures, which the export writes. Others may be there too: check vLLM's list.
+VLLM_TEXT_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+# How to train a checkpoint that exports, and one that vLLM loads too, in one line each.
+EXPORT_RECIPE = "train with --no-feature_post_norm (a DINOv3 tower: also --feature_select all)"
+VLLM_RECIPE = ("train with a CLIP or SigLIP tower, --projector mlp2x_gelu and --no-feature_post_norm "
+               "(the llava15-qwen3-1.7b preset is such a recipe)")
+
+
+def tower_prefix_tokens(spec: ModelSpec) -> int:
+    """backbones.prefix_tokens of the checkpoint's tower, from its config.json alone (DINOv3's
+    register count lives there); no weights are loaded."""
+    cfg = os.path.join(spec.vision_path, "config.json")
+    registers = read_json(cfg).get("num_register_tokens", 0) if os.path.isfile(cfg) else 0
+    return prefix_tokens(SimpleNamespace(model_type=spec.vision_type, num_register_tokens=registers))
+
+
+def export_blockers(spec: ModelSpec) -> list[str]:
+    """Why scripts/export_hf.py refuses `spec` ([] when it exports it): image tokens that
+    transformers' LlavaForConditionalGeneration cannot reproduce exactly. From the spec and the
+    tower's config.json alone; the checks that need the loaded LLM and tokenizer (an added image
+    token, capped logits) run at export time."""
+    family = VISION_TYPES[spec.vision_type][0]
+    if spec.feature_post_norm:
+        # LLaVA feeds hidden_states[vision_feature_layer] to the projector as they are. For CLIP,
+        # Chinese-CLIP, SigLIP and DINOv3 those are taken before the final norm (transformers
+        # captures them with tie_last_hidden_states=False), and a LayerNorm divides each token
+        # by its own std: no linear layer folds it, so there is no exact rewrite.
+        return [f"feature_post_norm=True applies the {family} tower's final norm to every token; "
+                "LlavaForConditionalGeneration takes hidden_states[vision_feature_layer] without any final norm, "
+                "and a per-token LayerNorm cannot be folded into the projector. Train with --no-feature_post_norm "
+                "(e.g. LLaVA-1.5's --feature_layer -2 --feature_select patch --no-feature_post_norm)."]
+    n_prefix = tower_prefix_tokens(spec)
+    if spec.feature_select == "patch" and n_prefix > 1:
+        return [f"feature_select=patch drops {n_prefix} prefix tokens (CLS + {n_prefix - 1} registers) of the "
+                f"{family} tower; LLaVA's 'default' strategy drops only the first token. Train with "
+                "--feature_select all (keeps CLS and registers) and --no-feature_post_norm."]
+    return []
+
+
+def vllm_blockers(spec: ModelSpec) -> list[str]:
+    """Why vLLM's own LLaVA cannot load an export of `spec` ([] when it can), by the rules of
+    vLLM's source (see the constants above); for a spec that export_blockers passes. Checked from
+    the spec and the tower's and LLM's config.json, not by running vLLM."""
+    family, tower_class, _ = VISION_TYPES[spec.vision_type]
+    reasons = []
+    if family not in VLLM_TOWER_FAMILIES:
+        reasons.append(f"vLLM's LLaVA builds only CLIP, SigLIP and Pixtral vision towers, not {tower_class} "
+                       "(init_vision_tower_for_llava: 'Unsupported vision config')")
+    act = LLAVA_PROJECTOR_ACT[spec.projector]
+    if act not in VLLM_ACTIVATIONS:
+        reasons.append(f"the {spec.projector} projector exports as projector_hidden_act={act!r}, which vLLM's "
+                       "activation registry lacks (get_act_fn knows gelu, relu, silu, quick_gelu, ...; "
+                       "train with --projector mlp2x_gelu)")
+    tower_cfg = os.path.join(spec.vision_path, "config.json")
+    tower_act = read_json(tower_cfg).get("hidden_act") if os.path.isfile(tower_cfg) else None
+    if family in VLLM_TOWER_FAMILIES and tower_act and tower_act not in VLLM_ACTIVATIONS:
+        reasons.append(f"the tower's hidden_act {tower_act!r} is not in vLLM's activation registry")
+    arch = exported_llm_architecture(spec)
+    if arch is None:
+        reasons.append(f"no config.json at {spec.llm_path!r} says which text model this is")
+    elif arch not in VLLM_TEXT_ARCHITECTURES:
+        reasons.append(f"text model {arch} is not among those checked in vLLM's model registry "
+                       f"({', '.join(VLLM_TEXT_ARCHITECTURES)}); see vLLM's supported models")
+    return reasons
+
+
+def exported_llm_architecture(spec: ModelSpec) -> str | None:
+    """The causal-LM class an export carries as text_config.architectures, from the LLM's
+    config.json: Qwen3-VL's text model is loaded (and exported) as Qwen3ForCausalLM."""
+    if not spec.llm_path or not os.path.isfile(os.path.join(spec.llm_path, "config.json")):
+        return None
+    if llm_type(spec.llm_path) == "qwen3_vl":
+        return "Qwen3ForCausalLM"
+    return (read_json(os.path.join(spec.llm_path, "config.json")).get("architectures") or [None])[0]
+
+
+def vllm_verdict(spec: ModelSpec) -> str:
+    """One line: "vLLM: yes", or "vLLM: no — <reasons>" (a checkpoint that cannot be exported: no)."""
+    reasons = ["the checkpoint cannot be exported at all"] if export_blockers(spec) else vllm_blockers(spec)
+    return "vLLM: no — " + "; ".join(reasons) if reasons else "vLLM: yes"
+
+
+def export_verdict(spec: ModelSpec) -> str:
+    """One line on what a checkpoint of `spec` can be exported to, with the recipe that would do
+    better: for a run's closing lines (the demos) and export_hf's refusals."""
+    blockers = export_blockers(spec)
+    if blockers:
+        return f"export_hf.py: no ({blockers[0].split(';')[0]}); to export, {EXPORT_RECIPE}; for vLLM, {VLLM_RECIPE}"
+    vllm = vllm_verdict(spec)
+    return f"export_hf.py: yes; {vllm}" + ("" if vllm == "vLLM: yes" else f"; for vLLM, {VLLM_RECIPE}")
 
 
 def summary_from_configs(vision: str, llm: str, projector: str = "linear", models_dir: str = "models",

@@ -6,8 +6,9 @@ checkpoint brings its tuned LLM; a stage-3 one has its LoRA adapters merged into
     LlavaForConditionalGeneration.from_pretrained(DIR); AutoProcessor.from_pretrained(DIR)
 
 CPU example on the offline toy world. The demo's own default applies the tower's final norm to
-every token (the course's ln_post), which LLaVA cannot express, so train this run without it:
-    python train_stage1.py --demo --no-feature_post_norm --max_steps 60 --run_name demo_export
+every token (the course's ln_post), which LLaVA cannot express, so train this run without it, and
+with an MLP projector, whose GELU vLLM knows (the demo's linear one exports as act "linear"):
+    python train_stage1.py --demo --no-feature_post_norm --projector mlp2x_gelu --max_steps 60 --run_name demo_export
     python scripts/export_hf.py --checkpoint checkpoints/demo_export --out exports/demo_export --verify
 
 What maps exactly onto LlavaForConditionalGeneration (anything else is refused, exit code 2):
@@ -18,6 +19,15 @@ What maps exactly onto LlavaForConditionalGeneration (anything else is refused, 
     LLM          any *ForCausalLM whose base model AutoModel rebuilds (the Qwen3-VL text model is
                  exported as plain Qwen3: for text positions its M-RoPE equals 1-D RoPE)
 The output is written to DIR.partial and renamed to DIR when complete: no half-written folder.
+
+Every export ends with its vLLM verdict, also written into the model card:
+    vLLM: yes            vLLM's own LLaVA (vllm/model_executor/models/llava.py) builds every part:
+                         a CLIP or SigLIP tower, a projector act in vLLM's activation registry
+                         (mlp2x_gelu -> "gelu"), a text model in its registry (Qwen3ForCausalLM)
+    vLLM: no — <reason>  what vLLM lacks: a Chinese-CLIP or DINOv3 tower, or the linear projector's
+                         act "linear" (not in vLLM's get_act_fn registry); transformers still loads it
+The verdict follows vLLM's source (checkpoint_io.vllm_blockers says which rules); vLLM is not run.
+A refused export says in one line how to train a checkpoint that exports.
 """
 
 from __future__ import annotations
@@ -29,7 +39,6 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
@@ -37,11 +46,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python scripts/export_hf.py` from the repository root
     sys.path.insert(0, ROOT)
 
-from backbones import VISION_TYPES, prefix_tokens, read_json  # noqa: E402
+from backbones import VISION_TYPES, read_json  # noqa: E402
 from dataset import ImageTransform  # noqa: E402
 from prompts import IMAGE_PLACEHOLDER, PromptFormat, encode_prompt  # noqa: E402
-from checkpoint_io import checkpoint_file, load_checkpoint, read_checkpoint_meta  # noqa: E402
-from model import LlavaModel, ModelSpec
+from checkpoint_io import (EXPORT_RECIPE, LLAVA_PROJECTOR_ACT, VLLM_RECIPE, checkpoint_file, export_blockers,  # noqa: E402
+                           exported_llm_architecture, load_checkpoint, read_checkpoint_meta, tower_prefix_tokens,
+                           vllm_verdict)
+from model import LlavaModel, ModelSpec  # noqa: E402
 from tuning import Tuning, merged  # noqa: E402
 from utils import console  # noqa: E402
 from utils.config import Parser  # noqa: E402
@@ -49,8 +60,11 @@ from utils.config import Parser  # noqa: E402
 # PIL resampling filters by the names ImageTransform stores.
 RESAMPLE_IDS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# vLLM's LLaVA builds only these vision towers (its llava.py); others need transformers.
-VLLM_TOWERS = ("clip_vision_model", "siglip_vision_model")
+# SigLIP's attention-pooling head: LLaVA never reads it (features are hidden_states[layer]), but
+# vLLM's SigLIP applies it inside LLaVA when vision_use_head is true (transformers' default) in
+# the versions between its SigLIP-embedding support and PR #32299, turning N tokens into one.
+# Its keys, in transformers 5's flat SiglipVisionModel and in the older nested one:
+SIGLIP_HEAD = ("head.", "vision_model.head.")
 
 
 class NotExportable(Exception):
@@ -67,39 +81,17 @@ class Plan:
 
 # --------------------------------------------------------------------------- what can be exported
 
-def tower_prefix_tokens(spec: ModelSpec) -> int:
-    """backbones.prefix_tokens of the checkpoint's tower, from its config.json alone (DINOv3's
-    register count lives there); no weights are loaded."""
-    cfg = os.path.join(spec.vision_path, "config.json")
-    registers = read_json(cfg).get("num_register_tokens", 0) if os.path.isfile(cfg) else 0
-    return prefix_tokens(SimpleNamespace(model_type=spec.vision_type, num_register_tokens=registers))
-
-
 def plan_export(spec: ModelSpec) -> Plan:
     """The LLaVA settings that reproduce `spec`'s image tokens, or NotExportable with the reason
-    and the training flags that would make the next run exportable."""
-    family = VISION_TYPES[spec.vision_type][0]
-    if spec.feature_post_norm:
-        # LLaVA feeds hidden_states[vision_feature_layer] to the projector as they are. For CLIP,
-        # Chinese-CLIP, SigLIP and DINOv3 those are taken before the final norm (transformers
-        # captures them with tie_last_hidden_states=False), and a LayerNorm divides each token
-        # by its own std: no linear layer folds it, so there is no exact rewrite.
-        raise NotExportable(
-            f"feature_post_norm=True applies the {family} tower's final norm to every token; "
-            "LlavaForConditionalGeneration takes hidden_states[vision_feature_layer] without any final norm, "
-            "and a per-token LayerNorm cannot be folded into the projector. Train with --no-feature_post_norm "
-            "(e.g. LLaVA-1.5's --feature_layer -2 --feature_select patch --no-feature_post_norm).")
+    (checkpoint_io.export_blockers, which runs without loading the model) and the recipe of a
+    checkpoint that exports."""
+    blockers = export_blockers(spec)
+    if blockers:
+        raise NotExportable(" ".join(blockers) + f"\nTo export: {EXPORT_RECIPE}. To load it in vLLM too: {VLLM_RECIPE}.")
     n_prefix = tower_prefix_tokens(spec)
     if spec.feature_select == "all" or n_prefix == 0:
-        plan = Plan("full", n_prefix)
-    elif n_prefix == 1:
-        plan = Plan("default", 1)   # LLaVA's "default" drops hidden_states[:, 0], i.e. CLS
-    else:
-        raise NotExportable(
-            f"feature_select=patch drops {n_prefix} prefix tokens (CLS + {n_prefix - 1} registers) of the "
-            f"{family} tower; LLaVA's 'default' strategy drops only the first token. Train with "
-            "--feature_select all (keeps CLS and registers) and --no-feature_post_norm.")
-    return plan
+        return Plan("full", n_prefix)
+    return Plan("default", 1)   # one prefix token (export_blockers refuses more): LLaVA's "default" drops CLS
 
 
 def check_llm(model: LlavaModel) -> None:
@@ -130,19 +122,26 @@ def llava_config(model: LlavaModel, plan: Plan):
 
     spec, vision = model.spec, model.vision
     vcfg = copy.deepcopy(vision.model.config)
+    if getattr(vcfg, "vision_use_head", False):
+        vcfg.vision_use_head = False   # SIGLIP_HEAD: unused by LLaVA, harmful in some vLLM versions
     tcfg = copy.deepcopy(model.llm.config)
+    # vLLM builds the LLM that text_config.architectures names ("No model architectures are
+    # specified" without it); a Qwen3-VL text model built in memory has none.
+    tcfg.architectures = [type(model.llm).__name__]
     return LlavaConfig(
         vision_config=vcfg, text_config=tcfg, image_token_id=model.image_token_id,
         image_seq_length=spec.num_image_tokens,
         # nn.Identity between two layers == "linear" act; linear_2 becomes the identity matrix.
-        projector_hidden_act="gelu" if spec.projector == "mlp2x_gelu" else "linear",
+        projector_hidden_act=LLAVA_PROJECTOR_ACT[spec.projector],
         vision_feature_select_strategy=plan.strategy, vision_feature_layer=spec.feature_layer,
         multimodal_projector_bias=True, tie_word_embeddings=bool(getattr(tcfg, "tie_word_embeddings", False)))
 
 
 def llava_state_dict(model: LlavaModel) -> dict[str, torch.Tensor]:
     """Our parts under LlavaForConditionalGeneration's names."""
-    state = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()}
+    siglip = model.vision.family == "siglip"
+    state = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()
+             if not (siglip and k.startswith(SIGLIP_HEAD))}   # llava_config drops the head
     state.update({f"model.language_model.{k}": v for k, v in model.llm.model.state_dict().items()})
     state["lm_head.weight"] = model.llm.lm_head.weight
     proj = model.projector
@@ -233,6 +232,23 @@ def build_processor(model: LlavaModel, tokenizer, plan: Plan):
     return proc, fmt
 
 
+def vllm_note(spec: ModelSpec, where: str) -> str:
+    """The model card's vLLM paragraph: the verdict (checkpoint_io.vllm_verdict) and what to do."""
+    verdict = vllm_verdict(spec)
+    if verdict == "vLLM: yes":
+        return (f"**{verdict}.** vLLM's own LLaVA implementation builds every part of this export: the "
+                f"`{VISION_TYPES[spec.vision_type][1]}` tower, the projector act "
+                f"`{LLAVA_PROJECTOR_ACT[spec.projector]}` and the text model `{exported_llm_architecture(spec)}`, "
+                f"so `vllm serve {where}` loads it. This follows vLLM's source "
+                "(`vllm/model_executor/models/llava.py`, `vllm/model_executor/layers/activation.py`); "
+                "this project does not run vLLM.")
+    return (f"**{verdict}.** That is vLLM's own LLaVA implementation (`vllm/model_executor/models/llava.py`: "
+            "CLIP, SigLIP and Pixtral towers only; projector acts from its activation registry, which has no "
+            "`linear`). Use transformers as above, or the training checkpoint itself with this toolkit's "
+            "`eval_llava.py` / `web_demo.py` (an OpenAI-compatible `serve_api.py` is coming). "
+            f"A checkpoint that vLLM loads: {VLLM_RECIPE}.")
+
+
 def model_card(meta: dict, spec: ModelSpec, plan: Plan, dtype: torch.dtype, params: int, where: str) -> str:
     """README.md: what was trained, on what, for how long, and how to load it."""
     cfg = meta.get("train_config") or {}
@@ -243,14 +259,8 @@ def model_card(meta: dict, spec: ModelSpec, plan: Plan, dtype: torch.dtype, para
     train = [f"- optimizer steps: {meta.get('step', '?')}"] + [
         f"- {k}: `{cfg[k]}`" for k in ("lr", "batch_size", "global_batch_size", "grad_accum", "epochs", "max_steps",
                                        "lr_scheduler", "warmup_ratio", "weight_decay", "seed") if k in cfg]
-    tower = spec.vision_type
     stage = meta.get("stage", 1)
     tuning = Tuning(**meta.get("tuning", {})).describe()
-    vllm = (f"vLLM's LLaVA implementation builds this tower, so `vllm serve {where}` is expected to work as for "
-            "llava-hf models (not tested by this project; the projector act must be one vLLM knows)."
-            if tower in VLLM_TOWERS else
-            f"vLLM's LLaVA implementation builds only CLIP and SigLIP towers (plus Pixtral); this `{tower}` tower "
-            "needs transformers (or a vLLM that adds it).")
     proj = ("linear (exported as `projector_hidden_act=\"linear\"`, `linear_2` = identity)"
             if spec.projector == "linear" else "mlp2x_gelu (`linear_1` -> GELU -> `linear_2`)")
     return f"""---
@@ -306,9 +316,11 @@ The prompt tokens equal those training and `eval_llava.py` used for the same mes
 torchvision installed, `AutoProcessor` picks the torchvision backend unless told `backend="pil"`;
 its antialiased bicubic resize differs slightly from PIL's.
 
-{vllm}
-
 Stage-1 models describe images in the style of their training data; they are not instruction-tuned.
+
+## vLLM
+
+{vllm_note(spec, where)}
 """
 
 
@@ -409,6 +421,8 @@ def export(checkpoint: str, out: str, dtype: str = "auto", overwrite: bool = Fal
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, out)
+    console.success(f"exported {checkpoint} -> {out}")
+    console.info(vllm_verdict(model.spec))   # the model card says the same, with what to do
     return out
 
 
@@ -426,14 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     console.quiet_library_bars()
     try:
-        out = export(args.checkpoint, args.out, args.dtype, args.overwrite, args.verify, args.vision_tower, args.llm)
+        export(args.checkpoint, args.out, args.dtype, args.overwrite, args.verify, args.vision_tower, args.llm)
     except NotExportable as e:
         print(f"export_hf: cannot export {args.checkpoint}: {e}", file=sys.stderr, flush=True)
         return 2
     except FileNotFoundError as e:  # a wrong --checkpoint or model path
         print(f"export_hf: {e}", file=sys.stderr, flush=True)
         return 2
-    console.success(f"exported {args.checkpoint} -> {out}")
     return 0
 
 

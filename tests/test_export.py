@@ -1,6 +1,7 @@
 """scripts/export_hf.py: every exportable combination loads as a plain transformers LLaVA and
 reproduces our model exactly (prompt ids, pixels, logits at every position, greedy replies);
-settings LLaVA cannot express are refused with their reason and leave nothing behind."""
+settings LLaVA cannot express are refused with their reason and leave nothing behind; every
+export states whether vLLM's LLaVA loads it, by the rules of vLLM's source."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from backbones import PRESETS, detect_vision_type, vision_defaults
 from dataset import ImageTransform
-from checkpoint_io import build_model, save_checkpoint
+from checkpoint_io import (build_model, export_blockers, export_verdict, save_checkpoint, vllm_blockers,
+                           vllm_verdict)
 from model import ModelSpec
 from prompts import IMAGE_PLACEHOLDER, PromptFormat, encode_prompt
 from scripts import export_hf
@@ -108,15 +111,27 @@ def assert_exact(model, tok, ckpt, out, tmp_path, capsys, generate: bool = True)
 def test_toy_clip_qwen3_exports_exactly(tiny, tmp_path, capsys, projector, layer, select):
     model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=tiny.vision, llm=tiny.llm, projector=projector,
                                  feature_layer=layer, feature_select=select, feature_post_norm=False)
+    capsys.readouterr()
     assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
+    printed = capsys.readouterr().out
     assert not os.path.exists(tmp_path / "hf.partial")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["projector_hidden_act"] == ("linear" if projector == "linear" else "gelu")
+    assert cfg["text_config"]["architectures"] == ["Qwen3ForCausalLM"]   # what vLLM builds the LLM from
     assert cfg["vision_feature_select_strategy"] == ("full" if select == "all" else "default")
     assert cfg["vision_feature_layer"] == layer and cfg["image_seq_length"] == model.spec.num_image_tokens
     assert "auto_map" not in cfg  # nothing needs trust_remote_code
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "LlavaForConditionalGeneration" in card and "optimizer steps: 7" in card and "data/tiny/train" in card
+    # The verdict, printed and in the model card: the linear projector's act "linear" is not in vLLM's
+    # activation registry; CLIP + mlp2x_gelu ("gelu") + Qwen3 is what vLLM's LLaVA builds.
+    assert "expected to work" not in card
+    if projector == "linear":
+        assert "vLLM: no — " in printed and "'linear'" in printed and "vLLM: yes" not in printed
+        assert "**vLLM: no — " in card and "eval_llava.py" in card and "--projector mlp2x_gelu" in card
+    else:
+        assert "vLLM: yes" in printed and "vLLM: no" not in printed
+        assert "**vLLM: yes.**" in card and f"vllm serve {tmp_path / 'hf'}" in card
     assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys)
 
 
@@ -126,9 +141,13 @@ def test_modelscope_chinese_clip_exports_exactly(tiny, tmp_path, capsys):
     write_modelscope_clip(tmp_path / "ms")
     model, tok = make_checkpoint(tmp_path / "ckpt", vision_tower=str(tmp_path / "ms"), llm=tiny.llm,
                                  feature_layer=-1, feature_select="all", feature_post_norm=False)
+    capsys.readouterr()
     assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
+    printed = capsys.readouterr().out
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["vision_config"]["model_type"] == "chinese_clip_vision_model"
+    assert "vLLM: no — " in printed and "ChineseCLIPVisionModel" in printed
+    assert "ChineseCLIPVisionModel" in (tmp_path / "hf" / "README.md").read_text()
     assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys, generate=False)
 
 
@@ -147,7 +166,9 @@ def test_qwen3vl_text_model_exports_as_plain_qwen3(tiny, tmp_path, capsys):
                                  feature_post_norm=False)
     assert model.spec.image_wrap
     assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]["model_type"] == "qwen3"
+    text_config = json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]
+    # vLLM builds the LLM that text_config.architectures names; the in-memory Qwen3 text model has none of its own.
+    assert text_config["model_type"] == "qwen3" and text_config["architectures"] == ["Qwen3ForCausalLM"]
     assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys)
 
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
@@ -180,7 +201,16 @@ def test_other_towers_export_exactly(tiny, tmp_path, capsys, family):
                                  feature_layer=-1, feature_select=select, feature_post_norm=False)
     assert model.spec.num_image_tokens == n_tokens
     assert export(tmp_path / "ckpt", tmp_path / "hf") == 0
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vision_feature_select_strategy"] == "full"
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["vision_feature_select_strategy"] == "full"
+    if family == "siglip":
+        # LLaVA never reads SigLIP's attention-pooling head; some vLLM versions apply it inside LLaVA
+        # (one token per image) when vision_use_head is true, transformers' default.
+        from safetensors import safe_open
+
+        assert cfg["vision_config"]["vision_use_head"] is False
+        with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as fh:
+            assert not [k for k in fh.keys() if ".head." in k]
     assert_exact(model, tok, tmp_path / "ckpt", tmp_path / "hf", tmp_path, capsys, generate=False)
 
 
@@ -198,7 +228,8 @@ def assert_refused(ckpt, out, capsys, *needles: str) -> None:
 def test_post_norm_on_a_clip_tower_is_refused(tiny, tmp_path, capsys):
     """The course's setting (ln_post on all tokens): no exact LLaVA equivalent."""
     make_checkpoint(tmp_path / "ckpt", vision_tower=tiny.vision, llm=tiny.llm, feature_post_norm=True)
-    assert_refused(tmp_path / "ckpt", tmp_path / "hf", capsys, "feature_post_norm", "--no-feature_post_norm")
+    assert_refused(tmp_path / "ckpt", tmp_path / "hf", capsys, "feature_post_norm", "--no-feature_post_norm",
+                   "To export: train with --no-feature_post_norm", "--projector mlp2x_gelu")
 
 
 def test_dinov3_patch_only_is_refused(tiny, tmp_path, capsys):
@@ -218,3 +249,83 @@ def test_existing_output_is_kept_without_overwrite(tiny, tmp_path, capsys):
     assert export(tmp_path / "ckpt", tmp_path / "hf") == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- verdicts from the spec alone
+
+def spec_of(tower: str, llm: str, **features) -> ModelSpec:
+    """A checkpoint's spec as build_model completes it, from the folders' files alone (no weights):
+    all that export_blockers / vllm_blockers read."""
+    return ModelSpec(vision_tower=str(tower), llm=str(llm), vision_path=str(tower), llm_path=str(llm),
+                     vision_type=detect_vision_type(str(tower)), **features)
+
+
+def test_vllm_verdict_follows_vllm_source(tiny, tmp_path):
+    """vLLM's LLaVA builds CLIP/SigLIP/Pixtral towers only (init_vision_tower_for_llava) and
+    projector acts from its get_act_fn registry, which has no "linear"."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from tests.test_backbones import VC, make_dinov3, make_qwen3vl, write_modelscope_clip
+
+    exportable = dict(feature_layer=-1, feature_select="all", feature_post_norm=False)
+    clip_mlp = spec_of(tiny.vision, tiny.llm, projector="mlp2x_gelu", **exportable)
+    assert export_blockers(clip_mlp) == [] and vllm_blockers(clip_mlp) == []
+    assert vllm_verdict(clip_mlp) == "vLLM: yes" and export_verdict(clip_mlp) == "export_hf.py: yes; vLLM: yes"
+
+    clip_linear = spec_of(tiny.vision, tiny.llm, projector="linear", **exportable)
+    (reason,) = vllm_blockers(clip_linear)
+    assert "projector_hidden_act='linear'" in reason and "--projector mlp2x_gelu" in reason
+    assert vllm_verdict(clip_linear) == f"vLLM: no — {reason}"
+
+    write_modelscope_clip(tmp_path / "zh")
+    zh = vllm_blockers(spec_of(tmp_path / "zh", tiny.llm, projector="linear", **exportable))
+    assert len(zh) == 2 and "ChineseCLIPVisionModel" in zh[0] and "CLIP, SigLIP and Pixtral" in zh[0]
+    assert "'linear'" in zh[1]
+    make_dinov3(tmp_path / "dino")
+    (dino,) = vllm_blockers(spec_of(tmp_path / "dino", tiny.llm, projector="mlp2x_gelu", **exportable))
+    assert "DINOv3ViTModel" in dino
+
+    SiglipVisionModel(SiglipVisionConfig(**VC)).save_pretrained(tmp_path / "siglip")
+    assert vllm_blockers(spec_of(tmp_path / "siglip", tiny.llm, projector="mlp2x_gelu", **exportable)) == []
+
+    # vLLM builds the tower's MLP act with the same registry
+    (tmp_path / "odd_act").mkdir()
+    with open(os.path.join(tiny.vision, "config.json"), encoding="utf-8") as fh:
+        config = json.load(fh)
+    (tmp_path / "odd_act" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_10"}))
+    (odd,) = vllm_blockers(spec_of(tmp_path / "odd_act", tiny.llm, projector="mlp2x_gelu", **exportable))
+    assert "'gelu_10'" in odd
+
+    # The text model: Qwen3-VL's exports as Qwen3ForCausalLM (in vLLM's registry); one not checked says so.
+    make_qwen3vl(tmp_path / "qwen3vl")
+    assert vllm_blockers(spec_of(tiny.vision, tmp_path / "qwen3vl", projector="mlp2x_gelu", **exportable)) == []
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (text,) = vllm_blockers(spec_of(tiny.vision, tmp_path / "gpt2", projector="mlp2x_gelu", **exportable))
+    assert "GPT2LMHeadModel" in text
+
+
+def test_course_and_demo_recipes_cannot_be_exported(tiny, tmp_path):
+    """The course preset's features (ln_post on all 197 tokens) and the toy demo's (the same recipe
+    on its CLIP) are refused without loading anything, with the recipe that exports."""
+    from tests.test_backbones import write_modelscope_clip
+
+    write_modelscope_clip(tmp_path / "zh")
+    preset = PRESETS["clip-zh-qwen3-0.6b"]
+    course = spec_of(tmp_path / "zh", tiny.llm, projector=preset["projector"], **vision_defaults(preset["vision_tower"]))
+    # The demos' features (their DEMO_DEFAULTS): the course's recipe on the toy CLIP.
+    demo = spec_of(tiny.vision, tiny.llm, projector="linear", feature_layer=-1, feature_select="all",
+                   feature_post_norm=True)
+    for spec in (course, demo):
+        (blocker,) = export_blockers(spec)
+        assert "feature_post_norm=True" in blocker
+        assert vllm_verdict(spec) == "vLLM: no — the checkpoint cannot be exported at all"
+        line = export_verdict(spec)
+        assert line.startswith("export_hf.py: no (feature_post_norm=True")
+        assert "--no-feature_post_norm" in line and "--projector mlp2x_gelu" in line and "\n" not in line
+    # DINOv3 keeping only patches drops CLS + 4 registers; LLaVA drops one token
+    from tests.test_backbones import make_dinov3
+
+    make_dinov3(tmp_path / "dino")
+    (blocker,) = export_blockers(spec_of(tmp_path / "dino", tiny.llm, feature_select="patch", feature_post_norm=False))
+    assert "registers" in blocker and "--feature_select all" in blocker
