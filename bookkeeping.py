@@ -32,7 +32,7 @@ from utils.alarms import Alarms
 from utils.checkpoint import (STAGE_SCRIPTS, resume_command, resume_point, run_name_of, save_training,
                               unfinished_run)
 from utils.config import dump_json, print_config, redacted
-from utils.dist import DistInfo, barrier, cleanup as cleanup_dist
+from utils.dist import DistInfo, barrier, cleanup as cleanup_dist, tell_launcher
 from utils.flops import mfu
 from utils.metrics import RunLogger, log_line, periodic_scalars, print_summary, run_totals
 from utils.skips import Skips, SkipTally
@@ -181,10 +181,11 @@ class Run:
 
     def stopped(self, step: int, checkpoint: str, signum: int, argv: list[str] | None) -> dict:
         """After a stop request's checkpoint: the command that continues the run."""
+        command = resume_command(argv or [], self.folders.name, self.dist.world_size, STAGE_SCRIPTS[self.cfg.stage])
         if self.dist.is_main:
-            console.warn(f"stopped at step {step}; checkpoint {checkpoint}. Continue with:\n  "
-                         + resume_command(argv or [], self.folders.name, self.dist.world_size,
-                                          STAGE_SCRIPTS[self.cfg.stage]))
+            console.warn(f"stopped at step {step}; checkpoint {checkpoint}. Continue with:\n  {command}")
+        # Under torchrun: the launcher's failure report (a worker exiting 128 + signal) shows this.
+        tell_launcher(f"stopped at step {step} on request; checkpoint {checkpoint}. Continue with: {command}")
         cleanup_dist()
         return {**self.summary, "interrupted": True, "signal": signum, "steps": step, "checkpoint": checkpoint}
 

@@ -126,7 +126,9 @@ def ddp(model: LlavaModel, dist: DistInfo) -> nn.Module:
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     # gradient_as_bucket_view: the gradients live in DDP's buckets instead of beside them (one copy less).
-    return DDP(model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+    # No broadcast_buffers (deprecated in torch 2.13, a FutureWarning per rank): every buffer is ignored
+    # above, so DDP has none to broadcast, at start or in forward.
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def device_mesh(strategy: str, dist: DistInfo, hsdp_shard_size: int = 0):

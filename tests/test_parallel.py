@@ -266,3 +266,35 @@ def test_benchmark_shows_what_each_process_holds_under_a_strategy(tmp_path):
     for rank in two["per_process"]:
         for key in ("trained_params_bytes", "grads_bytes", "optimizer_bytes"):
             assert 0.45 * one[key] < rank[key] < 0.6 * one[key], (key, rank[key], one[key])
+
+
+def test_under_torchrun_a_refusal_and_a_stop_are_said_once_and_reach_the_launchers_report(tiny, tmp_path):
+    """Every rank meets the same missing models, the same held-out notice and the same signal
+    (torchrun forwards it to each worker): each is printed once, by rank 0, and the launcher's
+    failure report names the reason instead of "To enable traceback see". DDP builds without
+    torch's per-rank FutureWarning."""
+    missing = torchrun(["train_stage1.py", "--model", "clip-zh-qwen3-0.6b", "--models_dir", str(tmp_path / "none"),
+                        "--data_root", tiny.train], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = missing.communicate(timeout=300)
+    assert missing.returncode != 0
+    ours = [line for line in out.splitlines() if line.startswith("not downloaded yet: clip-vit-b16-zh, qwen3-0.6b")]
+    assert len(ours) == 1, out
+    assert "traceback : not downloaded yet" in out and "To enable traceback see" not in out, out
+
+    argv = train_argv(tiny, tmp_path, "stop", 100000, "--train_strategy", "ddp", "--log_interval", "1",
+                      "--eval_data_root", "")
+    proc = torchrun(["train_stage1.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            os.killpg(proc.pid, signal.SIGTERM)   # the launcher and its workers, as `timeout` and clusters do
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=300)
+    out = "".join(lines)
+    assert out.count("SIGTERM: finishing this step, then saving a checkpoint") == 1, out
+    assert out.count("no --eval_data_root: holding out the last") == 1, out
+    assert out.count("! stopped at step") == 1 and "[rank 1]" not in out, out
+    assert "broadcast_buffers" not in out, out
+    assert find_latest(str(tmp_path / "ck" / "stop"))

@@ -56,6 +56,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
+        if int(os.environ.get("RANK", "0")):   # under torchrun every rank parses the same line: rank 0 says it
+            self.exit(2)
         if message.startswith("unrecognized arguments: "):
             flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
             unknown = [w for w in message.split(": ", 1)[1].split() if w.startswith("-")]

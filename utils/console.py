@@ -55,8 +55,16 @@ def success(msg: str) -> None:
         _emit(_color("32", "✓ " + msg), _out())
 
 
+def notice(msg: str) -> None:
+    """A warning about what every rank sees alike (the config, the data, a signal torchrun
+    forwards to all): printed once, by rank 0."""
+    if _is_main():
+        _emit(_color("33", f"! {msg}"), _out())
+
+
 def warn(msg: str) -> None:
-    # Warnings print on every rank: a problem on rank 3 must not be invisible.
+    # Warnings print on every rank: a problem on rank 3 must not be invisible. (What every rank
+    # sees alike is a notice.)
     prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ and not _is_main() else ""
     _emit(_color("33", f"! {prefix}{msg}"), _out())
 

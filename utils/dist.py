@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +127,41 @@ def gather_objects(obj) -> list:
     return out
 
 
+@contextlib.contextmanager
+def alike_on_every_rank():
+    """Code that every rank runs on the same inputs (the config, the models on disk, the data
+    files): a refusal there is the same on every rank, so under torchrun rank 0 alone prints it and
+    the others leave with the same status, silently (eight copies of one message bury it)."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            tell_launcher(e.code)            # every rank's entry in torchrun's report names it
+            if int(os.environ.get("RANK", "0")):
+                raise SystemExit(1) from None
+        raise
+
+
+def tell_launcher(message: str) -> None:
+    """Under torchrun: leave `message` where the launcher reads a worker's failure
+    (TORCHELASTIC_ERROR_FILE), so the report it prints when a worker exits non-zero names our
+    reason ("traceback : <message>") instead of "To enable traceback see ...". The launcher's
+    own report cannot be silenced from a worker: torch.distributed.run raises ChildFailedError
+    for any non-zero exit, and SignalException when it was signalled itself."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"message": message, "timestamp": int(time.time())}, fh)
+    except OSError:
+        pass
+
+
+class QuitNow(KeyboardInterrupt):
+    """A second Ctrl-C during training: quit at once, without the checkpoint the first one asked for."""
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: Ctrl-C and SIGTERM are the main process's to handle (finish the
     step, save). `timeout`, Slurm and `kill -TERM -PGID` signal every process of the job, the
@@ -151,15 +189,19 @@ def _exit_on_parent_sigterm(parent: int) -> None:
 
 class StopRequest:
     """Ctrl-C / SIGTERM ask the loop to finish its step, save and exit; a second Ctrl-C raises
-    KeyboardInterrupt at once (train_stage1.py turns it into a one-line exit). A second SIGTERM
+    QuitNow at once (train_stage1.py turns it into a one-line exit). A second SIGTERM
     changes nothing: a scheduler repeats it while it waits, and the save is already coming.
     `signum` is the first signal received (the exit status is 128 + it)."""
 
     def __init__(self):
         self.signum = 0
         self._pid = os.getpid()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def release(self) -> None:
+        """The loop is over: Ctrl-C and SIGTERM act as they did before it (nothing left to save)."""
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
 
     @property
     def requested(self) -> bool:
@@ -172,8 +214,9 @@ class StopRequest:
             return
         if self.requested:
             if signum == signal.SIGINT:
-                raise KeyboardInterrupt
+                raise QuitNow
             return
         self.signum = signum
         hint = " (Ctrl-C again to quit at once)" if signum == signal.SIGINT else ""
-        console.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint{hint}")
+        # torchrun forwards a signal to every worker: one line, from rank 0.
+        console.notice(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint{hint}")
