@@ -8,7 +8,8 @@
     stage 3  LoRA teaches the stage-2 model a new style:  the style's exact match, adapter size
 
 A later stage continues from the newest finished demo run of the stage before it (in
---checkpoints_dir), and runs that demo first when there is none.
+--checkpoints_dir), and runs that demo first when there is none. The demos' settings (batch,
+steps, lr, ...) live beside the defaults they override: train_config.DEMO_DEFAULTS.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from assistant import Assistant, answer_all
 from bench import run_bench
-from checkpoint_io import build_model, checkpoint_file, read_checkpoint_meta
+from checkpoint_io import build_model, checkpoint_file, export_verdict, read_checkpoint_meta
 from dataset import ImageLoader, LlavaDataset
 from heldout import caption_exact_match
 from model import ModelSpec
@@ -47,43 +48,9 @@ from utils.vqa_eval import evaluate
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# Stage 1 trains the course's linear projector on the toy world (its tower is a CLIP used the
-# course's way: last layer, all tokens, ln_post). Flags a user types win, in every stage.
-DEMO_DEFAULTS = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, log_interval=25,
-                     eval_interval=300, eval_samples=200, save_interval=300, instructions="zh",
-                     num_workers=1, data_format="sa1b", projector="linear", feature_layer=-1,
-                     feature_select="all", feature_post_norm=True)
-# Stage 2: the toy LM is tiny (96 wide), so it takes a far larger lr than the course's 2e-5 for
-# Qwen3-0.6B; gradient checkpointing would only slow it down.
-STAGE2_DEMO_DEFAULTS = dict(batch_size=32, max_steps=400, lr=1e-3, projector_lr=1e-3, warmup_ratio=0.05,
-                            log_interval=25, eval_interval=200, eval_samples=200, save_interval=200, num_workers=1,
-                            max_text_len=160, gradient_checkpointing=False, data_format="cogvlm_sft", eval_ratio=0.0)
-STAGE3_DEMO_DEFAULTS = dict(batch_size=32, max_steps=200, lr=3e-3, warmup_ratio=0.05, log_interval=25,
-                            eval_interval=100, eval_samples=200, save_interval=100, num_workers=1, max_text_len=128,
-                            data_format="chat")
-RUN_PREFIX = {1: "demo", 2: "demo_stage2", 3: "demo_stage3"}
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                       "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
                       "TORCHELASTIC_USE_AGENT_STORE", "GROUP_WORLD_SIZE")
-
-
-def demo_defaults(stage: int) -> dict:
-    return {1: DEMO_DEFAULTS, 2: STAGE2_DEMO_DEFAULTS, 3: STAGE3_DEMO_DEFAULTS}[stage]
-
-
-def apply_demo_defaults(cfg: Any, explicit: set[str]) -> None:
-    """--demo, at parse time: the demo's settings wherever the user typed nothing (a run name
-    included). Only values: where the toy world lives, and what a later stage starts from, are
-    prepare_demo's, after parsing."""
-    fill = dict(demo_defaults(cfg.stage))
-    world = int(os.environ.get("WORLD_SIZE", "1"))     # under torchrun: the same global batch, the same figures
-    if world > 1 and "batch_size" not in explicit and fill["batch_size"] % world == 0:
-        fill["batch_size"] //= world
-    if cfg.resume != "auto":  # --resume auto alone continues the newest unfinished demo run (train_stage1.open_run)
-        fill["run_name"] = time.strftime(f"{RUN_PREFIX[cfg.stage]}_%Y%m%d_%H%M%S")
-    for key, value in fill.items():
-        if key not in explicit:
-            setattr(cfg, key, value)
 
 
 def prepare_demo(cfg: Any) -> Any:
@@ -102,7 +69,12 @@ def prepare_demo(cfg: Any) -> Any:
 
 
 def _prepare_demo(cfg: Any) -> Any:
-    paths = ensure_toy_world("demo", log=console.info)
+    try:
+        paths = ensure_toy_world("demo", log=console.info)
+    except KeyboardInterrupt:   # before any training: no checkpoint to speak of, but finished parts stay
+        console.error("interrupted while building the toy world: the parts it finished are kept; the same command "
+                      "builds the rest")
+        raise SystemExit(130) from None
     where: dict[str, str] = {}
     if cfg.stage == 1:
         where.update(vision_tower=paths.vision, llm=paths.llm, data_root=paths.train, eval_data_root=paths.eval)
@@ -153,7 +125,18 @@ def previous_demo(cfg: Any, paths: ToyPaths) -> str:
                "--runs_dir", cfg.runs_dir, "--device", cfg.device]
         # A plain one-process run, even from a torchrun launch (whose variables would make it wait for peers).
         env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
-        if subprocess.run(cmd, env=env).returncode != 0:
+        child = subprocess.Popen(cmd, env=env)
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:
+            # The terminal's Ctrl-C reached the child as well: it finishes its step and saves (as
+            # subprocess.run would not let it: it kills the child a quarter second later).
+            code = child.wait()
+        if code in (130, 143):
+            console.error(f"the stage-{stage} demo was stopped; its checkpoint is kept. Continue it with "
+                          f"`python {script} --demo --resume auto`, then run this command again")
+            raise SystemExit(code)
+        if code != 0:
             raise SystemExit(f"the stage-{stage} demo failed; run `python {script} --demo` to see why")
         found = demo_checkpoint(cfg.checkpoints_dir, stage, paths)
         if not found:
@@ -178,9 +161,11 @@ def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
     summary = train(cfg)
     if summary.get("interrupted") or summary.get("already_finished"):
         return summary
-    after = measure(Assistant.from_checkpoint(summary["checkpoint"], device), cfg, paths)
+    trained = Assistant.from_checkpoint(summary["checkpoint"], device)
+    after = measure(trained, cfg, paths)
     for key in before:
         summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
+    summary["export"] = export_verdict(trained.model.spec)   # the demo's recipe (ln_post) is the course's: no
     if cfg.stage == 3:
         adapter = os.path.join(summary["checkpoint"], ADAPTER_DIR, "adapter_model.safetensors")
         summary["adapter_bytes"] = os.path.getsize(adapter)
@@ -195,6 +180,7 @@ def run_demo(cfg: Any, train: Callable[[Any], dict], started: float) -> dict:
     console.kv("image_ablation_gap", readable(summary.get("image_ablation_gap")))
     if cfg.stage == 3:
         console.kv("adapter size", f"{summary['adapter_bytes'] / 2**10:.0f} KiB ({STYLE_NOTE})")
+    console.kv("export", summary["export"])
     # Toy-world build included: what a new user waits for, measured on this machine.
     console.kv("demo wall time", f"{console.duration(time.time() - started)} on {machine_name(cfg.device)}")
     return summary

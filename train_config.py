@@ -10,8 +10,12 @@ checkpoint a stage-2/3 run starts from).
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from backbones import PRESETS, MissingModel, download, resolve_model, vision_defaults
 from checkpoint_io import read_checkpoint_meta
@@ -19,11 +23,10 @@ from model import Projector
 from parallel import SHARDED, STRATEGIES, default_strategy
 from prompts import INSTRUCTION_POOLS
 from readers import DATA_FORMATS
-from toy_demo import apply_demo_defaults
-from tuning import COURSE_LORA_TARGET, Tuning
+from tuning import COURSE_LORA_TARGET, Tuning, check_device
 from utils.align_plan import translate_align_flags
 from utils.config import Parser, add_dataclass_args, explicit_flags, from_namespace
-from utils.dist import available_cpus
+from utils.dist import available_cpus, pick_device
 
 
 def _f(default, help: str, **kw):
@@ -93,6 +96,8 @@ class TrainConfig:
     batch_size: int = _f(16, "samples per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step (derived when --global_batch_size is set)")
     global_batch_size: int = _f(0, "samples per optimizer step over all processes; 0 = batch_size x grad_accum x procs")
+    change_global_batch: bool = _f(False, "resume with this command's global batch instead of the checkpoint's "
+                                          "(off: a resume keeps it, deriving --grad_accum, or refuses)")
     lr: float = _f(2e-3, "peak learning rate (the course: 2e-3 for stage 1's linear projector, 2e-5 for stage 2's "
                          "full LLM, 2e-4 for stage 3's LoRA)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -126,7 +131,26 @@ class TrainConfig:
     fsdp_offload: bool = _f(False, "FSDP: keep the parameter, gradient and optimizer shards in CPU memory "
                                    "(CPUOffloadPolicy): a large LLM on a small GPU, slower steps")
     hsdp_shard_size: int = _f(0, "hsdp: processes per shard group (0: those of one node, LOCAL_WORLD_SIZE)")
-    demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes)")
+    demo: bool = _f(False, "build the offline toy world and train on it (CPU, minutes); its settings: DEMO_DEFAULTS")
+
+
+# ---- the demo (--demo): its values wherever the user typed nothing, beside the defaults they
+# override (editing a default above changes the demo only where the demo does not set it; the
+# demo prints where it differs). Where its world lives is toy_demo.prepare_demo's, after parsing.
+# Stage 1 trains the course's linear projector on the toy world (its tower is a CLIP used the
+# course's way: last layer, all tokens, ln_post).
+STAGE1_DEMO = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, log_interval=25, eval_interval=300,
+                   eval_samples=200, save_interval=300, instructions="zh", num_workers=1, data_format="sa1b",
+                   projector="linear", feature_layer=-1, feature_select="all", feature_post_norm=True)
+# Stage 2: the toy LM is tiny (96 wide), so it takes a far larger lr than the course's 2e-5 for
+# Qwen3-0.6B; gradient checkpointing would only slow it down.
+STAGE2_DEMO = dict(batch_size=32, max_steps=400, lr=1e-3, projector_lr=1e-3, warmup_ratio=0.05, log_interval=25,
+                   eval_interval=200, eval_samples=200, save_interval=200, num_workers=1, max_text_len=160,
+                   gradient_checkpointing=False, data_format="cogvlm_sft", eval_ratio=0.0)
+STAGE3_DEMO = dict(batch_size=32, max_steps=200, lr=3e-3, warmup_ratio=0.05, log_interval=25, eval_interval=100,
+                   eval_samples=200, save_interval=100, num_workers=1, max_text_len=128, data_format="chat")
+DEMO_DEFAULTS = {1: STAGE1_DEMO, 2: STAGE2_DEMO, 3: STAGE3_DEMO}
+DEMO_RUN_PREFIX = {1: "demo", 2: "demo_stage2", 3: "demo_stage3"}
 
 
 def build_parser(stage_defaults: dict | None = None, doc: str | None = None) -> argparse.ArgumentParser:
@@ -174,6 +198,45 @@ def parse_args(argv: list[str] | None = None, stage_defaults: dict | None = None
     cfg.train_strategy = cfg.train_strategy or default_strategy(tuning_of(cfg))
     check_strategy(cfg, parser)
     return cfg
+
+
+def apply_demo_defaults(cfg: TrainConfig, explicit: set[str]) -> None:
+    """--demo: the demo's settings (DEMO_DEFAULTS) wherever the user typed nothing, a run name included."""
+    fill = dict(DEMO_DEFAULTS[cfg.stage])
+    world = int(os.environ.get("WORLD_SIZE", "1"))     # under torchrun: the same global batch, the same figures
+    if world > 1 and "batch_size" not in explicit and fill["batch_size"] % world == 0:
+        fill["batch_size"] //= world
+    if cfg.resume != "auto":  # --resume auto alone continues the newest unfinished demo run (bookkeeping.open_run)
+        fill["run_name"] = time.strftime(f"{DEMO_RUN_PREFIX[cfg.stage]}_%Y%m%d_%H%M%S")
+    for key, value in fill.items():
+        if key not in explicit:
+            setattr(cfg, key, value)
+
+
+def demo_differences(cfg: TrainConfig, stage_defaults: dict | None = None) -> dict[str, tuple[Any, Any]]:
+    """{flag: (the demo's value, the stage's default)} wherever a --demo run differs from the
+    defaults in its DEMO_DEFAULTS settings (typed flags included: they win over both)."""
+    defaults = vars(build_parser(stage_defaults).parse_args([]))
+    return {key: (getattr(cfg, key), defaults[key]) for key in DEMO_DEFAULTS[cfg.stage]
+            if getattr(cfg, key) != defaults[key]}
+
+
+def refuse_early(cfg: TrainConfig) -> None:
+    """Refusals that need no model and no data, made before anything runs: before the demo builds
+    its world or runs an earlier stage's demo, before any model loads (a QLoRA run on a CPU used to
+    find out after the whole stage-2 demo)."""
+    device = pick_device(cfg.device)
+    check_device(tuning_of(cfg), device)
+    if cfg.attn == "flash_attention_2":
+        if device.type != "cuda":
+            raise SystemExit(f"--attn flash_attention_2 needs a CUDA GPU (this run is on {device.type}): use --attn sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise SystemExit("--attn flash_attention_2 needs the flash-attn package (scripts/check_flash_attn.py names "
+                             "the wheel for this machine), or use --attn sdpa")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.global_batch_size and cfg.global_batch_size % (cfg.batch_size * world):
+        raise SystemExit(f"--global_batch_size {cfg.global_batch_size} is not a multiple of batch_size "
+                         f"{cfg.batch_size} x {world} process{'es' if world > 1 else ''}")
 
 
 def check_strategy(cfg: TrainConfig, parser: argparse.ArgumentParser) -> None:

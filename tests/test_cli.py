@@ -93,9 +93,19 @@ def test_parsing_the_demo_builds_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                                       # where models/toy would appear
     for stage_defaults in (None, {"stage": 2}, {"stage": 3}):
         cfg = train_config.parse_args(["--demo"], stage_defaults)
-        assert cfg.demo and cfg.max_steps == toy_demo.demo_defaults(cfg.stage)["max_steps"]
+        assert cfg.demo and cfg.max_steps == train_config.DEMO_DEFAULTS[cfg.stage]["max_steps"]
         assert (cfg.data_root, cfg.stage1, cfg.init) == ("", "", "")   # filled by prepare_demo, from the built world
     assert os.listdir(tmp_path) == []
+
+
+def test_parsing_imports_no_demo_code():
+    """train_config (what every stage parses with) holds the demo's settings itself: reading flags
+    pulls in neither the toy world nor the benchmarks nor the assistant."""
+    code = ("import sys, train_config; train_config.parse_args(['--demo']); "
+            "print(sorted(m for m in ('toy_demo', 'toy_world', 'toy_instructions', 'bench', 'assistant') "
+            "if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
 def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeypatch):
@@ -109,18 +119,18 @@ def test_typed_negation_wins_over_presets_and_the_demo_for_every_boolean(monkeyp
     # A preset and the demo that switch every boolean on: a typed --no-X must still win.
     preset = "clip-zh-qwen3-0.6b"
     monkeypatch.setitem(train_config.PRESETS, preset, {**train_config.PRESETS[preset], **{n: True for n in booleans}})
-    monkeypatch.setattr(toy_demo, "DEMO_DEFAULTS", {**toy_demo.DEMO_DEFAULTS, **{n: True for n in booleans}})
+    monkeypatch.setitem(train_config.DEMO_DEFAULTS, 1, {**train_config.STAGE1_DEMO, **{n: True for n in booleans}})
     for name in booleans:
         for base in (["--model", preset], ["--demo"]):
             assert getattr(train_config.parse_args([*base, f"--no-{name}"]), name) is False, (base, name)
             assert getattr(train_config.parse_args(base), name) is True, (base, name)
     # The demo's own default (ln_post on every token, the course's recipe) loses to the typed flag,
     # as the export's refusal message tells users to do.
-    monkeypatch.setattr(toy_demo, "DEMO_DEFAULTS", dict(toy_demo.DEMO_DEFAULTS, feature_post_norm=True))
+    monkeypatch.setitem(train_config.DEMO_DEFAULTS, 1, dict(train_config.STAGE1_DEMO, feature_post_norm=True))
     assert train_config.parse_args(["--demo", "--no-feature_post_norm"]).feature_post_norm is False
     assert train_config.parse_args(["--demo", "--feature_post"]).feature_post_norm is True   # a unique prefix
     cfg = train_config.parse_args(["--demo", "--lr=5e-4", "--batch_size", "8"])
-    assert (cfg.lr, cfg.batch_size, cfg.max_steps) == (5e-4, 8, toy_demo.DEMO_DEFAULTS["max_steps"])
+    assert (cfg.lr, cfg.batch_size, cfg.max_steps) == (5e-4, 8, train_config.STAGE1_DEMO["max_steps"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -161,11 +171,24 @@ def test_resume_hint_repeats_the_command_with_the_run_name_once():
 @pytest.mark.slow   # a demo: two measurements around a training run
 def test_demo_logs_its_before_and_after_figures_and_prints_its_wall_time(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(toy_demo, "ensure_toy_world", lambda *a, **kw: tiny)   # the test world stands in for the demo's
+    # A student edits the demo's settings where they live, beside the defaults (train_config).
+    monkeypatch.setitem(train_config.STAGE1_DEMO, "warmup_ratio", 0.1)
     summary = train_stage1.main(["--demo", "--max_steps", "10", "--batch_size", "8", "--num_workers", "0",
                                  "--eval_interval", "5", "--eval_samples", "16", "--sample_replies", "0",
                                  "--runs_dir", str(tmp_path / "runs"), "--checkpoints_dir", str(tmp_path / "ck")])
     out = capsys.readouterr().out
     assert re.search(r"demo wall time +\d+s on \d+ x .+ \(CPU\)", out)
+    # It says where it differs from the defaults, and who set each value.
+    differ = next(line for line in out.splitlines() if "demo's settings where they differ from the defaults" in line)
+    assert "train_config.DEMO_DEFAULTS; flags you type win" in differ
+    for said in ("warmup_ratio 0.1 (default 0.03)", "batch_size 8 (default 16)", "max_steps 10 (default 0)",
+                 "feature_post_norm True (default None)"):
+        assert said in differ, differ
+    assert json.loads(open(os.path.join(summary["run_dir"], "config.json")).read())["warmup_ratio"] == 0.1
+    # Whether its checkpoint can be exported, and the recipe that can (the demo's ln_post cannot).
+    export = next(line for line in out.splitlines() if line.strip().startswith("export "))
+    assert "export_hf.py: no" in export and "--no-feature_post_norm" in export, export
+    assert summary["export"] in export
     rows = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
     demo = {r["step"]: r for r in rows if "demo/heldout_exact_match" in r}
     assert sorted(demo) == [0, 10]

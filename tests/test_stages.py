@@ -237,6 +237,24 @@ def test_qlora_is_refused_on_a_cpu_with_the_reason(tiny, tmp_path):
         train_stage2.main(["--load_in_4bit"])
 
 
+def test_refusals_that_need_no_model_come_before_the_demo_builds_anything(monkeypatch, tmp_path):
+    """`train_stage3_lora.py --demo --load_in_4bit` on a CPU used to run the whole stage-2 demo
+    (minutes) before refusing; flash-attention on a CPU failed only at the model load."""
+    import toy_demo
+
+    def nothing_may_run(*a, **kw):
+        raise AssertionError("the demo started before the refusal")
+
+    monkeypatch.setattr(toy_demo, "ensure_toy_world", nothing_may_run)
+    monkeypatch.setattr(toy_demo, "previous_demo", nothing_may_run)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        train_stage3_lora.main(["--demo", "--load_in_4bit", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="flash_attention_2 needs a CUDA GPU"):
+        train_stage2.main(["--demo", "--attn", "flash_attention_2", "--device", "cpu"])
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("stage, llm", [(2, "full"), (3, "lora")])
 def test_a_tuned_checkpoint_given_as_stage1_is_refused_naming_init(tmp_path, stage, llm):
     """--stage1 promises a projector-only start; a tuned checkpoint would silently start from its
