@@ -383,7 +383,9 @@ def toy_paths(size: str | ToySize = "demo", models_root: str = "models/toy", dat
 
 def ensure_toy_world(size: str | ToySize = "demo", models_root: str = "models/toy", data_root: str = "data/toy",
                      log=print) -> ToyPaths:
-    """Build the toy world unless a complete one with the same recipe is already there."""
+    """Build the toy world unless a complete one with the same recipe is already there. Each part
+    is built under a temporary name and renamed when done: a build interrupted (Ctrl-C) keeps the
+    parts it finished, and the next call builds only the rest."""
     size = SIZES[size] if isinstance(size, str) else size
     paths = toy_paths(size, models_root, data_root)
     stamp = os.path.join(os.path.dirname(paths.llm), "toy_world.json")
@@ -393,20 +395,41 @@ def ensure_toy_world(size: str | ToySize = "demo", models_root: str = "models/to
             if json.load(fh).get("recipe") == want and all(os.path.isdir(p) for p in asdict(paths).values()):
                 return paths
     log(f"building the toy world ({size.name}) under {os.path.dirname(paths.llm)}/ and {os.path.dirname(paths.train)}/ ...")
-    for p in asdict(paths).values():
-        shutil.rmtree(p, ignore_errors=True)
     if os.path.exists(stamp):
         os.remove(stamp)
-    tok = build_tokenizer(paths.llm)
     n_tokens = (size.tower_px // size.patch) ** 2 + 1
-    build_llm(paths.llm, tok, size, n_tokens, log)
-    build_vision(paths.vision, size, log)
-    write_split(paths.train, size.n_train, size, seed=size.seed + 100)
-    write_split(paths.eval, size.n_eval, size, seed=size.seed + 200)
-    write_vqa(paths.vqa, size.n_eval // 2, size, seed=size.seed + 300)
+    parts = {paths.llm: lambda out: build_llm(out, build_tokenizer(out), size, n_tokens, log),
+             paths.vision: lambda out: build_vision(out, size, log),
+             paths.train: lambda out: write_split(out, size.n_train, size, seed=size.seed + 100),
+             paths.eval: lambda out: write_split(out, size.n_eval, size, seed=size.seed + 200),
+             paths.vqa: lambda out: write_vqa(out, size.n_eval // 2, size, seed=size.seed + 300)}
+    for path, build in parts.items():
+        build_part(path, want, build, log)
     with open(stamp, "w", encoding="utf-8") as fh:
         json.dump({"recipe": want, "size": asdict(size)}, fh, indent=2)
     return paths
+
+
+PART_RECIPE = ".toy_recipe"   # in each finished part: the recipe it was built by
+
+
+def build_part(path: str, recipe: str, build, log=print) -> None:
+    """`build(folder)` into path + ".partial", then renamed to `path` with its recipe inside; a part
+    already finished by this recipe (an interrupted build's) is kept as it is."""
+    mark = os.path.join(path, PART_RECIPE)
+    if os.path.isfile(mark):
+        with open(mark, encoding="utf-8") as fh:
+            if fh.read().strip() == recipe:
+                log(f"  {path}: kept, finished by an earlier build")
+                return
+    tmp = path + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    build(tmp)
+    with open(os.path.join(tmp, PART_RECIPE), "w", encoding="utf-8") as fh:
+        fh.write(recipe + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def main() -> None:

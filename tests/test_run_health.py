@@ -123,8 +123,40 @@ def test_second_ctrl_c_while_waiting_for_data_quits_without_a_traceback(tiny, tm
         proc.kill()
         server.shutdown()
     assert proc.returncode == 130, out[-3000:]
-    assert "interrupted: nothing saved since the last checkpoint" in out
+    assert "quit at once: the steps since the last checkpoint are not saved" in out
     assert "Traceback" not in out
+
+
+def test_ctrl_c_while_the_toy_world_builds_keeps_its_finished_parts_and_says_so(tmp_path, monkeypatch, capsys):
+    """No checkpoint exists yet: the message says what was interrupted and what is kept, and the
+    next build makes only the parts that were not finished (the LM prior is not trained again)."""
+    import toy_demo
+    import toy_world
+
+    built = []
+    real_llm, real_vision = toy_world.build_llm, toy_world.build_vision
+    monkeypatch.setattr(toy_world, "recipe_hash", lambda size: "same")   # the stand-ins below change the code
+    monkeypatch.setattr(toy_world, "build_llm", lambda *a, **kw: built.append("llm") or real_llm(*a, **kw))
+
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy_world, "build_vision", ctrl_c)
+    where = dict(models_root=str(tmp_path / "models" / "toy"), data_root=str(tmp_path / "data" / "toy"))
+    monkeypatch.setattr(toy_demo, "ensure_toy_world", lambda size, log: toy_world.ensure_toy_world("tiny", **where,
+                                                                                                  log=log))
+    with pytest.raises(SystemExit) as stop:
+        train_stage1.main(["--demo", "--checkpoints_dir", str(tmp_path / "ck"), "--runs_dir", str(tmp_path / "runs")])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted while building the toy world: the parts it finished are kept" in err
+    assert "nothing saved since the last checkpoint" not in err
+    monkeypatch.setattr(toy_world, "build_vision", real_vision)
+    logged = []
+    paths = toy_world.ensure_toy_world("tiny", **where, log=logged.append)
+    assert built == ["llm"] and any(line.endswith(": kept, finished by an earlier build") for line in logged)
+    assert os.path.isfile(os.path.join(paths.vision, "model.safetensors"))
+    assert sorted(os.listdir(tmp_path / "models" / "toy-tiny")) == ["llm", "toy_world.json", "vision"]   # no .partial
 
 
 # --------------------------------------------------------------------------- logs in a file
