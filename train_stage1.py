@@ -30,7 +30,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,11 +43,13 @@ from parallel import SHARDED, grad_norm as clip_grad_norm, parallelize
 from prompts import PromptFormat, supervised_tokens
 from readers import Record, read_records
 from toy_demo import prepare_demo, run_demo
-from train_config import TrainConfig, parse_args, resolve_models, start_point, tuning_of
+from train_config import (TrainConfig, demo_differences, parse_args, refuse_early, resolve_models, start_point,
+                          tuning_of)
 from tuning import add_lora, assert_trainable, check_device, is_peft, merged, set_trainable
 from utils import console
-from utils.checkpoint import complete_optimizer_state, find_latest, fresh_state, restore_training
-from utils.dist import StopRequest, all_reduce_sum, ignore_stop_signals, setup as setup_dist
+from utils.checkpoint import complete_optimizer_state, find_latest, fresh_state, restore_training, saved_global_batch
+from utils.dist import (QuitNow, StopRequest, alike_on_every_rank, all_reduce_sum, ignore_stop_signals,
+                        setup as setup_dist, tell_launcher)
 from utils.feature_cache import FeatureCache, cache_key, image_key
 from utils.seeds import epoch_seed, seed_everything
 from utils.skips import Skips, SkipTally
@@ -99,7 +101,7 @@ def read_data(cfg: TrainConfig) -> DataSplit:
         # No held-out set named: hold out the tail of the training data.
         n_hold = min(cfg.eval_samples or 500, len(records) // 10)
         records, eval_records, eval_root = records[:len(records) - n_hold], records[len(records) - n_hold:], root
-        console.warn(f"no --eval_data_root: holding out the last {n_hold} training records for evaluation")
+        console.notice(f"no --eval_data_root: holding out the last {n_hold} training records for evaluation")
     if not records:
         raise SystemExit(f"no usable training records in {cfg.data_root or cfg.chat_json} "
                          f"(skipped: {skipped.describe()})")
@@ -144,7 +146,7 @@ def report_data(train_ds: LlavaDataset, eval_ds: LlavaDataset, read_skips: Skips
     console.kv("steps", f"{total_steps} ({max(len(train_ds) // (cfg.batch_size * grad_accum * dist.world_size), 1)} "
                         "per epoch)")
     if read_skips:
-        console.warn(f"skipped while reading: {read_skips.describe()}")
+        console.notice(f"skipped while reading: {read_skips.describe()}")
     if dist.is_main:
         show_first_sample(train_ds, tokenizer)
 
@@ -197,13 +199,19 @@ def batches(ds: LlavaDataset, cfg: TrainConfig, rank: int, world: int, tally: Sk
 
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     """One run of any stage; `argv` (the command line it was parsed from) only shapes the resume hint."""
-    # ---- setup: processes, seeds, the models on disk, the data, the run folder
+    # ---- setup: processes, seeds, the models on disk, the data, the run folder, the global batch.
+    # Every rank checks the same inputs here: under torchrun, rank 0 alone explains a refusal.
     dist = setup_dist(cfg.device)
     device = dist.device
     seed_everything(cfg.seed)            # the projector's init, then the instruction draws and data order
-    cfg, vision_path, llm_path = resolve_models(cfg)
-    data = read_data(cfg)                # before any model loads: a wrong path fails at once
-    folders = open_run(cfg, dist)
+    with alike_on_every_rank():
+        refuse_early(cfg)
+        cfg, vision_path, llm_path = resolve_models(cfg)
+        data = read_data(cfg)            # before any model loads: a wrong path fails at once
+        folders = open_run(cfg, dist)
+        grad_accum = accumulation(cfg, dist.world_size, folders.resume_from)
+    global_batch = cfg.batch_size * grad_accum * dist.world_size
+    cfg = replace(cfg, global_batch_size=global_batch)   # recorded: a resume on other processes keeps it
 
     # ---- model: frozen tower; projector fresh (stage 1) or from the start point; the LLM frozen,
     # in full or with LoRA adapters. On resume, every trained weight comes from the checkpoint.
@@ -213,9 +221,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     console.kv("processes", par.describe())
 
     # ---- data, the steps it makes, and the optimizer over what trains
-    grad_accum = accumulation(cfg, dist.world_size)
     train_ds, eval_ds = load_datasets(cfg, data, tokenizer, PromptFormat.for_model(model.spec, tokenizer), model.spec)
-    global_batch = cfg.batch_size * grad_accum * dist.world_size
     total_steps = cfg.max_steps or cfg.epochs * max(len(train_ds) // global_batch, 1)
     optimizer, scheduler, params = make_optimizer(cfg, model, total_steps)
 
@@ -283,8 +289,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
             checkpoint = run.save(step, epoch, position, losses, nonfinite)
         if counts.stopping and not last:
             bar.close()
+            stop.release()
             return run.stopped(step, checkpoint, stop.signum, argv)
     bar.close()
+    stop.release()
     return run.finish(losses, nonfinite, global_batch, time.time() - t_start, checkpoint)
 
 
@@ -327,22 +335,39 @@ def make_optimizer(cfg: TrainConfig, model: LlavaModel, total_steps: int):
 def refuse_nonfinite(step: int, loss: float, grad_norm: float, in_a_row: int, limit: int, tally: SkipTally,
                      ckpt_dir: str) -> None:
     """Say that a step's update was skipped; stop the run when it keeps happening."""
-    console.warn(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
-                 f"({in_a_row} in a row, limit {limit})")
+    console.notice(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
+                   f"({in_a_row} in a row, limit {limit})")
     if in_a_row >= limit:
         raise SystemExit(f"{in_a_row} non-finite steps in a row at step {step}: lower --lr, check the data "
                          f"(skipped: {dict(tally.skipped)}), or resume from {find_latest(ckpt_dir)}")
 
 
-def accumulation(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-batches per optimizer step: --grad_accum, or what --global_batch_size implies."""
-    if not cfg.global_batch_size:
-        return cfg.grad_accum
+def accumulation(cfg: TrainConfig, world_size: int, resume_from: str | None = None) -> int:
+    """Micro-batches per optimizer step: --grad_accum, or what --global_batch_size implies.
+
+    A resumed run keeps the global batch of its checkpoint on any process count, so that its steps
+    read the same samples as an uninterrupted run: the accumulation is derived when this command's
+    batch size and processes can make it (dropping `torchrun` from the resume command would halve
+    it otherwise), and the resume is refused, naming the flags that continue it unchanged, when they
+    cannot. --change_global_batch trains on with this command's global batch instead."""
     per_step = cfg.batch_size * world_size
-    if cfg.global_batch_size % per_step:
-        raise SystemExit(f"--global_batch_size {cfg.global_batch_size} is not a multiple of "
-                         f"batch_size {cfg.batch_size} x {world_size} processes")
-    return cfg.global_batch_size // per_step
+    asked = cfg.global_batch_size or per_step * cfg.grad_accum
+    saved = saved_global_batch(resume_from) if resume_from else None
+    if saved is None or saved.size == asked:
+        return asked // per_step
+    if cfg.change_global_batch:
+        console.notice(f"--change_global_batch: the global batch goes from {saved.size} ({saved.describe()}) to "
+                       f"{asked} from step {saved.step} on")
+        return asked // per_step
+    if saved.size % per_step == 0:
+        console.notice(f"resuming with the checkpoint's global batch {saved.size} ({saved.describe()}): "
+                       f"{cfg.batch_size} x {saved.size // per_step} accumulated x {world_size} process(es) here "
+                       f"(this command alone would make {asked}; --change_global_batch trains on with that)")
+        return saved.size // per_step
+    raise SystemExit(f"--resume {resume_from}: that run trained with a global batch of {saved.size} "
+                     f"({saved.describe()}); --batch_size {cfg.batch_size} on {world_size} process(es) cannot make "
+                     f"it. Continue it unchanged with {saved.ways_to_continue(world_size, cfg.batch_size)}; or add "
+                     f"--change_global_batch to train on with a global batch of {asked}.")
 
 
 def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist, resume_from: str | None):
@@ -414,7 +439,13 @@ def main(argv: list[str] | None = None, stage_defaults: dict | None = None, doc:
     argv = sys.argv[1:] if argv is None else list(argv)
     console.quiet_library_bars()
     cfg = parse_args(argv, stage_defaults, doc or __doc__)
+    with alike_on_every_rank():
+        refuse_early(cfg)        # what needs no model: before a demo builds anything
     if cfg.demo:  # the toy world (and an earlier stage's demo) first; then an ordinary run, measured around
+        differ = demo_differences(cfg, stage_defaults)
+        console.info(f"the stage-{cfg.stage} demo's settings where they differ from the defaults (train_config."
+                     "DEMO_DEFAULTS; flags you type win): "
+                     + ", ".join(f"{k} {v!r} (default {d!r})" for k, (v, d) in differ.items()))
         cfg = prepare_demo(cfg)
         return run_demo(cfg, lambda c: train(c, argv), started)
     return train(cfg, argv)
@@ -426,12 +457,17 @@ def run_cli(stage_defaults: dict | None = None, doc: str | None = None) -> None:
     try:
         summary = main(None, stage_defaults, doc)
         sys.exit(128 + summary.get("signal", signal.SIGINT) if summary.get("interrupted") else 0)
-    except KeyboardInterrupt:  # a second Ctrl-C: quit at once, without a traceback
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            tell_launcher(e.code)     # torchrun's failure report names the reason
+        raise
+    except KeyboardInterrupt as e:  # a second Ctrl-C in training, or one outside it: at once, no traceback
         # DataLoader workers stuck in slow I/O would each hold the exit for seconds: stop them
         # first (a SIGTERM from this process ends them at once: utils.dist.ignore_stop_signals).
         for child in multiprocessing.active_children():
             child.terminate()
-        console.error("interrupted: nothing saved since the last checkpoint")
+        console.error("quit at once: the steps since the last checkpoint are not saved" if isinstance(e, QuitNow)
+                      else "interrupted outside the training steps: no trained step is lost")
         sys.exit(130)
 
 

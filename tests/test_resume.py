@@ -305,3 +305,44 @@ def test_a_resume_that_would_train_other_parameters_is_refused(tiny, tmp_path):
     train_stage1.main(args(tiny, tmp_path, "t", 2))
     with pytest.raises(SystemExit, match="that run trained other parameters.*--tune_llm none there, lora here"):
         train_stage1.main(args(tiny, tmp_path, "t", 4, "--resume", "auto", "--tune_llm", "lora"))
+
+
+def test_a_resume_keeps_the_checkpoints_global_batch_or_refuses_naming_the_flags(tiny, tmp_path, monkeypatch, capsys):
+    """A run of global batch 8 (4 x 2 accumulated here, as 4 x 1 x 2 processes would make it),
+    resumed by a command that alone would make 4 (torchrun dropped from the resume hint): the
+    accumulation is derived and said, and the steps equal the uninterrupted run's. A batch size
+    that cannot make 8 is refused before any model loads, naming the flags that continue the run;
+    --change_global_batch trains on with the new one."""
+    base = ["--seed", "1", "--lr", "3e-3"]
+    flags = dict(save_interval=2, keep_last=0)
+    whole = train_stage1.main(train_argv(tiny, tmp_path, "whole", 6, "--grad_accum", "2", *base, **flags))
+    for name in ("derived", "refused", "changed"):
+        shutil.copytree(tmp_path / "ck" / "whole" / "step_000002", tmp_path / "ck" / name / "step_000002")
+    capsys.readouterr()
+
+    derived = train_stage1.main(train_argv(tiny, tmp_path, "derived", 6, *base, "--resume", "auto", **flags))
+    out = capsys.readouterr().out
+    assert "resuming with the checkpoint's global batch 8 (4 x 2 accumulated x 1 process(es))" in out
+    assert "global batch             8 = 4 x 2 accum x 1 procs" in out
+    assert losses(tmp_path / "runs" / "derived") == {s: v for s, v in losses(tmp_path / "runs" / "whole").items()
+                                                     if s > 2}
+    a, b = projector(whole["checkpoint"]), projector(derived["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model loaded before the refusal")
+
+    monkeypatch.setattr(train_stage1, "build_training_model", no_model)
+    with pytest.raises(SystemExit) as refused:
+        train_stage1.main(train_argv(tiny, tmp_path, "refused", 6, "--batch_size", "3", *base, "--resume", "auto",
+                                     **flags))
+    message = str(refused.value.code)
+    assert "global batch of 8 (4 x 2 accumulated x 1 process(es))" in message
+    assert "--batch_size 2 on 1 process(es) (x 4 accumulated)" in message and "--change_global_batch" in message
+    monkeypatch.undo()
+
+    changed = train_stage1.main(train_argv(tiny, tmp_path, "changed", 4, *base, "--resume", "auto",
+                                           "--change_global_batch", **flags))
+    assert "the global batch goes from 8" in capsys.readouterr().out
+    config = json.loads((tmp_path / "runs" / "changed" / "config.json").read_text())
+    assert config["global_batch_size"] == 4 and changed["steps"] == 4

@@ -27,6 +27,7 @@ import shlex
 import shutil
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -147,7 +148,7 @@ def resume_point(resume: str, overwrite: bool, run_name: str, ckpt_dir: str, run
     existing = find_latest(ckpt_dir)
     if resume == "auto":
         if not existing:
-            console.warn(f"--resume auto: no checkpoint in {ckpt_dir}; starting from scratch")
+            console.notice(f"--resume auto: no checkpoint in {ckpt_dir}; starting from scratch")
         return existing
     if overwrite:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -282,6 +283,43 @@ def save_training(ckpt_dir: str, state: dict, write_weights: Callable[[str], Non
     return save_step(ckpt_dir, state["step"], write, keep_last)
 
 
+@dataclass
+class SavedBatch:
+    """The global batch a checkpoint trained with, and how it was made."""
+
+    size: int            # samples per optimizer step, over all processes
+    batch_size: int      # per process and micro-step
+    world_size: int
+    step: int
+
+    def describe(self) -> str:
+        accum = self.size // (self.batch_size * self.world_size)
+        return f"{self.batch_size} x {accum} accumulated x {self.world_size} process(es)"
+
+    def ways_to_continue(self, world_size: int, batch_size: int) -> str:
+        """The flags that make this global batch again: on `world_size` processes with a batch size
+        no larger than `batch_size` (it may be what fits in memory), and as it ran."""
+        ways = []
+        if self.size % world_size == 0:
+            per_process = self.size // world_size
+            fits = [b for b in range(1, per_process + 1) if per_process % b == 0 and b <= batch_size]
+            b = max(fits)
+            ways.append(f"--batch_size {b} on {world_size} process(es) (x {per_process // b} accumulated)")
+        launcher = f"torchrun --nproc-per-node {self.world_size}" if self.world_size > 1 else "python"
+        ways.append(f"`{launcher}` with --batch_size {self.batch_size}, as it ran")
+        return " or ".join(ways)
+
+
+def saved_global_batch(path: str) -> SavedBatch:
+    """The global batch of a checkpoint: recorded as train_config.global_batch_size since it is
+    kept on resume; older checkpoints know their batch size, accumulation and process count."""
+    train_cfg = read_spec(path).get("train_config", {})
+    world = int(load_state(path).get("world_size", 1))
+    batch = int(train_cfg.get("batch_size", 1))
+    size = int(train_cfg.get("global_batch_size") or batch * int(train_cfg.get("grad_accum", 1)) * world)
+    return SavedBatch(size, batch, world, int(read_spec(path).get("step", 0)))
+
+
 def fresh_state(world_size: int) -> dict[str, Any]:
     """The training state of a run that starts from scratch (restore_training's shape)."""
     return {"step": 0, "epoch": 0, "offsets": [0] * world_size, "losses": [], "skipped": {}, "summary": {},
@@ -310,7 +348,7 @@ def restore_training(path: str, model: torch.nn.Module, optimizer, scheduler, in
     else:
         offsets = state["offsets"]
         if len(set(offsets)) > 1:
-            console.warn(f"resuming {state['world_size']} processes' checkpoint on {info.world_size}: its ranks had "
+            console.notice(f"resuming {state['world_size']} processes' checkpoint on {info.world_size}: its ranks had "
                          f"read up to samples {offsets} of the epoch (some skipped unusable batches); continuing "
                          f"from {min(offsets)}, so {max(offsets) - min(offsets)} samples may be read twice")
         else:
