@@ -6,6 +6,9 @@ later, by dataset.py.
     sa1b        SA1B-Dense-Caption parquet shards ({root}/data/*.parquet: url, cap_seg)
     chat        a LLaVA chat.json (llava_v1_5_mix665k, LLaVA-Instruct-150K, convert_vqa.py's)
     cogvlm_sft  CogVLM-SFT-311K ({root}/<subset>/images + <subset>/labels_zh)
+
+validate_chat_json is the align plan's checklist on a converted chat.json (convert_vqa.py runs it
+on every file it writes, and on any file with --validate-only).
 """
 
 from __future__ import annotations
@@ -220,3 +223,55 @@ def read_records(data_format: str, data_root: str = "", chat_json: str = "",
 
 
 DATA_FORMATS = ("sa1b", "chat", "cogvlm_sft")
+
+
+def validate_chat_json(path: str, image_root: str) -> list[str]:
+    """The align plan's checklist on a chat.json; returns problems (empty list: fine).
+
+    JSON list, non-empty; each record has an `image` that exists under `image_root` and
+    `conversations` of exactly two turns, human (holding one `<image>`) then gpt (non-empty).
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return [f"{path}: unreadable or not valid JSON ({e})"]
+    if not isinstance(data, list):
+        return [f"{path}: expected a JSON list of records, got {type(data).__name__}"]
+    if not data:
+        return [f"{path}: no records"]
+    problems: list[str] = []
+    seen_ids: set = set()
+    exists: dict[str, bool] = {}
+    for i, rec in enumerate(data):
+        where = f"record {i}"
+        if not isinstance(rec, dict):
+            problems.append(f"{where}: not an object")
+            continue
+        if "id" in rec:
+            where = f"record {i} ({rec['id']})"
+            if rec["id"] in seen_ids:
+                problems.append(f"{where}: duplicate id")
+            seen_ids.add(rec["id"])
+        image, conv = rec.get("image"), rec.get("conversations")
+        if not isinstance(image, str) or not image:
+            problems.append(f"{where}: no `image`")
+        else:
+            full = os.path.join(image_root, image)
+            if full not in exists:
+                exists[full] = os.path.isfile(full)  # follows symlinks: a dangling link is missing
+            if not exists[full]:
+                problems.append(f"{where}: image {image} not found under {image_root}")
+        if not isinstance(conv, list) or len(conv) != 2 or not all(isinstance(t, dict) for t in conv):
+            problems.append(f"{where}: `conversations` must be exactly 2 turns")
+            continue
+        (h, g) = conv
+        if h.get("from") != "human" or g.get("from") != "gpt":
+            problems.append(f"{where}: turns must be human then gpt, got {[h.get('from'), g.get('from')]}")
+            continue  # the content checks below would only repeat this one
+        hv, gv = h.get("value"), g.get("value")
+        if not isinstance(hv, str) or hv.count(IMAGE_PLACEHOLDER) != 1:
+            problems.append(f"{where}: the human turn must hold exactly one {IMAGE_PLACEHOLDER}")
+        if not isinstance(gv, str) or not gv.strip():
+            problems.append(f"{where}: empty gpt answer")
+    return problems

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 import convert_vqa
-from convert_vqa import DEFAULT_TEMPLATE, convert, main, validate_chat_json
+from convert_vqa import DEFAULT_TEMPLATE, convert, main
+from readers import validate_chat_json
 
 # question_id -> (image_id, question, multiple_choice_answer); None: that half is absent.
 TRAIN_Q = {
