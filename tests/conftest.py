@@ -1,5 +1,6 @@
-"""Shared fixtures: the toy world at test size (built once per session, in a temp dir) and a
-Llama-style tokenizer with a BOS token, trained in-process.
+"""Shared fixtures: the toy world at test size (built once into .cache/toy_test/, git-ignored, and
+reused by later sessions while its recipe is unchanged) and a Llama-style tokenizer with a BOS
+token, trained in-process.
 
 Tests marked `device` run on LLAVA_TEST_DEVICE (default cpu): scripts/gpu_check.sh runs them
 with LLAVA_TEST_DEVICE=cuda on a GPU machine; CI and a laptop never need one."""
