@@ -39,6 +39,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what co
 
 # Pillow refuses images above this many pixels (decompression bombs); a 100-MP photo is fine.
 MAX_IMAGE_PIXELS = 100_000_000
+ORIGINAL_SIZE = "original_size"   # decode_image's note in Image.info: the size before draft decoding
 
 
 # --------------------------------------------------------------------------- images
@@ -115,23 +116,33 @@ def decode_image(data: bytes | str, draft: int | None = None) -> Image.Image:
     """Bytes or a file path -> RGB image, or SampleError (corrupt, not an image, too large).
 
     draft: a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both sides
-    >= draft pixels (libjpeg's DCT scaling), several times faster for a 224-pixel tower.
+    >= draft pixels (libjpeg's DCT scaling), several times faster for a 224-pixel tower. The
+    size the file had is kept for messages: original_size(image).
     """
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+            stored = img.size           # draft() below shrinks .size to the decoded scale
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))
             img.load()
-            return to_rgb(img)
+            rgb = to_rgb(img)
+            # What a user calls the image's size: the file's, upright (EXIF may have turned it).
+            rgb.info[ORIGINAL_SIZE] = stored if rgb.size == img.size else stored[::-1]
+            return rgb
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SampleError("image_too_large", str(e)) from None
     except FileNotFoundError:
         raise SampleError("missing_image", str(data)) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for truncated/non-images
         raise SampleError("corrupt_image", f"{data if isinstance(data, str) else 'bytes'}: {e}") from None
+
+
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as stored, upright: a draft-decoded JPEG is smaller."""
+    return img.info.get(ORIGINAL_SIZE, img.size)
 
 
 @dataclass

@@ -36,7 +36,7 @@ import sys
 from assistant import Assistant, add_api_args, answer_all, load_assistant
 from bench import PROMPT_STYLES, BenchError, run_bench
 from checkpoint_io import checkpoint_file
-from dataset import IMAGE_EXTENSIONS
+from dataset import IMAGE_EXTENSIONS, original_size
 from prompts import CAPTION_PROMPT, IMAGE_PLACEHOLDER
 from readers import read_chat_json, read_sa1b
 from utils import console
@@ -152,7 +152,8 @@ def chat(assistant: Assistant, gen: dict, stdin=None) -> None:
                               else f"could not load the image: {e}")
                 continue
             messages = []
-            console.success(f"image loaded ({image.size[0]}x{image.size[1]}); dialogue reset")
+            width, height = original_size(image)   # the file's, not the draft-decoded size the model sees
+            console.success(f"image loaded ({width}x{height}); dialogue reset")
             continue
         if image is None:
             console.warn("load an image first (a path or an http(s) URL)")

@@ -147,3 +147,17 @@ def test_ctrl_c_at_the_prompt_leaves_without_a_traceback(tiny_run):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_image_loaded_names_the_files_size_not_the_draft_decoded_one(tmp_path, capsys, fmt):
+    """A JPEG is draft-decoded to the tower's size (32 here): the model sees 32x32, the user
+    is told the file's 64x64, as for a PNG."""
+    path = tmp_path / f"a.{fmt.lower()}"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path, format=fmt)
+    assistant = FakeAssistant()
+    assistant.loader = ImageLoader(draft=32)
+    chat(assistant, {}, stdin=Lines([str(path), "这是什么"]))
+    assert "image loaded (64x64); dialogue reset" in capsys.readouterr().out
+    assert assistant.asked[0][0] == ((32, 32) if fmt == "JPEG" else (64, 64))
+
