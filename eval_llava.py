@@ -72,14 +72,39 @@ def image_reference(line: str) -> str | None:
 
 
 def maybe_path(line: str) -> str | None:
-    """A line that may be a mistyped path or a question ("/tmp/photo", "./scan"): the chat asks
-    which it is. None when image_reference decides, or when it is plainly a question."""
+    """A line that may be a mistyped path or a question ("/tmp/photo", "./scan", "data/toy/evl/x"
+    where data/toy exists): the chat asks which it is. None when image_reference decides, or when
+    it is plainly a question ("红色/蓝色": no folder 红色 here)."""
     if image_reference(line) is not None:
         return None
     word, _ = _one_word(line.strip())
-    if word is None or QUESTION_MARKS.search(word) or not word.startswith(("/", "~", "./", "../")):
+    if word is None or QUESTION_MARKS.search(word):
         return None
-    return os.path.expanduser(word)
+    path = os.path.expanduser(word)
+    if word.startswith(("/", "~", "./", "../")) or ("/" in word and os.path.isdir(os.path.dirname(path.rstrip("/")))):
+        return path
+    return None
+
+
+def folder_reference(line: str) -> str | None:
+    """The existing folder a chat line names ("data/toy/bench", a folder dragged in), or None. A
+    bare word names a folder only when quoted: "data" alone is more likely a question."""
+    word, quoted = _one_word(line.strip())
+    if word is None or not (quoted or _path_like(word) or word.startswith(".")):
+        return None
+    path = os.path.expanduser(word)
+    return path if os.path.isdir(path) else None
+
+
+def folder_note(folder: str) -> str:
+    """"(12 images in it, e.g. data/x/000000.png)": what a folder given for an image holds."""
+    try:
+        images = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    except OSError as e:
+        return f"({e.strerror.lower()})"
+    if not images:
+        return "(no images in it)"
+    return f"({len(images)} image{'s' * (len(images) != 1)} in it, e.g. {os.path.join(folder, images[0])})"
 
 
 # A question's punctuation: a word holding any of these is not a file name anyone typed.
@@ -134,6 +159,9 @@ def chat(assistant: Assistant, gen: dict, stdin=None) -> None:
         if line.lower() == "clear":
             messages = []
             console.success("history cleared (the image stays)")
+            continue
+        if (folder := folder_reference(line)) is not None:   # never a question: say what it is, wait
+            console.warn(f"{folder} is a folder, not an image {folder_note(folder)}: type an image's path")
             continue
         source = image_reference(line)
         if source is None and (guess := maybe_path(line)) is not None:

@@ -161,3 +161,25 @@ def test_image_loaded_names_the_files_size_not_the_draft_decoded_one(tmp_path, c
     assert "image loaded (64x64); dialogue reset" in capsys.readouterr().out
     assert assistant.asked[0][0] == ((32, 32) if fmt == "JPEG" else (64, 64))
 
+
+def test_a_folder_is_said_to_be_one_and_never_asked(tmp_path, monkeypatch, capsys):
+    """An existing folder typed as a line (relative, absolute with a slash, quoted) is not a
+    question; a typo inside a folder that exists is asked about; "红色/蓝色" stays a question."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench" / "images").mkdir(parents=True)
+    for name in ("b.png", "a.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "bench" / "images" / name)
+    assistant = FakeAssistant()
+    chat(assistant, {}, stdin=Lines([
+        "bench/images/a.png",
+        "bench/images", f"{tmp_path / 'bench'}/", "'bench'",     # folders: said so, never asked
+        "bench/imagez", "n",                                     # a typo in an existing folder: asked, "n"
+        "红色/蓝色",                                               # no folder 红色: a question
+    ]))
+    out = capsys.readouterr()
+    assert [q[-1] for _, q in assistant.asked] == ["红色/蓝色"]
+    assert "bench/images is a folder, not an image (2 images in it, e.g. bench/images/a.png): " \
+           "type an image's path" in out.out
+    assert f"{tmp_path / 'bench'}/ is a folder, not an image (no images in it)" in out.out
+    assert "bench is a folder, not an image (no images in it)" in out.out
+    assert "「bench/imagez」 is not a file. Send it to the model as a question? [Y/n]" in out.out
