@@ -94,6 +94,8 @@ def kind_of(name: str) -> str:
 
 def read_bench(path: str) -> Bench:
     """A VLMEvalKit TSV -> Bench; BenchError (one line) for a file that is not one."""
+    if os.path.isdir(path):
+        raise BenchError(f"--bench {path} is a folder: give one of its .tsv files")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--bench {path}: no such file (scripts/download_data.py bench NAME fetches one)")
     csv.field_size_limit(sys.maxsize)   # a cell holds a whole base64 image
@@ -360,12 +362,13 @@ def print_scores(scores: dict, who: str, md5: str) -> None:
         console.warn(note)
 
 
-def run_bench(assistant: Assistant | ApiAssistant, path: str, out_dir: str, *, style: str = "vlmeval",
+def run_bench(assistant: Assistant | ApiAssistant, source: Bench | str, out_dir: str, *, style: str = "vlmeval",
               batch_size: int = 32, max_new_tokens: int = 0, lenient: bool = False, judge_api: ChatApi | None = None,
               run_dir: str | None = None, step: int = 0, quiet: bool = False) -> dict:
     """Ask, score, write `<name>_scores.json` beside `<name>_predictions.jsonl`, print the table,
-    and add the headline figures to `run_dir`'s TensorBoard (bench/<name>/...) when given."""
-    bench = read_bench(path)
+    and add the headline figures to `run_dir`'s TensorBoard (bench/<name>/...) when given.
+    `source`: a TSV path, or a Bench already read (a CLI checks it before loading a model)."""
+    bench = read_bench(source) if isinstance(source, str) else source
     who = assistant.api.model if isinstance(assistant, ApiAssistant) else \
         os.path.abspath(assistant.source or "untrained model")
     tokens = max_new_tokens or DEFAULT_TOKENS[bench.family]
@@ -380,7 +383,7 @@ def run_bench(assistant: Assistant | ApiAssistant, path: str, out_dir: str, *, s
         preds.close()
     judge = Judge(judge_api, os.path.join(out_dir, f"{bench.name}_judge.jsonl")) if judge_api else None
     scores = score_bench(bench, preds.done, lenient, judge)
-    scores.update({"model": who, "md5": bench.md5, "file": os.path.abspath(path), "prompt": style,
+    scores.update({"model": who, "md5": bench.md5, "file": os.path.abspath(bench.path), "prompt": style,
                    "max_new_tokens": tokens, **({"api_failures": dict(failures)} if failures else {})})
     if not quiet:
         print_scores(scores, who, bench.md5)

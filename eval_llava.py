@@ -32,11 +32,12 @@ import os
 import re
 import shlex
 import sys
+import urllib.parse
 
 from assistant import Assistant, add_api_args, answer_all, load_assistant
-from bench import PROMPT_STYLES, BenchError, run_bench
-from checkpoint_io import checkpoint_file
-from dataset import IMAGE_EXTENSIONS, original_size
+from bench import PROMPT_STYLES, Bench, BenchError, read_bench, run_bench
+from checkpoint_io import checkpoint_file, read_checkpoint_meta
+from dataset import IMAGE_EXTENSIONS, decode_image, original_size
 from prompts import CAPTION_PROMPT, IMAGE_PLACEHOLDER
 from readers import read_chat_json, read_sa1b
 from utils import console
@@ -273,6 +274,60 @@ def _write_results(out_dir: str, name: str, predictions: list, scores: dict) -> 
     return scores
 
 
+# --------------------------------------------------------------------------- inputs, before any model loads
+
+class InputError(ValueError):
+    """An input refused before the model loads (a folder or a text file as --image): one line."""
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[Bench | None, ChatApi | None]:
+    """Everything that can be checked without the model, checked before it loads (Qwen3-0.6B
+    takes a while; a typo should cost nothing): the checkpoint, --image, the batch modes' files,
+    the judge's settings. FileNotFoundError, InputError or BenchError, one line each. Returns the
+    --bench benchmark, read (and checked whole: columns, answers, indexes) here once, and the judge."""
+    if args.checkpoint:
+        read_checkpoint_meta(args.checkpoint)       # missing, or a file that is not one of ours
+    if args.image is not None:
+        check_image(args.image)
+    if args.vqa and not os.path.isfile(args.vqa):
+        raise FileNotFoundError(f"--vqa {args.vqa}: no such file (a val chat.json from convert_vqa.py)")
+    if args.vqa and args.image_root and not os.path.isdir(args.image_root):
+        raise FileNotFoundError(f"--image_root {args.image_root}: no such folder")
+    if args.captions and not os.path.exists(args.captions):
+        raise FileNotFoundError(f"--captions {args.captions}: no such file or folder")
+    if args.captions and os.path.isfile(args.captions) and not args.captions.endswith(".json"):
+        raise InputError(f"--captions {args.captions}: give a chat.json, an SA1B folder or a folder of images")
+    judge = None
+    if args.bench and args.judge_api_base:
+        try:
+            judge = ChatApi(args.judge_api_base, args.judge_model, args.judge_key_env, timeout=args.api_timeout)
+        except ValueError as e:   # not a URL, or no key; ChatApi's message names the assistant's flags
+            raise InputError("the judge: " + str(e).replace("--api_key_env", "--judge_key_env")
+                             .replace("--api_base", "--judge_api_base")) from None
+    return (read_bench(args.bench) if args.bench else None), judge
+
+
+def check_image(source: str) -> None:
+    """--image: a file must decode as an image (a text file named .jpg does not); a URL must be
+    well-formed, and is fetched once, for the reply."""
+    if "://" in source and not source.startswith("file://"):
+        url = urllib.parse.urlsplit(source)
+        if url.scheme not in ("http", "https") or not url.hostname or any(c.isspace() for c in source):
+            raise InputError(f"--image {source}: neither an http(s) URL nor a file path")
+        return
+    path = source.removeprefix("file://")
+    if os.path.isdir(path):
+        raise InputError(f"--image {path} is a folder, not an image {folder_note(path)}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--image {path}: no such file")
+    try:
+        decode_image(path)
+    except SampleError as e:
+        why = {"corrupt_image": "not an image, or a damaged one", "image_too_large": "too many pixels"}
+        raise InputError(f"--image {path}: {why.get(e.reason, e.reason)} "
+                         f"({e.detail.removeprefix(path + ': ')})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__)
     p.add_argument("--checkpoint", default=None, help="a run folder (checkpoints/<run>: its latest checkpoint), "
@@ -334,21 +389,24 @@ def main(argv: list[str] | None = None) -> None:
     one_shot = args.image is not None or args.prompt is not None
     if one_shot and (args.image is None or args.prompt is None):
         p.error("one-shot mode needs both --image and --prompt")
+    if one_shot and not args.prompt.strip():   # an empty question reads to the model as "describe it"
+        p.error("--prompt is empty: give the question to ask about --image")
     console.quiet_library_bars()
     if args.judge_api_base and not args.judge_model:
         p.error("--judge_api_base needs --judge_model")
     if one_shot or args.vqa or args.captions or args.bench:
         console.set_stream(sys.stderr)  # stdout carries the reply (or the scores JSON) alone
     try:
-        _run(args, one_shot)
-    except (FileNotFoundError, BenchError) as e:    # a wrong path or benchmark file: say which, no traceback
+        bench, judge = check_inputs(args)   # before any model loads
+        _run(args, one_shot, bench, judge)
+    except (FileNotFoundError, InputError, BenchError) as e:    # a wrong path or file: say which, no traceback
         console.error(str(e))
         sys.exit(2)
     finally:
         console.set_stream(None)      # in-process callers (tests) get the console back
 
 
-def _run(args: argparse.Namespace, one_shot: bool) -> None:
+def _run(args: argparse.Namespace, one_shot: bool, bench: Bench | None, judge: ChatApi | None) -> None:
     assistant = load_assistant(args)
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.vqa or args.captions or args.bench:
@@ -357,15 +415,9 @@ def _run(args: argparse.Namespace, one_shot: bool) -> None:
         else:
             ckpt = os.path.dirname(os.path.abspath(checkpoint_file(args.checkpoint)))   # the step folder
             out_dir = args.out_dir or os.path.join("runs", "eval", "_".join(ckpt.split(os.sep)[-2:]))
-        if args.bench:
-            judge = None
-            if args.judge_api_base:
-                try:
-                    judge = ChatApi(args.judge_api_base, args.judge_model, args.judge_key_env, timeout=args.api_timeout)
-                except ValueError as e:
-                    raise SystemExit(str(e)) from None
+        if bench is not None:
             step = getattr(assistant, "meta", {}).get("step", 0)
-            scores = run_bench(assistant, args.bench, out_dir, style=args.bench_prompt, batch_size=args.batch_size,
+            scores = run_bench(assistant, bench, out_dir, style=args.bench_prompt, batch_size=args.batch_size,
                                max_new_tokens=args.bench_tokens, lenient=args.extract == "lenient", judge_api=judge,
                                run_dir=args.run_dir, step=step)
         elif args.vqa:
