@@ -9,7 +9,8 @@ A TSV row: `index`, `question`, optional `hint`, options `A`, `B`, ... (multiple
 index of the row whose image it shares) or `image_path`. The family comes from the columns
 (lettered options: multiple choice; Yes/No answers: yes/no) and the kind (MME, POPE, ...) from the
 file name. Predictions go to a jsonl file as they come, so a stopped run continues where it left
-off; an image that cannot be read or a prompt that does not fit is counted, and scored wrong.
+off (Ctrl-C or SIGTERM: the batch in flight is finished, then the run says what it kept); an image
+that cannot be read or a prompt that does not fit is counted, and scored wrong.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
+import contextlib
 import csv
 import json
 import os
+import signal
 import string
 import sys
 from collections import Counter
@@ -46,6 +49,42 @@ KINDS = ("mmbench", "ccbench", "mmstar", "seedbench", "ai2d", "mme", "pope", "ha
 
 class BenchError(ValueError):
     """A benchmark file that cannot be used, or a prediction file of another run: one line."""
+
+
+class BenchStopped(Exception):
+    """A run stopped by Ctrl-C or SIGTERM: what it kept and how to continue, in one line;
+    `signum` is the first signal (a CLI exits 128 + it, as a process killed by it would)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopAfterBatch:
+    """While a benchmark is answered, Ctrl-C / SIGTERM ask to stop after the batch in flight (its
+    answers are written, so nothing answered is lost); a second Ctrl-C stops at once. The idiom of
+    training's utils.dist.StopRequest (a step there, a batch here), but scoped: the handlers before
+    are restored on exit, so a Ctrl-C while scoring or asking a judge interrupts as usual."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __enter__(self) -> "StopAfterBatch":
+        self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame):
+        if self.signum:   # a second Ctrl-C: now; a repeated SIGTERM (a scheduler waiting) changes nothing
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        hint = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        console.warn(f"{signal.Signals(signum).name}: finishing this batch, then stopping{hint}")
 
 
 @dataclass
@@ -219,10 +258,11 @@ class Predictions:
 
 
 def answer_bench(assistant: Assistant | ApiAssistant, bench: Bench, preds: Predictions, style: str,
-                 batch_size: int, max_new_tokens: int) -> Counter:
+                 batch_size: int, max_new_tokens: int, stop: StopAfterBatch | None = None) -> Counter:
     """Ask every item `preds` does not hold yet, shortest prompts first (batches of similar
     length pad little), writing each batch as it comes. Returns this run's API failures (those
-    items are asked again by the next run)."""
+    items are asked again by the next run). With `stop`, a Ctrl-C or SIGTERM ends the run after
+    the batch in flight (a second Ctrl-C: at once) with BenchStopped."""
     todo = [it for it in bench.items if it.index not in preds.done]
     prompts = {it.index: build_prompt(it, bench, style) for it in todo}
     budget = assistant.question_budget(max_new_tokens)[0]      # tokens for our model, characters for an API
@@ -234,22 +274,35 @@ def answer_bench(assistant: Assistant | ApiAssistant, bench: Bench, preds: Predi
     root = os.path.dirname(os.path.abspath(bench.path))
     failed_before = Counter(assistant.failures)
     done_before = len(bench.items) - len(todo)
-    with console.progress(len(bench.items), bench.name, unit="q", initial=done_before) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch, chunk, records = todo[start:start + batch_size], [], []
-            for it in batch:
-                if length[it.index] > budget:
-                    records.append({"index": it.index, "skipped": "prompt_too_long"})
-                    continue
-                try:
-                    chunk.append((it, item_image(it, root, assistant.draft)))
-                except SampleError as e:
-                    records.append({"index": it.index, "skipped": e.reason})
-            replies = assistant.reply_batch([(img, [{"role": "user", "content": prompts[it.index]}]) for it, img in chunk],
-                                            max_new_tokens=max_new_tokens, batch_size=batch_size) if chunk else []
-            records += [{"index": it.index, "prediction": r} for (it, _), r in zip(chunk, replies) if r is not None]
-            preds.add(records)
-            bar.update(len(batch))
+    stopped = False
+    try:
+        with console.progress(len(bench.items), bench.name, unit="q", initial=done_before) as bar:
+            for start in range(0, len(todo), batch_size):
+                if stop is not None and stop.signum:   # asked while the last batch was answered
+                    stopped = True
+                    break
+                batch, chunk, records = todo[start:start + batch_size], [], []
+                for it in batch:
+                    if length[it.index] > budget:
+                        records.append({"index": it.index, "skipped": "prompt_too_long"})
+                        continue
+                    try:
+                        chunk.append((it, item_image(it, root, assistant.draft)))
+                    except SampleError as e:
+                        records.append({"index": it.index, "skipped": e.reason})
+                replies = assistant.reply_batch([(img, [{"role": "user", "content": prompts[it.index]}])
+                                                 for it, img in chunk],
+                                                max_new_tokens=max_new_tokens, batch_size=batch_size) if chunk else []
+                records += [{"index": it.index, "prediction": r} for (it, _), r in zip(chunk, replies) if r is not None]
+                preds.add(records)
+                bar.update(len(batch))
+    except KeyboardInterrupt:   # a second Ctrl-C: the batch in flight is dropped; the ones written stay
+        if stop is None:
+            raise
+        stopped = True
+    if stopped:
+        raise BenchStopped(stop.signum or signal.SIGINT, f"stopped: {len(preds.done)} of {len(bench.items)} answers are kept in "
+                                        f"{preds.path}; the same command continues from there")
     return Counter(assistant.failures) - failed_before
 
 
@@ -364,10 +417,12 @@ def print_scores(scores: dict, who: str, md5: str) -> None:
 
 def run_bench(assistant: Assistant | ApiAssistant, source: Bench | str, out_dir: str, *, style: str = "vlmeval",
               batch_size: int = 32, max_new_tokens: int = 0, lenient: bool = False, judge_api: ChatApi | None = None,
-              run_dir: str | None = None, step: int = 0, quiet: bool = False) -> dict:
+              run_dir: str | None = None, step: int = 0, quiet: bool = False, stop_on_signal: bool = False) -> dict:
     """Ask, score, write `<name>_scores.json` beside `<name>_predictions.jsonl`, print the table,
     and add the headline figures to `run_dir`'s TensorBoard (bench/<name>/...) when given.
-    `source`: a TSV path, or a Bench already read (a CLI checks it before loading a model)."""
+    `source`: a TSV path, or a Bench already read (a CLI checks it before loading a model).
+    `stop_on_signal`: Ctrl-C / SIGTERM while answering stop after the batch in flight, with
+    BenchStopped (the main thread of a CLI only: signal handlers live there)."""
     bench = read_bench(source) if isinstance(source, str) else source
     who = assistant.api.model if isinstance(assistant, ApiAssistant) else \
         os.path.abspath(assistant.source or "untrained model")
@@ -378,7 +433,8 @@ def run_bench(assistant: Assistant | ApiAssistant, source: Bench | str, out_dir:
         if not quiet:
             console.info(f"{bench.name}: {len(bench.items)} items, {bench.family}{' ' + bench.kind if bench.kind else ''}"
                          f"{' (circular)' if bench.circular else ''}, {len(preds.done)} answered before")
-        failures = answer_bench(assistant, bench, preds, style, batch_size, tokens)
+        with StopAfterBatch() if stop_on_signal else contextlib.nullcontext() as stop:
+            failures = answer_bench(assistant, bench, preds, style, batch_size, tokens, stop)
     finally:
         preds.close()
     judge = Judge(judge_api, os.path.join(out_dir, f"{bench.name}_judge.jsonl")) if judge_api else None

@@ -35,7 +35,7 @@ import sys
 import urllib.parse
 
 from assistant import Assistant, add_api_args, answer_all, load_assistant
-from bench import PROMPT_STYLES, Bench, BenchError, read_bench, run_bench
+from bench import PROMPT_STYLES, Bench, BenchError, BenchStopped, read_bench, run_bench
 from checkpoint_io import checkpoint_file, read_checkpoint_meta
 from dataset import IMAGE_EXTENSIONS, decode_image, original_size
 from prompts import CAPTION_PROMPT, IMAGE_PLACEHOLDER
@@ -402,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, InputError, BenchError) as e:    # a wrong path or file: say which, no traceback
         console.error(str(e))
         sys.exit(2)
+    except BenchStopped as e:           # Ctrl-C / SIGTERM: what is kept; 128 + the signal, as training exits
+        console.warn(str(e))
+        sys.exit(128 + e.signum)
     finally:
         console.set_stream(None)      # in-process callers (tests) get the console back
 
@@ -419,7 +422,7 @@ def _run(args: argparse.Namespace, one_shot: bool, bench: Bench | None, judge: C
             step = getattr(assistant, "meta", {}).get("step", 0)
             scores = run_bench(assistant, bench, out_dir, style=args.bench_prompt, batch_size=args.batch_size,
                                max_new_tokens=args.bench_tokens, lenient=args.extract == "lenient", judge_api=judge,
-                               run_dir=args.run_dir, step=step)
+                               run_dir=args.run_dir, step=step, stop_on_signal=True)
         elif args.vqa:
             root = args.image_root or os.path.dirname(os.path.abspath(args.vqa))
             scores = run_vqa(assistant, args.vqa, root, out_dir, args.batch_size, args.answer_tokens)

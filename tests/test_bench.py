@@ -9,12 +9,19 @@ import base64
 import csv
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 from PIL import Image
 
 import bench
 import eval_llava
+from tests.conftest import ROOT
 from tests.test_api import FakeApi, KEY
 from utils import bench_scoring as S
 from utils import console
@@ -172,9 +179,10 @@ def test_api_bench_scores_from_the_replies_and_resumes_without_asking_twice(tmp_
             "--bench", str(path), "--out_dir", str(tmp_path / "out"), "--batch_size", "1"]
     try:
         monkeypatch.setattr(bench.Predictions, "add", killed_after_two)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as stopped:
             eval_llava.main(argv)
-        assert len(asked) == 2
+        assert stopped.value.code == 130 and len(asked) == 2
+        assert "stopped: 2 of 5 answers are kept in" in capsys.readouterr().err
         monkeypatch.setattr(bench.Predictions, "add", real_add)
         eval_llava.main(argv)
     finally:
@@ -327,3 +335,70 @@ def test_an_api_model_on_the_toy_benches_is_scored_from_its_replies(chain, tmp_p
     want = sum(100 * sum(sum(v) for v in c.values()) / sum(len(v) for v in c.values())
                + 100 * sum(all(v) for v in c.values()) / len(c) for c in cats.values())
     assert got["toy_MME"]["perception"] == pytest.approx(want) and set(cats) == {"color", "position"}
+
+
+class Stderr:
+    """A process's stderr, line by line, read in a thread: a blocking read must not hang a test."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines = proc, []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.decode())
+
+    def text(self) -> str:
+        """All of it, once the process has ended (the reader reaches the end of the pipe)."""
+        self._reader.join(timeout=60)
+        return "".join(self.lines)
+
+    def wait_until(self, condition, what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"ended before {what}:\n" + "".join(self.lines)[-2000:]
+            assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+            time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_stopped_bench_says_what_it_kept_and_the_same_command_continues(chain, tmp_path):
+    """SIGTERM, then Ctrl-C on the run it continues: each finishes its batch, says in one line how
+    many answers the predictions file keeps and that the same command continues, exits 128 + the
+    signal without a traceback; nothing is asked twice."""
+    _, data, s1, _, _ = chain
+    with open(os.path.join(data.bench, "toy_POPE.tsv"), encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    # The toy POPE questions 50 times (copies share the first's image by its index): enough
+    # batches of two that a stop lands mid-run.
+    copies = [{**r, "index": str(k * len(rows) + i), "image": r["image"] if k == 0 else r["index"]}
+              for k in range(50) for i, r in enumerate(rows)]
+    tsv = tmp_path / "toy_POPE_long.tsv"
+    write_tsv(tsv, copies, list(rows[0]))
+    preds = tmp_path / "out" / "toy_POPE_long_predictions.jsonl"
+    cmd = [sys.executable, "eval_llava.py", "--checkpoint", s1, "--bench", str(tsv), "--out_dir", str(tmp_path / "out"),
+           "--batch_size", "2", "--bench_tokens", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def answers() -> list[int]:
+        lines = preds.read_text(encoding="utf-8").splitlines()[1:] if preds.exists() else []
+        return [json.loads(ln)["index"] for ln in lines if ln.endswith("}")]
+
+    kept = 0
+    for signum, hint in ((signal.SIGTERM, ""), (signal.SIGINT, " (Ctrl-C again to stop at once)")):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        err = Stderr(proc)
+        err.wait_until(lambda: any(f"{kept} answered before" in ln for ln in err.lines), "the resume line")
+        err.wait_until(lambda: len(answers()) > kept, "a new batch")
+        proc.send_signal(signum)
+        assert proc.wait(timeout=300) == 128 + signum
+        text = err.text()
+        done = answers()
+        assert len(done) == len(set(done)) and len(done) > kept              # nothing asked twice
+        kept = len(done)
+        assert f"{signal.Signals(signum).name}: finishing this batch, then stopping{hint}" in text
+        assert f"stopped: {kept} of {len(copies)} answers are kept in {preds}; the same command continues " \
+               f"from there" in text
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert kept < len(copies)
