@@ -1,6 +1,6 @@
-"""eval_llava.py checks what it can before it loads a model (a Qwen3 load costs a minute; a typo
-must not): a missing, folder or non-image --image, a --bench TSV missing or missing columns, a
-missing --vqa/--captions, a file that is not a checkpoint; and refuses an empty --prompt."""
+"""eval_llava.py checks what it can before it loads a model (a typo must not cost a Qwen3 load):
+a missing, folder or non-image --image, a --bench TSV missing or missing columns, a missing
+--vqa/--captions, a file that is not a checkpoint; and refuses an empty --prompt."""
 
 import pytest
 from PIL import Image
@@ -36,32 +36,43 @@ def refused(argv: list[str], capsys) -> str:
     return out.err.strip()
 
 
-def test_bad_inputs_are_refused_before_the_model_loads(checkpoint, no_model, tmp_path, capsys):
+@pytest.fixture
+def files(tmp_path):
+    """A text file named .jpg, a folder holding one image, a TSV missing columns."""
     (tmp_path / "text.jpg").write_text("not an image\n")
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
     (tmp_path / "cols.tsv").write_text("index\tquestion\n1\tq\n")
-    ask = ["--checkpoint", checkpoint]
-    cases = {
-        ("--image", str(tmp_path / "nope.png")): f"--image {tmp_path / 'nope.png'}: no such file",
-        ("--image", str(tmp_path / "text.jpg")): f"--image {tmp_path / 'text.jpg'}: not an image, or a damaged one",
-        ("--image", str(tmp_path / "imgs")): f"--image {tmp_path / 'imgs'} is a folder, not an image (1 image in it, "
-                                              f"e.g. {tmp_path / 'imgs' / 'a.png'})",
-        ("--image", "ftp://example.com/a.png"): "--image ftp://example.com/a.png: neither an http(s) URL nor a file path",
-        ("--bench", str(tmp_path / "cols.tsv")): "missing column(s) answer, image or image_path (it has: index, question)",
-        ("--bench", str(tmp_path / "nope.tsv")): f"--bench {tmp_path / 'nope.tsv'}: no such file",
-        ("--vqa", str(tmp_path / "nope.json")): f"--vqa {tmp_path / 'nope.json'}: no such file",
-        ("--captions", str(tmp_path / "nope")): f"--captions {tmp_path / 'nope'}: no such file or folder",
-    }
-    for (flag, value), message in cases.items():
-        extra = ["--prompt", "这是什么"] if flag == "--image" else []
-        assert message in refused(ask + [flag, value] + extra, capsys), (flag, value)
-    image = str(tmp_path / "imgs" / "a.png")
-    assert "is not a checkpoint" in refused(["--checkpoint", image, "--image", image, "--prompt", "q"], capsys)
-    # The checks pass good inputs on: a URL is not fetched, and the next step is the model.
-    for good in (image, "https://example.com/a.jpg"):
+    return tmp_path
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--image", "{t}/nope.png", "--image {t}/nope.png: no such file"),
+    ("--image", "{t}/text.jpg", "--image {t}/text.jpg: not an image, or a damaged one (cannot identify image file"),
+    ("--image", "{t}/imgs", "--image {t}/imgs is a folder, not an image (1 image in it, e.g. {t}/imgs/a.png)"),
+    ("--image", "ftp://example.com/a.png", "--image ftp://example.com/a.png: neither an http(s) URL nor a file path"),
+    ("--image", "https:///a.png", "--image https:///a.png: neither an http(s) URL nor a file path"),
+    ("--bench", "{t}/cols.tsv", "{t}/cols.tsv: not a VLMEvalKit benchmark TSV, missing column(s) answer, image or "
+                                "image_path (it has: index, question)"),
+    ("--bench", "{t}/nope.tsv", "--bench {t}/nope.tsv: no such file"),
+    ("--vqa", "{t}/nope.json", "--vqa {t}/nope.json: no such file"),
+    ("--captions", "{t}/nope", "--captions {t}/nope: no such file or folder"),
+    ("--checkpoint", "{t}/imgs/a.png", "{t}/imgs/a.png is not a checkpoint: not a safetensors file"),
+], ids=["image-missing", "image-text-file", "image-folder", "image-ftp-url", "image-url-without-host",
+        "bench-missing-columns", "bench-missing", "vqa-missing", "captions-missing", "checkpoint-an-image"])
+def test_a_bad_input_is_refused_before_the_model_loads(checkpoint, no_model, files, capsys, flag, value, message):
+    argv = ([] if flag == "--checkpoint" else ["--checkpoint", checkpoint]) + [flag, value.format(t=files)]
+    if flag == "--checkpoint":
+        argv += ["--image", str(files / "imgs" / "a.png")]
+    if flag in ("--image", "--checkpoint"):
+        argv += ["--prompt", "这是什么"]
+    assert message.format(t=files) in refused(argv, capsys)
+
+
+def test_good_inputs_reach_the_model_and_a_url_is_not_fetched(checkpoint, no_model, files):
+    for image in (str(files / "imgs" / "a.png"), "https://example.com/a.jpg"):
         with pytest.raises(AssertionError, match="the model was loaded"):
-            eval_llava.main(ask + ["--image", good, "--prompt", "这是什么"])
+            eval_llava.main(["--checkpoint", checkpoint, "--image", image, "--prompt", "这是什么"])
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
