@@ -36,6 +36,7 @@ from dataset import decode_image
 from utils import bench_scoring as scoring
 from utils import console
 from utils.atomic import atomic_write
+from utils.dist import StopRequest
 from utils.fetch import file_md5
 from utils.metrics import RunLogger
 from utils.openai_api import ApiError, ChatApi
@@ -58,33 +59,6 @@ class BenchStopped(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
-
-
-class StopAfterBatch:
-    """While a benchmark is answered, Ctrl-C / SIGTERM ask to stop after the batch in flight (its
-    answers are written, so nothing answered is lost); a second Ctrl-C stops at once. The idiom of
-    training's utils.dist.StopRequest (a step there, a batch here), but scoped: the handlers before
-    are restored on exit, so a Ctrl-C while scoring or asking a judge interrupts as usual."""
-
-    def __init__(self):
-        self.signum = 0
-
-    def __enter__(self) -> "StopAfterBatch":
-        self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._before.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, _frame):
-        if self.signum:   # a second Ctrl-C: now; a repeated SIGTERM (a scheduler waiting) changes nothing
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.signum = signum
-        hint = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
-        console.warn(f"{signal.Signals(signum).name}: finishing this batch, then stopping{hint}")
 
 
 @dataclass
@@ -258,7 +232,7 @@ class Predictions:
 
 
 def answer_bench(assistant: Assistant | ApiAssistant, bench: Bench, preds: Predictions, style: str,
-                 batch_size: int, max_new_tokens: int, stop: StopAfterBatch | None = None) -> Counter:
+                 batch_size: int, max_new_tokens: int, stop: StopRequest | None = None) -> Counter:
     """Ask every item `preds` does not hold yet, shortest prompts first (batches of similar
     length pad little), writing each batch as it comes. Returns this run's API failures (those
     items are asked again by the next run). With `stop`, a Ctrl-C or SIGTERM ends the run after
@@ -301,8 +275,8 @@ def answer_bench(assistant: Assistant | ApiAssistant, bench: Bench, preds: Predi
             raise
         stopped = True
     if stopped:
-        raise BenchStopped(stop.signum or signal.SIGINT, f"stopped: {len(preds.done)} of {len(bench.items)} answers are kept in "
-                                        f"{preds.path}; the same command continues from there")
+        raise BenchStopped(stop.signum or signal.SIGINT, f"stopped: {len(preds.done)} of {len(bench.items)} answers "
+                                                         f"are kept in {preds.path}; the same command continues from there")
     return Counter(assistant.failures) - failed_before
 
 
@@ -433,7 +407,7 @@ def run_bench(assistant: Assistant | ApiAssistant, source: Bench | str, out_dir:
         if not quiet:
             console.info(f"{bench.name}: {len(bench.items)} items, {bench.family}{' ' + bench.kind if bench.kind else ''}"
                          f"{' (circular)' if bench.circular else ''}, {len(preds.done)} answered before")
-        with StopAfterBatch() if stop_on_signal else contextlib.nullcontext() as stop:
+        with StopRequest("this batch, then stopping") if stop_on_signal else contextlib.nullcontext() as stop:
             failures = answer_bench(assistant, bench, preds, style, batch_size, tokens, stop)
     finally:
         preds.close()

@@ -386,7 +386,7 @@ def test_a_stopped_bench_says_what_it_kept_and_the_same_command_continues(chain,
         return [json.loads(ln)["index"] for ln in lines if ln.endswith("}")]
 
     kept = 0
-    for signum, hint in ((signal.SIGTERM, ""), (signal.SIGINT, " (Ctrl-C again to stop at once)")):
+    for signum, hint in ((signal.SIGTERM, ""), (signal.SIGINT, " (Ctrl-C again to quit at once)")):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         err = Stderr(proc)
         err.wait_until(lambda: any(f"{kept} answered before" in ln for ln in err.lines), "the resume line")

@@ -188,20 +188,28 @@ def _exit_on_parent_sigterm(parent: int) -> None:
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM ask the loop to finish its step, save and exit; a second Ctrl-C raises
-    QuitNow at once (train_stage1.py turns it into a one-line exit). A second SIGTERM
-    changes nothing: a scheduler repeats it while it waits, and the save is already coming.
-    `signum` is the first signal received (the exit status is 128 + it)."""
+    """Ctrl-C / SIGTERM ask a loop to finish what it is doing (training: the step, then a save; a
+    benchmark: the batch, whose answers are then written) and stop; a second Ctrl-C raises QuitNow
+    at once (the CLIs turn it into a one-line exit). A second SIGTERM changes nothing: a scheduler
+    repeats it while it waits, and the stop is already coming. `signum` is the first signal
+    received (the exit status is 128 + it). Installed from creation until release() (or the end
+    of a `with` block): outside the loop, Ctrl-C and SIGTERM act as they did before."""
 
-    def __init__(self):
+    def __init__(self, finishing: str = "this step, then saving a checkpoint"):
         self.signum = 0
+        self._finishing = finishing
         self._pid = os.getpid()
         self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def release(self) -> None:
-        """The loop is over: Ctrl-C and SIGTERM act as they did before it (nothing left to save)."""
         for sig, handler in self._before.items():
             signal.signal(sig, handler)
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     @property
     def requested(self) -> bool:
@@ -219,4 +227,4 @@ class StopRequest:
         self.signum = signum
         hint = " (Ctrl-C again to quit at once)" if signum == signal.SIGINT else ""
         # torchrun forwards a signal to every worker: one line, from rank 0.
-        console.notice(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint{hint}")
+        console.notice(f"{signal.Signals(signum).name}: finishing {self._finishing}{hint}")
