@@ -287,6 +287,11 @@ def check_inputs(args: argparse.Namespace) -> tuple[Bench | None, ChatApi | None
     --bench benchmark, read (and checked whole: columns, answers, indexes) here once, and the judge."""
     if args.checkpoint:
         read_checkpoint_meta(args.checkpoint)       # missing, or a file that is not one of ours
+    if args.api_base:
+        try:                                        # its URL and key (nothing is sent yet)
+            ChatApi(args.api_base, args.api_model, args.api_key_env, timeout=args.api_timeout)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if args.image is not None:
         check_image(args.image)
     if args.vqa and not os.path.isfile(args.vqa):

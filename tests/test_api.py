@@ -125,8 +125,9 @@ def test_batch_vqa_is_scored_and_rate_limits_are_retried_failures_counted(api, t
 
 def test_missing_key_or_bad_base_is_one_clear_line(api, monkeypatch, capsys):
     monkeypatch.delenv("REF_KEY")
-    with pytest.raises(SystemExit, match="REF_KEY"):
+    with pytest.raises(SystemExit) as stop:     # before the image is even looked at
         eval_llava.main([*api_args(api), "--image", "x.png", "--prompt", "q"])
+    assert stop.value.code == 2 and "REF_KEY" in capsys.readouterr().err
     with pytest.raises(ValueError, match="http"):
         ChatApi("ftp://x", "m", "PATH")
     with pytest.raises(ApiError, match="connection"):
