@@ -395,8 +395,10 @@ def test_a_lora_start_point_is_refused_for_more_lora(chain, tmp_path):
 # --------------------------------------------------------------------------- resume
 
 def run_script(script, argv, **kw):
-    return subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, **kw)
+    """The script as a user runs it, on as many threads as this process (the in-process reference
+    runs beside it: the same thread count is what makes the two bit-identical)."""
+    return subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}, **kw)
 
 
 def trained_weights(step_dir) -> dict:
