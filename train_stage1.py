@@ -29,6 +29,7 @@ import multiprocessing
 import random
 import signal
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, replace
 
@@ -442,10 +443,12 @@ def main(argv: list[str] | None = None, stage_defaults: dict | None = None, doc:
     with alike_on_every_rank():
         refuse_early(cfg)        # what needs no model: before a demo builds anything
     if cfg.demo:  # the toy world (and an earlier stage's demo) first; then an ordinary run, measured around
-        differ = demo_differences(cfg, stage_defaults)
+        # One setting never breaks across lines (textwrap breaks at spaces, not at no-break spaces).
+        differ = ", ".join(f"{k} {v!r} (default {d!r})".replace(" ", "\xa0")
+                           for k, (v, d) in demo_differences(cfg, stage_defaults).items())
         console.info(f"the stage-{cfg.stage} demo's settings where they differ from the defaults (train_config."
-                     "DEMO_DEFAULTS; flags you type win): "
-                     + ", ".join(f"{k} {v!r} (default {d!r})" for k, (v, d) in differ.items()))
+                     "DEMO_DEFAULTS; flags you type win):\n"
+                     + textwrap.fill(differ, 110, initial_indent="  ", subsequent_indent="  ").replace("\xa0", " "))
         cfg = prepare_demo(cfg)
         return run_demo(cfg, lambda c: train(c, argv), started)
     return train(cfg, argv)

@@ -179,7 +179,8 @@ def test_demo_logs_its_before_and_after_figures_and_prints_its_wall_time(tiny, t
     out = capsys.readouterr().out
     assert re.search(r"demo wall time +\d+s on \d+ x .+ \(CPU\)", out)
     # It says where it differs from the defaults, and who set each value.
-    differ = next(line for line in out.splitlines() if "demo's settings where they differ from the defaults" in line)
+    start = out.index("demo's settings where they differ from the defaults")
+    differ = " ".join(out[start:out.index("\n\n", start)].split())       # the header and its indented lines
     assert "train_config.DEMO_DEFAULTS; flags you type win" in differ
     for said in ("warmup_ratio 0.1 (default 0.03)", "batch_size 8 (default 16)", "max_steps 10 (default 0)",
                  "feature_post_norm True (default None)"):
