@@ -96,7 +96,7 @@ class Assistant:
             prompts = [encode_prompt(self.tokenizer, self.fmt, with_image_placeholder(m))[0] for _, m in chunk]
             ids, mask = collate_prompts(prompts, self.tokenizer.pad_token_id or 0)
             pixels = torch.from_numpy(np.stack([self.pixels(img) for img, _ in chunk])).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with self.model.autocast():
                 out = self.model.generate(ids.to(device), mask.to(device), self.fmt.stop_ids, pixel_values=pixels,
                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                           streamer=streamer, stop=stop)

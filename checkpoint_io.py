@@ -87,6 +87,8 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen_dtyp
     image_token_id = ensure_image_token(tokenizer, spec.image_token)
     projector = Projector(spec.projector, spec.vision_hidden_size, spec.llm_hidden_size)
     model = LlavaModel(vision, projector, llm, spec, image_token_id)
+    # bf16 frozen weights beside an fp32 projector: forward passes under bf16 autocast.
+    model.autocast_dtype = torch.bfloat16 if frozen_dtype == torch.bfloat16 else None
     if load_in_4bit:  # from_pretrained placed the 4-bit base already (bitsandbytes weights refuse .to())
         vision.to(device)
         projector.to(device)

@@ -61,7 +61,7 @@ def heldout_loss(model: LlavaModel, ds: LlavaDataset, n: int = 0, batch_size: in
             continue
         batch = to_device(batch, device)
         images = batch.get(key)                                      # [B_img, 3, H, W] or [B_img, N, D_v]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with model.autocast():
             ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **{key: images})
             wrong = None if images is None else torch.roll(images, 1, 0) if len(images) > 1 else other
             if wrong is not None:

@@ -130,6 +130,61 @@ class ModelSpec:
         return cls(**d)
 
 
+# --------------------------------------------------------------------------- the loss, in chunks
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum over M tokens of cross_entropy(cap(hidden @ weight.T + bias), targets), computed
+    `chunk` tokens at a time, with the gradients computed in the forward pass: the loss ends the
+    graph, so backward only scales them. No chunk's [chunk, V] logits outlive it; the peak is one
+    chunk's logits (and their gradient, in place) instead of [M, V] logits and their gradient.
+    Liger's fused linear cross-entropy does this in a Triton kernel; this is plain torch, on any
+    device. The matmuls run in the dtype autocast would give them, the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk: int, cap: float | None) -> torch.Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None               # [M, D_lm]
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None   # [V, D_lm]
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None    # [V]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, len(targets), chunk):
+                h, y = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]     # [c, D_lm], [c]
+                z = F.linear(h, w, b).float()                                                 # [c, V] logits
+                if cap:                                       # Gemma-style soft-capping; Qwen has none
+                    t = torch.tanh(z / cap)
+                    z = t * cap
+                lse = torch.logsumexp(z, dim=-1)                                              # [c]
+                loss += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+                g = z.sub_(lse[:, None]).exp_()               # softmax, in place of the logits
+                g[torch.arange(len(y), device=g.device), y] -= 1                              # d loss / d logits
+                if cap:
+                    g.mul_(1 - t.square())                    # through cap * tanh(z / cap)
+                g = g.to(dtype)
+                if grad_h is not None:
+                    grad_h[start:start + chunk] = g @ w
+                if grad_w is not None:
+                    grad_w.add_(g.t() @ h)
+                if grad_b is not None:
+                    grad_b.add_(g.sum(0))
+        ctx.grads = grad_h, grad_w, grad_b
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad_h, grad_w, grad_b), (w_dtype, b_dtype) = ctx.grads, ctx.dtypes
+        del ctx.grads                                         # held here only: no second copy of [V, D_lm]
+
+        def scaled(g: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+            return None if g is None else g.mul_(grad_loss).to(dtype or g.dtype)
+
+        return scaled(grad_h), scaled(grad_w, w_dtype), scaled(grad_b, b_dtype), None, None, None
+
+
 # --------------------------------------------------------------------------- combined model
 
 class LlavaModel(nn.Module):
@@ -144,6 +199,8 @@ class LlavaModel(nn.Module):
         self.tuning = Tuning()          # what trains (tuning.py); stage 1: the projector only
         self.checkpointed_layers: list[nn.Module] = []
         self.sharded = False            # set by parallel.py under FSDP2: every rank generates in step
+        self.ce_chunk_size = 0          # the loss over more supervised tokens than this goes in chunks (0: never)
+        self.autocast_dtype: torch.dtype | None = None   # forward passes under autocast in this dtype (bf16), or not
 
     def train(self, mode: bool = True) -> "LlavaModel":
         super().train(mode)
@@ -169,6 +226,12 @@ class LlavaModel(nn.Module):
         if not self.checkpointed_layers:
             raise RuntimeError(f"{type(self.llm).__name__} has no checkpointable layers")
         self.train(self.training)
+
+    def autocast(self) -> torch.autocast:
+        """The autocast of this model's forward passes (training, held-out loss, answers): bf16
+        matmuls over fp32 master weights when autocast_dtype is bf16 (CUDA; --precision bf16)."""
+        device = next(self.projector.parameters()).device.type
+        return torch.autocast(device, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -225,9 +288,17 @@ class LlavaModel(nn.Module):
                                         use_cache=False).last_hidden_state  # [B, T, D_lm]
         targets = labels[:, 1:]                                      # position t predicts token t+1
         keep = targets != IGNORE_INDEX                               # [B, T-1]
-        logits = self.logits(hidden[:, :-1][keep])                   # [M, V]
-        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss_sum, keep.sum()
+        return self.loss(hidden[:, :-1][keep], targets[keep]), keep.sum()
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sum of the cross-entropy of the M supervised tokens: hidden [M, D_lm], targets [M].
+        Over `ce_chunk_size` tokens, in chunks that never hold [M, V] logits (stage 2's long
+        answers: 4096 x 151,936 fp32 logits are 2.3 GiB, and their gradient as much again)."""
+        head = self.llm.get_output_embeddings()
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        if self.ce_chunk_size and len(targets) > self.ce_chunk_size and type(head) is nn.Linear:
+            return ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, self.ce_chunk_size, cap)
+        return F.cross_entropy(self.logits(hidden).float(), targets, reduction="sum")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.llm.get_output_embeddings()(hidden)

@@ -156,7 +156,7 @@ def fully_shard_model(model: LlavaModel, mesh: Any, device: torch.device, reshar
     common: dict[str, Any] = dict(
         mesh=mesh,
         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if device.type == "cuda" else MixedPrecisionPolicy(),
+        if model.autocast_dtype == torch.bfloat16 else MixedPrecisionPolicy(),
         # Pinned host memory copies faster to a GPU; a CPU-only machine has none to pin.
         offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy())
     for layer in model.llm.get_decoder().layers:

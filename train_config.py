@@ -53,6 +53,15 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute LLM layers in backward: less activation memory, ~30% "
                                              "more compute (off: small LLMs fit without it)")
     compile: bool = _f(False, "torch.compile the LLM decoder and the vision tower (first steps are slow)")
+    precision: str = _f("auto", "bf16: matmuls in bf16 under autocast, fp32 master weights, the loss in fp32, frozen "
+                                "weights stored in bf16; fp32: everything in fp32. auto: bf16 on CUDA; fp32 on a CPU "
+                                "(CPUs with AMX or AVX512-BF16 compute bf16 natively and say so at start; others "
+                                "emulate it, measured ~100x slower than fp32 on an AMD EPYC; and a demo's figures "
+                                "must not move with the CPU type)", choices=["auto", "fp32", "bf16"])
+    ce_chunk_size: int = _f(1024, "supervised tokens per chunk of the loss: over more than this, the logits are made "
+                                  "and dropped a chunk at a time, never [tokens x vocab] at once (0: all at once)")
+    threads: int = _f(0, "CPU threads per process (0: OMP_NUM_THREADS, else 1 for a model under 50M parameters, else "
+                         "the cores no other process uses at the start; utils/cpu.py says why)")
     group_by_length: bool = _f(False, "batch samples of similar text length together (less padding); "
                                       "order is still seeded and resumable")
     pack: bool = _f(False, "padding-free batches: samples concatenated in one row, attention kept within each "
@@ -164,7 +173,7 @@ def build_parser(stage_defaults: dict | None = None, doc: str | None = None) -> 
 # Flags counted in steps or samples: 0 has a meaning (off, all, derive), a negative one has none.
 NON_NEGATIVE = ("max_samples", "max_text_len", "num_workers", "max_empty_batches", "grad_accum", "global_batch_size",
                 "epochs", "max_steps", "log_interval", "eval_interval", "eval_samples", "sample_replies",
-                "save_interval", "keep_last", "max_nonfinite")
+                "save_interval", "keep_last", "max_nonfinite", "ce_chunk_size", "threads")
 
 
 def parse_args(argv: list[str] | None = None, stage_defaults: dict | None = None, doc: str | None = None) -> TrainConfig:

@@ -49,6 +49,7 @@ from train_config import (TrainConfig, demo_differences, parse_args, refuse_earl
 from tuning import add_lora, assert_trainable, check_device, is_peft, merged, set_trainable
 from utils import console
 from utils.checkpoint import complete_optimizer_state, find_latest, fresh_state, restore_training, saved_global_batch
+from utils.cpu import precision_note, resolve_precision, use_threads
 from utils.dist import (QuitNow, StopRequest, alike_on_every_rank, all_reduce_sum, ignore_stop_signals,
                         setup as setup_dist, tell_launcher)
 from utils.feature_cache import FeatureCache, cache_key, image_key
@@ -259,8 +260,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for k, b in enumerate(micro):
             # Gradients are reduced over the processes on the last micro-batch only (parallel.py).
-            with par.sync(last=k == grad_accum - 1), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                                       enabled=device.type == "cuda"):
+            with par.sync(last=k == grad_accum - 1), model.autocast():
                 ls, _ = par.engine(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b.get("pixel_values"),
                                    image_features=b.get("image_features"), position_ids=b.get("position_ids"))
                 # This rank's token sum over the global step's tokens (x processes: DDP/FSDP average).
@@ -381,9 +381,9 @@ def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist
     # FSDP: built on the CPU (in the device's dtypes), then fully_shard moves one unit at a time.
     sharded = dist.launched and cfg.train_strategy in SHARDED
     device = torch.device("cpu") if sharded else dist.device
+    compute = resolve_precision(cfg.precision, dist.device)       # bf16 (autocast) or None (fp32)
     build = dict(attn_implementation=cfg.attn, models_dir=cfg.models_dir, trust_remote_code=cfg.trust_remote_code,
-                 load_in_4bit=tuning.load_in_4bit,
-                 frozen_dtype=torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
+                 load_in_4bit=tuning.load_in_4bit, frozen_dtype=compute or torch.float32)
     if tuning.llm == "full":
         build["llm_dtype"] = torch.float32       # fp32 master weights; autocast computes in bf16
     start = resume_from or start_point(cfg)
@@ -414,6 +414,7 @@ def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist
     if tuning.llm == "lora" and not is_peft(model.llm):
         model.llm = add_lora(model.llm, tuning)
     model.tuning = tuning
+    model.autocast_dtype, model.ce_chunk_size = compute, cfg.ce_chunk_size
     set_trainable(model, tuning)
     counts = assert_trainable(model, tuning)     # exactly what the flags ask, nothing else
     if cfg.gradient_checkpointing:
@@ -427,8 +428,16 @@ def build_training_model(cfg: TrainConfig, vision_path: str, llm_path: str, dist
     console.kv("trains", f"{tuning.describe()} ({', '.join(f'{k} {v:,}' for k, v in counts.items() if v)} parameters)")
     if start:
         console.kv("starts from", start)
-    for k, v in model.summary().items():
+    summary = model.summary()
+    for k, v in summary.items():
         console.kv(k, v)
+    console.kv("precision", "bf16 autocast, fp32 master weights and loss" if compute else "fp32")
+    if dist.device.type == "cpu":
+        params = sum(summary["params"].values())
+        console.kv("threads", use_threads(cfg.threads, params))
+        note = precision_note(cfg.precision, compute, params)
+        if note:
+            console.notice(note)
     return model, tokenizer
 
 

@@ -16,8 +16,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OMP_NUM_THREADS wins (several pytest processes, or a busy machine, want 1); else both cores.
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
+# One thread unless OMP_NUM_THREADS says otherwise: the tests' models are tiny, and on a 2-core AMD
+# EPYC the quick tier took 45 s on one thread and on two when quiet, but 47 s against 66 s beside
+# another CPU-bound process (two threads spin-wait for a busy core: utils/cpu.py).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 DEVICE = os.environ.get("LLAVA_TEST_DEVICE", "cpu")
 

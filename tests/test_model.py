@@ -58,6 +58,84 @@ def test_lean_loss_equals_full_logits_loss(toy_model, tiny):
     torch.testing.assert_close(loss_sum / n, ref.float(), **tolerance(ref.device))
 
 
+@pytest.mark.parametrize("bias, cap, tied", [(False, None, True), (True, None, False), (True, 3.0, False)])
+def test_chunked_loss_equals_the_whole_one_in_value_and_gradients(bias, cap, tied):
+    """ChunkedCrossEntropy against F.cross_entropy over whole [M, V] logits: the loss and the
+    gradients of the hidden states, the head's weight (tied to the embeddings: both paths add up)
+    and bias, with and without soft-capping, chunks that do not divide M."""
+    from model import ChunkedCrossEntropy
+
+    torch.manual_seed(0)
+    M, D, V = 37, 16, 50
+    embed = torch.nn.Embedding(V, D)
+    head = torch.nn.Linear(D, V, bias=bias)
+    if tied:
+        head.weight = embed.weight
+    hidden0, targets = torch.randn(M, D, dtype=torch.float64).float(), torch.randint(0, V, (M,))
+    ids = torch.randint(0, V, (5,))
+
+    def run(chunk):
+        for p in [*head.parameters(), *embed.parameters()]:
+            p.grad = None
+        hidden = hidden0.clone().requires_grad_(True)
+        if chunk:
+            loss = ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, cap)
+        else:
+            z = head(hidden)
+            loss = torch.nn.functional.cross_entropy(torch.tanh(z / cap) * cap if cap else z, targets, reduction="sum")
+        (loss * 0.5 + embed(ids).sum()).backward()          # a scale reaches backward; the embedding adds its part
+        return loss.detach(), hidden.grad, head.weight.grad.clone(), None if head.bias is None else head.bias.grad.clone()
+
+    whole = run(0)
+    for chunk in (1, 8, 37, 64):
+        for a, b in zip(run(chunk), whole):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_computes_as_the_whole_one_does():
+    """Under autocast the chunks' matmuls run in bf16, as the whole logits' do (softmax in fp32)."""
+    from model import ChunkedCrossEntropy
+
+    torch.manual_seed(0)
+    head, targets = torch.nn.Linear(32, 300, bias=False), torch.randint(0, 300, (40,))
+    hidden0 = torch.randn(40, 32)
+    out = {}
+    for chunk in (0, 16):
+        hidden = hidden0.clone().requires_grad_(True)
+        head.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (ChunkedCrossEntropy.apply(hidden, head.weight, None, targets, chunk, None) if chunk else
+                    torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum"))
+        loss.backward()
+        out[chunk] = loss.detach(), hidden.grad, head.weight.grad
+    for a, b in zip(out[16], out[0]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    fp32 = torch.nn.functional.cross_entropy(head(hidden0), targets, reduction="sum")
+    assert out[16][0] != fp32       # the matmuls did run in bf16
+
+
+@pytest.mark.device
+def test_the_model_loss_in_chunks_equals_the_whole_one(toy_model, tiny):
+    model, tok, fmt = toy_model
+    batch = toy_batch(model, tok, fmt, tiny)
+    results = []
+    for chunk in (0, 5):
+        model.ce_chunk_size = chunk
+        model.zero_grad(set_to_none=True)
+        loss_sum, n = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                            pixel_values=batch["pixel_values"])
+        (loss_sum / n).backward()
+        assert n > chunk
+        results.append((loss_sum.detach(), [p.grad.clone() for p in model.projector.parameters()]))
+    model.ce_chunk_size = 0
+    model.zero_grad(set_to_none=True)
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, whole, **tolerance())
+    for a, b in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(a, b, **tolerance())
+
+
 @pytest.mark.device
 def test_image_features_land_in_the_slots(toy_model, tiny):
     model, tok, fmt = toy_model
