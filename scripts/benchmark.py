@@ -26,6 +26,10 @@ same speed when the LLM dominates; the difference is the largest batch that fits
     # stages 2 and 3 at the course's settings (512 text tokens): ours only, the LLM trains too
     python scripts/benchmark.py --arch course --tune_llm full --gradient_checkpointing --batch_size 4 --text_len 512 --answer_len 256
     python scripts/benchmark.py --arch course --tune_llm lora --batch_size 8 --text_len 512 --answer_len 256
+    # side by side, each in a fresh process: the loss in chunks against whole [M, vocab] logits, fp32 against bf16
+    python scripts/benchmark.py --arch course --tune_llm lora --batch_size 8 --text_len 512 --answer_len 512 \
+        --compare ce_chunk_size --ce_chunk_size 1024 --steps 2 --warmup 1
+    python scripts/benchmark.py --arch course --batch_size 4 --steps 20 --warmup 0 --compare precision
 
 Architectures: course (Chinese-CLIP ViT-B/16 + Qwen3-0.6B), align (DINOv3 ViT-B/16 + Qwen3-VL-2B
 text), llava15 (CLIP-L/14-336 + Qwen3-1.7B), small (a scaled-down CLIP + Qwen3 with the real
@@ -48,7 +52,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -67,6 +73,7 @@ from utils.atomic import atomic_write  # noqa: E402
 from utils.config import Parser  # noqa: E402
 from utils.checkpoint import complete_optimizer_state  # noqa: E402
 from utils.dist import gather_objects, pick_device, setup as setup_dist  # noqa: E402
+from utils.cpu import resolve_precision  # noqa: E402
 from utils.flops import peak_flops, step_flops  # noqa: E402
 
 IMAGE_TOKEN_ID = 151655  # Qwen's <|image_pad|>
@@ -227,22 +234,21 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def time_steps(step_fn, device: torch.device, steps: int, warmup: int) -> tuple[float, int, float]:
-    """(seconds per step, peak memory bytes, last loss)."""
-    for _ in range(warmup):
-        loss = step_fn()
+def time_steps(step_fn, device: torch.device, steps: int, warmup: int) -> tuple[float, int, list[float]]:
+    """(seconds per step, peak memory bytes, the loss of every step, warm-up included)."""
+    losses = [step_fn() for _ in range(warmup)]
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         for _ in range(steps):
-            loss = step_fn()
+            losses.append(step_fn())
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak
-    return seconds, peak, float(loss)
+    return seconds, peak, [float(x) for x in losses]
 
 
 def step_ours(model: LlavaModel, batch: dict, features: torch.Tensor | None, device: torch.device):
@@ -250,7 +256,7 @@ def step_ours(model: LlavaModel, batch: dict, features: torch.Tensor | None, dev
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with model.autocast():
             ls, nt = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                            pixel_values=None if features is not None else batch["pixel_values"],
                            image_features=features)
@@ -262,12 +268,13 @@ def step_ours(model: LlavaModel, batch: dict, features: torch.Tensor | None, dev
     return step
 
 
-def step_reference(ref, batch: dict, device: torch.device):
+def step_reference(ref, batch: dict, device: torch.device, autocast_dtype: torch.dtype | None):
+    """The reference under the same autocast as ours: the same precision on both sides."""
     params = [p for p in ref.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_dtype is not None):
             loss = ref(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                        attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         loss.backward()
@@ -311,15 +318,18 @@ class Models:
     dtype: torch.dtype
 
 
-def build(arch_name: str, dtype: str = "auto", attn: str = "sdpa", device: str = "auto",
-          reference: bool = True, tune_llm: str = "none", gradient_checkpointing: bool = False) -> Models:
+def build(arch_name: str, precision: str = "auto", attn: str = "sdpa", device: str = "auto",
+          reference: bool = True, tune_llm: str = "none", gradient_checkpointing: bool = False,
+          ce_chunk_size: int = 0) -> Models:
     """Ours (and the reference); `tune_llm` full or lora trains the LLM as stages 2 and 3 do
-    (full: fp32 master weights; lora: the course's adapters over the frozen base)."""
+    (full: fp32 master weights; lora: the course's adapters over the frozen base). `precision`
+    as training's --precision: bf16 stores the frozen weights in bf16 and runs under autocast."""
     dev = pick_device(device)
-    torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                   "fp32": torch.float32}[dtype]
+    compute = resolve_precision(precision, dev)
+    torch_dtype = compute or torch.float32
     arch, changes = comparable(ARCHS[arch_name]) if reference else (ARCHS[arch_name], [])
     ours = build_ours(arch, torch_dtype, attn, dev)
+    ours.autocast_dtype, ours.ce_chunk_size = compute, ce_chunk_size
     tuning = Tuning(tune_llm)
     if tune_llm == "full":
         ours.llm.float()
@@ -345,24 +355,27 @@ def run(m: Models, batch_size: int, text_len: int = 64, answer_len: int = 48, ca
     seq = batch["input_ids"].shape[1]
     vocab = ours.llm.config.vocab_size
 
-    def figures(seconds, peak_mem, loss, f):
+    def figures(seconds, peak_mem, losses, f):
         sps = batch_size / seconds
         return {"samples_per_s": round(sps, 2), "tokens_per_s": round(sps * seq, 1), "step_ms": round(seconds * 1e3, 3),
-                "peak_mem_bytes": int(peak_mem), "loss": round(loss, 5),
+                "peak_mem_bytes": int(peak_mem), "loss": round(losses[-1], 5), "losses": [round(x, 6) for x in losses],
                 "mfu": round(sps * f / peak, 4) if peak else None}
 
     result = {"arch": m.arch, "device": device_name, "batch_size": batch_size, "seq_len": seq,
               "image_tokens": ours.vision.num_tokens, "supervised_tokens": answer_len, "dtype": str(m.dtype),
+              "precision": "bf16" if ours.autocast_dtype else "fp32", "ce_chunk_size": ours.ce_chunk_size,
               "attn": ours.llm.config._attn_implementation, "cached_features": cached_features,
               "tune_llm": ours.tuning.llm, "gradient_checkpointing": bool(ours.checkpointed_layers),
               "trainable_params": sum(p.numel() for _, p in ours.trainable_parameters()),
               "flops_per_sample": flops, "peak_flops": peak, "steps": steps, "comparison": m.changes,
               # What the lean loss saves (computed, not measured): one fp32 copy of the logits the
-              # loss reads, [B, T, V] in the reference against [M, V] at supervised tokens in ours.
-              "logits_bytes": {"ours": batch_size * answer_len * vocab * 4, "reference": batch_size * seq * vocab * 4}}
+              # loss reads, [B, T, V] in the reference against [M, V] at supervised tokens in ours
+              # (a chunk of them with --ce_chunk_size).
+              "logits_bytes": {"ours": min(batch_size * answer_len, ours.ce_chunk_size or batch_size * answer_len)
+                               * vocab * 4, "reference": batch_size * seq * vocab * 4}}
     if ref is not None:
         # Same weights, same batch, same function: the two losses agree before either trains.
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.no_grad(), ours.autocast():
             ls, nt = ours(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
             ref_loss = ref(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                            attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
@@ -372,7 +385,8 @@ def run(m: Models, batch_size: int, text_len: int = 64, answer_len: int = 48, ca
             raise RuntimeError(f"ours and the reference disagree before training ({result['initial_loss']}): "
                                "they would not be timing the same computation")
     for who in measure:
-        step = step_ours(ours, batch, features, dev) if who == "ours" else step_reference(ref, batch, dev)
+        step = (step_ours(ours, batch, features, dev) if who == "ours"
+                else step_reference(ref, batch, dev, ours.autocast_dtype))
         f = flops if who == "ours" else flops_per_sample(ours, text_len, answer_len, False)
         try:
             result[who] = figures(*time_steps(step, dev, steps, warmup), f)
@@ -446,10 +460,11 @@ def run_parallel(args) -> dict:
     is wrapped: the one-process baseline."""
     info = setup_dist(args.device)
     sharded = info.launched and args.train_strategy in SHARDED
-    dtype = args.dtype if args.dtype != "auto" else "bf16" if info.device.type == "cuda" else "fp32"
+    precision = "bf16" if resolve_precision(args.precision, info.device) else "fp32"   # the device's, not the CPU's
     # FSDP builds on the CPU and fully_shard moves one unit at a time, as training does.
-    m = build(args.arch, dtype, args.attn, "cpu" if sharded else str(info.device), reference=False,
-              tune_llm=args.tune_llm, gradient_checkpointing=args.gradient_checkpointing)
+    m = build(args.arch, precision, args.attn, "cpu" if sharded else str(info.device), reference=False,
+              tune_llm=args.tune_llm, gradient_checkpointing=args.gradient_checkpointing,
+              ce_chunk_size=args.ce_chunk_size)
     model = m.ours
     par = parallelize(model, args.train_strategy, info, args.fsdp_offload, shard_vision=args.fsdp_vision == "shard")
     params = [p for _, p in model.trainable_parameters()]
@@ -459,7 +474,7 @@ def run_parallel(args) -> dict:
     grads = [0]
 
     def step():
-        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+        with model.autocast():
             ls, nt = par.engine(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                 pixel_values=batch["pixel_values"])
             (ls / (nt * info.world_size) * par.grad_scale).backward()   # the global mean over equal batches
@@ -468,7 +483,8 @@ def run_parallel(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         return ls.detach() / nt
-    seconds, peak, loss = time_steps(step, info.device, args.steps, args.warmup)
+    seconds, peak, losses = time_steps(step, info.device, args.steps, args.warmup)
+    loss = losses[-1]
     mine = {"rank": info.rank, "step_ms": round(seconds * 1e3, 1), "peak_mem_bytes": int(peak),
             "params_bytes": local_bytes(model.parameters()), "trained_params_bytes": local_bytes(params),
             "grads_bytes": grads[0], "optimizer_bytes": local_bytes(t for st in opt.state.values() for t in st.values()
@@ -500,13 +516,71 @@ def run_parallel(args) -> dict:
     return result
 
 
+def compare(args, argv: list[str]) -> dict:
+    """--compare: ours twice, each in a fresh process (a CPU's peak memory is the process's resident
+    set, which a second model in the same process would start from), one setting changed: fp32
+    against bf16, or the whole loss against chunks. Both train the same batch from the same
+    weights, so their loss curves can be compared step by step."""
+    keep, i = [], 0
+    while i < len(argv):                     # this command without --compare/--json; the variant's flags follow
+        if argv[i].split("=")[0] in ("--compare", "--json"):
+            i += 1 if "=" in argv[i] else 2
+            continue
+        keep.append(argv[i])
+        i += 1
+    if args.compare == "precision":
+        variants = {"fp32": ["--precision", "fp32"], "bf16": ["--precision", "bf16"]}
+    else:
+        n = args.ce_chunk_size or 1024
+        variants = {"whole loss": ["--ce_chunk_size", "0"], f"chunks of {n}": ["--ce_chunk_size", str(n)]}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in variants.items():
+            path = os.path.join(tmp, "result.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), *keep, *extra, "--no_reference", "--json", path],
+                           check=True)
+            with open(path, encoding="utf-8") as fh:
+                results[name] = json.load(fh)
+    (a_name, a), (b_name, b) = results.items()
+    print(f"\n--compare {args.compare}: arch {args.arch} | LLM {a['tune_llm']} | batch {a['batch_size']} | seq "
+          f"{a['seq_len']} | {a['supervised_tokens']} supervised tokens a sample | {a['device']}")
+    print(f"  {'':<16}{'step':>12}{'samples/s':>12}{'peak mem':>12}{'first loss':>12}{'last loss':>12}")
+    for name, r in results.items():
+        o = r["ours"]
+        if "error" in o:
+            print(f"  {name:<16}{o['error']:>48}")
+            continue
+        print(f"  {name:<16}{o['step_ms'] / 1e3:>10.2f} s{o['samples_per_s']:>12}{o['peak_mem_bytes'] / 2**30:>8.2f} GiB"
+              f"{o['losses'][0]:>12.5f}{o['loss']:>12.5f}")
+    summary = {}
+    if "error" not in a["ours"] and "error" not in b["ours"]:
+        la, lb = a["ours"]["losses"], b["ours"]["losses"]
+        summary = {"speed": round(b["ours"]["samples_per_s"] / a["ours"]["samples_per_s"], 3),
+                   "peak_mem": round(b["ours"]["peak_mem_bytes"] / a["ours"]["peak_mem_bytes"], 3),
+                   "max_loss_diff": max(abs(x - y) / max(abs(y), 1e-9) for x, y in zip(la, lb))}
+        print(f"  {b_name} / {a_name}: {summary['speed']:.2f}x the samples/s, {summary['peak_mem']:.2f}x the peak "
+              f"memory; over {len(la)} steps on one batch the losses differ by at most {summary['max_loss_diff']:.2e} "
+              "(relative)")
+    out = {"compare": args.compare, "variants": results, **summary}
+    if args.json:
+        atomic_write(args.json, json.dumps(out, indent=2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = Parser(description=__doc__)
     p.add_argument("--arch", default="course", choices=list(ARCHS), help="architecture (see above)")
     p.add_argument("--batch_size", type=int, default=8, help="samples per step (both models); the sweep's start")
     p.add_argument("--text_len", type=int, default=64, help="text tokens per sample besides the image slots")
     p.add_argument("--answer_len", type=int, default=48, help="supervised tokens per sample (caption + end of turn)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="frozen weights (auto: bf16 on GPU)")
+    p.add_argument("--precision", "--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="as training's --precision: bf16 = frozen weights in bf16 and autocast, on both models "
+                        "(auto: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--ce_chunk_size", type=int, default=0, help="ours: the loss in chunks of this many supervised "
+                                                                "tokens (training's --ce_chunk_size; 0: whole)")
+    p.add_argument("--compare", default=None, choices=["precision", "ce_chunk_size"],
+                   help="ours twice, each in a fresh process (its own peak memory): fp32 against bf16, or the "
+                        "whole loss against --ce_chunk_size chunks (1024 when not given); a side-by-side table")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention backend")
     p.add_argument("--cached_features", action="store_true", help="ours trains from cached features (no ViT; "
                                                                    "the reference still runs its tower)")
@@ -535,8 +609,10 @@ def main(argv: list[str] | None = None) -> dict:
               steps=args.steps, warmup=args.warmup)
     alone = args.no_reference or args.tune_llm != "none" or args.gradient_checkpointing  # the reference is stage 1's
     measure = ("ours",) if alone else ("ours", "reference")
-    models = build(args.arch, args.dtype, args.attn, args.device, reference=not alone, tune_llm=args.tune_llm,
-                   gradient_checkpointing=args.gradient_checkpointing)
+    if args.compare:
+        return compare(args, argv if argv is not None else sys.argv[1:])
+    models = build(args.arch, args.precision, args.attn, args.device, reference=not alone, tune_llm=args.tune_llm,
+                   gradient_checkpointing=args.gradient_checkpointing, ce_chunk_size=args.ce_chunk_size)
     batch, sweeps = args.batch_size, {}
     if args.sweep:
         for who in measure:

@@ -123,6 +123,25 @@ def test_benchmark_compares_equal_computations_and_sweeps_both_models():
     assert alone["image_tokens"] == 16 and alone["comparison"] == []
 
 
+@pytest.mark.slow   # four fresh processes
+def test_benchmark_compares_chunked_loss_and_precision_side_by_side(tmp_path):
+    """--compare: each variant in a process of its own, on the same batch and weights. Chunks
+    change no loss (up to float rounding); bf16 changes it by rounding, not more."""
+    from scripts.benchmark import main
+
+    common = ["--arch", "tiny", "--batch_size", "2", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+    chunks = main([*common, "--compare", "ce_chunk_size", "--ce_chunk_size", "16", "--json", str(tmp_path / "c.json")])
+    assert json.loads((tmp_path / "c.json").read_text())["max_loss_diff"] == chunks["max_loss_diff"]
+    whole, chunked = chunks["variants"]["whole loss"], chunks["variants"]["chunks of 16"]
+    assert (whole["ce_chunk_size"], chunked["ce_chunk_size"]) == (0, 16) and len(chunked["ours"]["losses"]) == 3
+    assert chunks["max_loss_diff"] < 1e-5
+    assert chunked["logits_bytes"]["ours"] == 16 * 1000 * 4 < whole["logits_bytes"]["ours"]
+    precision = main([*common, "--compare", "precision"])
+    fp32, bf16 = precision["variants"]["fp32"], precision["variants"]["bf16"]
+    assert (fp32["precision"], bf16["precision"], bf16["dtype"]) == ("fp32", "bf16", "torch.bfloat16")
+    assert 0 < precision["max_loss_diff"] < 1e-2
+
+
 def test_step_flops_counts_each_part(tiny, toy_model):
     """The FLOP count behind MFU: vision only from images, LLM quadratic in length, head per token."""
     from utils.flops import sample_lengths, step_flops
