@@ -536,14 +536,20 @@ def compare(args, argv: list[str]) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in variants.items():
-            path = os.path.join(tmp, "result.json")
-            subprocess.run([sys.executable, os.path.abspath(__file__), *keep, *extra, "--no_reference", "--json", path],
-                           check=True)
+            path = os.path.join(tmp, f"{len(results)}.json")
+            code = subprocess.run([sys.executable, os.path.abspath(__file__), *keep, *extra, "--no_reference",
+                                   "--json", path]).returncode
+            if code != 0:   # killed by the kernel for memory (-9), most likely: the other variant still counts
+                results[name] = {"ours": {"error": f"exited {code}" + (" (killed: out of memory?)" if code == -9
+                                                                       else "")}}
+                continue
             with open(path, encoding="utf-8") as fh:
                 results[name] = json.load(fh)
     (a_name, a), (b_name, b) = results.items()
-    print(f"\n--compare {args.compare}: arch {args.arch} | LLM {a['tune_llm']} | batch {a['batch_size']} | seq "
-          f"{a['seq_len']} | {a['supervised_tokens']} supervised tokens a sample | {a['device']}")
+    shape = a if "tune_llm" in a else b
+    if "tune_llm" in shape:
+        print(f"\n--compare {args.compare}: arch {args.arch} | LLM {shape['tune_llm']} | batch {shape['batch_size']} | "
+              f"seq {shape['seq_len']} | {shape['supervised_tokens']} supervised tokens a sample | {shape['device']}")
     print(f"  {'':<16}{'step':>12}{'samples/s':>12}{'peak mem':>12}{'first loss':>12}{'last loss':>12}")
     for name, r in results.items():
         o = r["ours"]
