@@ -561,7 +561,7 @@ def compare(args, argv: list[str]) -> dict:
     summary = {}
     if "error" not in a["ours"] and "error" not in b["ours"]:
         la, lb = a["ours"]["losses"], b["ours"]["losses"]
-        summary = {"speed": round(b["ours"]["samples_per_s"] / a["ours"]["samples_per_s"], 3),
+        summary = {"speed": round(a["ours"]["step_ms"] / b["ours"]["step_ms"], 3),     # samples/s are rounded
                    "peak_mem": round(b["ours"]["peak_mem_bytes"] / a["ours"]["peak_mem_bytes"], 3),
                    "max_loss_diff": max(abs(x - y) / max(abs(y), 1e-9) for x, y in zip(la, lb))}
         print(f"  {b_name} / {a_name}: {summary['speed']:.2f}x the samples/s, {summary['peak_mem']:.2f}x the peak "
