@@ -27,6 +27,7 @@ from tuning import COURSE_LORA_TARGET, Tuning, check_device
 from utils.align_plan import translate_align_flags
 from utils.config import Parser, add_dataclass_args, explicit_flags, from_namespace
 from utils.dist import available_cpus, pick_device
+from utils.trackers import parse_trackers
 
 
 def _f(default, help: str, **kw):
@@ -119,7 +120,9 @@ class TrainConfig:
     # ---- logging, evaluation, checkpoints
     run_name: str = _f("", "name of runs/<name>/ and checkpoints/<name>/ (default: timestamped)")
     runs_dir: str = _f("runs", "where run logs go")
-    trackers: str = _f("jsonl,tensorboard", "log sinks, comma-separated: jsonl, tensorboard")
+    trackers: str = _f("jsonl,tensorboard", "log sinks, comma-separated, any of: jsonl, tensorboard, wandb, swanlab "
+                                            "(wandb and swanlab: pip install them; offline with WANDB_MODE=offline, "
+                                            "SWANLAB_MODE=offline; a resume continues the same tracker run)")
     checkpoints_dir: str = _f("checkpoints", "where checkpoints go")
     log_interval: int = _f(10, "steps between printed log lines (0 = none; metrics.jsonl still gets every step)")
     eval_interval: int = _f(200, "steps between held-out evaluations, plus one before training "
@@ -189,6 +192,10 @@ def parse_args(argv: list[str] | None = None, stage_defaults: dict | None = None
         parser.error("give one start point: --stage1 or --init")
     if (cfg.stage1 or cfg.init) and cfg.model:
         parser.error("--model picks the frozen models of a fresh run; a start point (--stage1/--init) has its own")
+    try:
+        parse_trackers(cfg.trackers)
+    except ValueError as e:
+        parser.error(str(e))
     if not 0 <= cfg.eval_ratio < 1:
         parser.error(f"--eval_ratio {cfg.eval_ratio}: must be in [0, 1)")
     for name in NON_NEGATIVE:

@@ -118,7 +118,7 @@ def test_align_plan_command_line_maps_onto_our_flags():
 @pytest.mark.parametrize("extra, message", [
     (["--stage", "finetune"], "stage 1 only"),
     (["--dataset.type", "llava-multimodal-instruct"], "only llava-v15"),
-    (["--trackers", '["wandb"]'], "not supported"),
+    (["--trackers", '["mlflow"]'], "not supported"),     # Prismatic's wandb is one of ours
     (["--model.llm_backbone_id", "x"], "not an align-stage flag"),
 ])
 def test_align_flags_refuse_what_cannot_be_done(extra, message):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 
+from utils.trackers import TRACKERS
+
 ALIGN_FLAGS = {"--model.type": "--model", "--model.align_epochs": "--epochs",
                "--model.align_max_steps": "--max_steps", "--model.align_global_batch_size": "--global_batch_size",
                "--model.align_per_device_batch_size": "--batch_size", "--model.align_learning_rate": "--lr",
@@ -55,9 +57,9 @@ def translate_align_flags(argv: list[str]) -> list[str]:
             out += ["--runs_dir", value, "--checkpoints_dir", value]
         elif key == "--trackers":
             names = json.loads(value) if value.strip().startswith("[") else value.split(",")
-            unknown = set(names) - {"jsonl", "tensorboard"}
+            unknown = set(names) - set(TRACKERS)
             if unknown:
-                raise SystemExit(f"--trackers: {sorted(unknown)} not supported (jsonl, tensorboard)")
+                raise SystemExit(f"--trackers: {sorted(unknown)} not supported ({', '.join(TRACKERS)})")
             out += ["--trackers", ",".join(names)]
         elif key == "--model.align_lr_scheduler_type":
             if value not in SCHEDULERS:

@@ -1,4 +1,5 @@
-"""One run, one directory: metrics.jsonl and TensorBoard events under runs/<run>/."""
+"""One run, one directory: metrics.jsonl and TensorBoard events under runs/<run>/, and the same
+scalars to wandb or SwanLab when --trackers names them (utils/trackers.py)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,22 @@ import torch
 from utils import console
 from utils.dist import gather_objects, memory_gib
 from utils.skips import SkipTally
+from utils.trackers import open_trackers
 
 
 class RunLogger:
-    """Writes scalars to `metrics.jsonl` (one JSON object per line) and TensorBoard.
+    """Writes scalars to `metrics.jsonl` (one JSON object per line), TensorBoard, wandb and SwanLab.
 
-    `trackers` picks the sinks: "jsonl", "tensorboard" (the align plan's `--trackers`).
-    Only rank 0 should construct one.
+    `trackers` picks the sinks: "jsonl", "tensorboard", "wandb", "swanlab" (the align plan's
+    `--trackers`). Only rank 0 should construct one.
     """
 
-    def __init__(self, run_dir: str, trackers: tuple[str, ...] = ("jsonl", "tensorboard"), purge_after: int | None = None):
+    def __init__(self, run_dir: str, trackers: tuple[str, ...] = ("jsonl", "tensorboard"), purge_after: int | None = None,
+                 name: str = "", config: dict | None = None):
         """purge_after: a resumed run drops what the interrupted one logged after this step
-        (it will be logged again), so every step appears once in both sinks."""
+        (it will be logged again), so every step appears once in jsonl and TensorBoard.
+        name, config: the run's, for wandb and SwanLab (which continue the tracker run whose id
+        the run folder keeps: a resume, or the demo's figures after training)."""
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
         path = os.path.join(run_dir, "metrics.jsonl")
@@ -40,16 +45,20 @@ class RunLogger:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(run_dir, purge_step=None if purge_after is None else purge_after + 1)
+        self._remote = open_trackers(run_dir, trackers, name or os.path.basename(os.path.normpath(run_dir)), config)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if self._jsonl is not None:
             row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in scalars.items()}}
             self._jsonl.write(json.dumps(row, ensure_ascii=False) + "\n")
             self._jsonl.flush()
+        numbers = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and v == v}   # NaN skipped
         if self._tb is not None:
-            for k, v in scalars.items():
-                if isinstance(v, (int, float)) and v == v:  # skip NaN
-                    self._tb.add_scalar(k, v, step)
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, step)
+        for tracker in self._remote:
+            if numbers:
+                tracker.log(step, numbers)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self._tb is not None:
@@ -65,6 +74,9 @@ class RunLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._remote:
+            tracker.close()
+        self._remote = []
 
 
 def _plain(v: Any) -> Any:
