@@ -36,6 +36,7 @@ from utils.dist import DistInfo, barrier, cleanup as cleanup_dist, tell_launcher
 from utils.flops import mfu
 from utils.metrics import RunLogger, log_line, periodic_scalars, print_summary, run_totals
 from utils.skips import Skips, SkipTally
+from utils.trackers import parse_trackers
 
 
 @dataclass
@@ -111,7 +112,9 @@ class Run:
         # and on resume the checkpoint's totals, which include them already.
         tally = SkipTally(skipped=Counter(state["skipped"] if folders.resume_from else read_skips if main else {}),
                           examples=dict(read_skips.examples) if main else {}, truncated=state.get("truncated", 0))
-        logger = RunLogger(folders.run_dir, tuple(cfg.trackers.split(",")), purge_after=state["step"]) if main else None
+        # wandb / SwanLab continue the tracker run whose id the run folder keeps (a resume makes no second one).
+        logger = RunLogger(folders.run_dir, parse_trackers(cfg.trackers), purge_after=state["step"], name=folders.name,
+                           config=redacted(cfg)) if main else None
         # The loss must have moved once warmup is over; the gap must have left zero by the second eval.
         warmup = int(total_steps * cfg.warmup_ratio)
         alarms = Alarms(logger, flat_after=min(max(100, 2 * warmup), total_steps),
@@ -183,6 +186,7 @@ class Run:
         """After a stop request's checkpoint: the command that continues the run."""
         command = resume_command(argv or [], self.folders.name, self.dist.world_size, STAGE_SCRIPTS[self.cfg.stage])
         if self.dist.is_main:
+            self.logger.close()      # a tracker run left open would be marked crashed; the resume continues it
             console.warn(f"stopped at step {step}; checkpoint {checkpoint}. Continue with:\n  {command}")
         # Under torchrun: the launcher's failure report (a worker exiting 128 + signal) shows this.
         tell_launcher(f"stopped at step {step} on request; checkpoint {checkpoint}. Continue with: {command}")
