@@ -38,6 +38,7 @@ VALUES = {"color": list(COLORS), "shape": SHAPES, "position": POSITIONS}
 YES_NO_BENCH = {"color": "图中的形状是{value}的吗？ Please answer yes or no.",
                 "position": "形状在{value}吗？ Please answer yes or no."}
 EXISTENCE = "图中有{value}吗？"
+MME_MAX = 200 * len(YES_NO_BENCH)   # MME scores acc + acc+ (in %) per category: 200 each
 BENCH_NAMES = {"mcq": "toy_MMBench_CN", "mme": "toy_MME", "pope": "toy_POPE"}
 STYLE_NOTE = "stage 3's style: every question is answered with the full caption sentence"
 

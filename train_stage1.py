@@ -468,7 +468,10 @@ def run_cli(stage_defaults: dict | None = None, doc: str | None = None) -> None:
     a process killed by it would (130 Ctrl-C, 143 SIGTERM); at once on a second Ctrl-C."""
     try:
         summary = main(None, stage_defaults, doc)
-        sys.exit(128 + summary.get("signal", signal.SIGINT) if summary.get("interrupted") else 0)
+        if summary.get("interrupted"):
+            sys.exit(128 + summary.get("signal", signal.SIGINT))
+        # A demo whose figures miss a bar exits 3 (a fork's CI can run the demo as a self-test).
+        sys.exit(3 if not all(v["ok"] for v in summary.get("verdicts", {}).values()) else 0)
     except SystemExit as e:
         if isinstance(e.code, str):
             tell_launcher(e.code)     # torchrun's failure report names the reason

@@ -343,3 +343,29 @@ def test_gpu_check_tests_log_ends_with_the_pytest_count(tmp_path):
     log = (tmp_path / "out" / "tests.log").read_text()
     assert re.search(r"\b1 passed\b", log), log[-2000:]
     assert "tests on cpu: exit 0" in res.stdout and "benchmark" not in res.stdout    # --only: that step alone
+
+
+def test_verdicts_hold_the_figures_to_their_bars_and_set_the_exit_status(monkeypatch, capsys):
+    """Each demo's headline figures against their bars (a ceiling for a starting point and for
+    skipped turns), printed with what they mean, carried in summary.json, and exit status 3
+    when one falls short (0 when all hold)."""
+    summary = {"heldout_exact_match_before": 0.025, "heldout_exact_match_after": 0.975,
+               "skipped": {"turn_over_max_text_len": 0, "missing_image": 2}}
+    found = toy_demo.verdicts(summary, 1)
+    assert found["heldout_exact_match_after"] == {"value": 0.975, "bar": 0.95, "ok": True}
+    assert found["heldout_exact_match_before"]["ok"] and found["turns_skipped_as_too_long"]["ok"]
+    toy_demo.print_verdicts(found, 1)
+    out = capsys.readouterr().out
+    assert "✓ heldout exact match 0.975 ≥ 0.95: the projector aligned" in out
+    missed = toy_demo.verdicts({**summary, "heldout_exact_match_after": 0.5,
+                                "skipped": {"turn_over_max_text_len": 3}}, 1)
+    assert not missed["heldout_exact_match_after"]["ok"] and not missed["turns_skipped_as_too_long"]["ok"]
+    toy_demo.print_verdicts(missed, 1)
+    err = capsys.readouterr().err
+    assert "✗ heldout exact match 0.5 < 0.95: alignment fell short" in err
+    assert "✗ turns skipped as too long 3 > 0" in err
+    for verdict, code in ((missed, 3), (found, 0)):
+        monkeypatch.setattr(train_stage1, "main", lambda *a, v=verdict: {"verdicts": v})
+        with pytest.raises(SystemExit) as stop:
+            train_stage1.run_cli()
+        assert stop.value.code == code
