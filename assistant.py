@@ -5,6 +5,8 @@ replies of training (heldout.py) and the demos (toy_demo.py) all answer through 
 
     reply(image, messages, stream=False, **gen) -> str        one answer (a chat turn, one shot)
     reply_batch(items, ...) -> list[str | None]                 many answers (None: a counted failure)
+    encode(image, messages) / generate(prompts, ...)            the two halves of reply_batch (ours only;
+                                                                serve_api.py batches its requests with them)
     stream(image, messages, gen, stop) -> Iterator[str]         the reply so far, growing (the page)
     question_budget(max_new_tokens) -> (n, unit)                how long a question may be
     fit(question, budget) -> (question, was_cut)
@@ -14,6 +16,7 @@ replies of training (heldout.py) and the demos (toy_demo.py) all answer through 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import os
 import threading
@@ -27,7 +30,7 @@ import torch
 from PIL import Image
 
 from checkpoint_io import checkpoint_file, load_checkpoint
-from dataset import ImageLoader, ImageTransform, collate_prompts
+from dataset import ImageLoader, ImageTransform, collate_prompts, encoded_file, original_size
 from model import LlavaModel
 from prompts import PromptFormat, encode_prompt, with_image_placeholder
 from tuning import Tuning
@@ -37,6 +40,8 @@ from utils.openai_api import ApiError, ChatApi, api_messages
 from utils.skips import SampleError
 
 API_QUESTION_CHARS = 4000        # the reference API's question cap (its own limits vary)
+API_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")   # what OpenAI-compatible APIs take in a data URL
+API_MAX_SIDE = 1024              # as utils.openai_api.image_data_url: APIs bill and limit by pixels
 
 
 @dataclass
@@ -87,22 +92,42 @@ class Assistant:
 
         The first user turn carries the image; `<image>` is prepended when it is missing.
         """
-        device = next(self.model.projector.parameters()).device
         replies: list[str] = []
+        for start in range(0, len(items), batch_size):
+            prompts = [self.encode(image, messages) for image, messages in items[start:start + batch_size]]
+            out = self.generate(prompts, max_new_tokens, temperature, top_p, streamer=streamer, stop=stop)
+            replies += [self.decode(r) for r in out]
+        return replies
+
+    def encode(self, image: Any, messages: list[dict]) -> tuple[list[int], np.ndarray | None]:
+        """(prompt ids with the image slots, pixels [3, H, W]) of one question, as the chat feeds it.
+        image None: a text-only question (stage 2 trains on those too), no slots and no pixels."""
+        if image is None:
+            return encode_prompt(self.tokenizer, self.fmt, messages)[0], None
+        return encode_prompt(self.tokenizer, self.fmt, with_image_placeholder(messages))[0], self.pixels(image)
+
+    def generate(self, prompts: list[tuple[list[int], np.ndarray | None]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, streamer: Any = None, stop: Any = None) -> list[list[int]]:
+        """One left-padded batch of encoded prompts through LlavaModel.generate (the KV cache; the
+        benchmarks' path): the reply ids of each, its stop token excluded. `streamer` gets the
+        batch's new tokens at every step ([B]); `stop.is_set()` ends the batch at the next token."""
+        device = next(self.model.projector.parameters()).device
+        ids, mask = collate_prompts([p for p, _ in prompts], self.tokenizer.pad_token_id or 0)
+        images = [px for _, px in prompts if px is not None]   # in row order: embed() fills the slots in order
+        pixels = torch.from_numpy(np.stack(images)).to(device) if images else None
         was_training = self.model.training
         self.model.eval()
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            prompts = [encode_prompt(self.tokenizer, self.fmt, with_image_placeholder(m))[0] for _, m in chunk]
-            ids, mask = collate_prompts(prompts, self.tokenizer.pad_token_id or 0)
-            pixels = torch.from_numpy(np.stack([self.pixels(img) for img, _ in chunk])).to(device)
+        try:
             with self.model.autocast():
-                out = self.model.generate(ids.to(device), mask.to(device), self.fmt.stop_ids, pixel_values=pixels,
-                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                          streamer=streamer, stop=stop)
-            replies += [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out]
-        self.model.train(was_training)
-        return replies
+                return self.model.generate(ids.to(device), mask.to(device), self.fmt.stop_ids, pixel_values=pixels,
+                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                           streamer=streamer, stop=stop)
+        finally:
+            self.model.train(was_training)
+
+    def decode(self, reply_ids: list[int]) -> str:
+        """The reply text as every caller shows it: special tokens dropped, stripped."""
+        return self.tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
 
     def reply(self, image: Any, messages: list[dict], stream: bool = False, **kwargs) -> str:
         streamer = None
@@ -178,7 +203,8 @@ class ApiAssistant:
         out: list[str | None] = []
         for image, messages in items:
             try:
-                out.append(self.api.complete(api_messages(image, messages), max_new_tokens, temperature, top_p))
+                out.append(self.api.complete(api_messages(sent_image(image), messages), max_new_tokens, temperature,
+                                             top_p))
             except ApiError as e:
                 self.failures[e.reason] += 1
                 out.append(None)
@@ -186,7 +212,7 @@ class ApiAssistant:
 
     def reply(self, image: Any, messages: list[dict], stream: bool = False, max_new_tokens: int = 256,
               temperature: float = 0.0, top_p: float = 1.0) -> str:
-        text = self.api.complete(api_messages(image, messages), max_new_tokens, temperature, top_p)
+        text = self.api.complete(api_messages(sent_image(image), messages), max_new_tokens, temperature, top_p)
         if stream:  # the local model streams as it generates; an API reply arrives whole
             print(text, flush=True)
         return text
@@ -206,6 +232,17 @@ class ApiAssistant:
 
     def description(self) -> str:
         return f"参考模型 / reference model `{self.api.model}` · {self.api.base}"
+
+
+def sent_image(image: Image.Image | None) -> Image.Image | str | None:
+    """The image as an API gets it: the file it was read from, as it is, when the API takes its
+    format and size (a JPEG re-encoded changes pixels, and so replies: our own server's on a
+    benchmark differed from the local run's); else the image, which api_messages makes a JPEG."""
+    encoded = encoded_file(image) if image is not None else None
+    if encoded is None or encoded[1] not in API_FORMATS or max(original_size(image)) > API_MAX_SIDE:
+        return image
+    data, fmt = encoded
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(data).decode("ascii")
 
 
 def answer_all(assistant: Assistant | ApiAssistant, items: list[tuple[str, list[dict]]], root: str,

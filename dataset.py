@@ -40,6 +40,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what co
 # Pillow refuses images above this many pixels (decompression bombs); a 100-MP photo is fine.
 MAX_IMAGE_PIXELS = 100_000_000
 ORIGINAL_SIZE = "original_size"   # decode_image's note in Image.info: the size before draft decoding
+ENCODED = "encoded"               # and the file it was decoded from: (bytes or path, format, decoded size)
 
 
 # --------------------------------------------------------------------------- images
@@ -131,6 +132,7 @@ def decode_image(data: bytes | str, draft: int | None = None) -> Image.Image:
             rgb = to_rgb(img)
             # What a user calls the image's size: the file's, upright (EXIF may have turned it).
             rgb.info[ORIGINAL_SIZE] = stored if rgb.size == img.size else stored[::-1]
+            rgb.info[ENCODED] = (data, img.format, rgb.size)
             return rgb
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SampleError("image_too_large", str(e)) from None
@@ -143,6 +145,22 @@ def decode_image(data: bytes | str, draft: int | None = None) -> Image.Image:
 def original_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of the image as stored, upright: a draft-decoded JPEG is smaller."""
     return img.info.get(ORIGINAL_SIZE, img.size)
+
+
+def encoded_file(img: Image.Image) -> tuple[bytes, str] | None:
+    """(the bytes, the format) decode_image read this image from, or None (not decoded by it, or
+    resized since). An API client sends these as they are: re-encoding a JPEG changes its pixels,
+    and another model's replies with them (our own server's, on a benchmark)."""
+    data, fmt, size = img.info.get(ENCODED, (None, None, None))
+    if data is None or size != img.size:
+        return None
+    if isinstance(data, str):
+        try:
+            with open(data, "rb") as fh:
+                data = fh.read()
+        except OSError:           # moved or deleted since (an upload's temporary file)
+            return None
+    return data, fmt
 
 
 @dataclass

@@ -5,6 +5,7 @@ any output, log or file."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import threading
@@ -87,7 +88,9 @@ def test_one_shot_sends_the_image_as_a_data_url_with_the_key_from_the_environmen
     req = api.requests[-1]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == f"Bearer {KEY}"
     parts = req["body"]["messages"][0]["content"]
-    assert parts[0]["image_url"]["url"].startswith("data:image/jpeg;base64,") and parts[1]["text"] == "什么颜色？"
+    # the file as it is (a PNG stays a PNG: re-encoding changes pixels), and the question
+    png = base64.b64encode((tmp_path / "a.png").read_bytes()).decode()
+    assert parts[0]["image_url"]["url"] == "data:image/png;base64," + png and parts[1]["text"] == "什么颜色？"
     assert req["body"]["model"] == "ref-vl"
     assert KEY not in out + err
 

@@ -43,13 +43,16 @@ def image_data_url(image: Image.Image, max_side: int = 1024, quality: int = 90) 
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def api_messages(image: Image.Image | None, messages: list[dict], placeholder: str = "<image>") -> list[dict]:
-    """Our chat messages (the first user turn carries the image) in the API's multimodal form."""
+def api_messages(image: Image.Image | str | None, messages: list[dict], placeholder: str = "<image>") -> list[dict]:
+    """Our chat messages (the first user turn carries the image) in the API's multimodal form. The
+    text is sent as our model reads it, placeholder aside: VLMEvalKit's prompts end in " \n", and
+    stripping that made an API model answer another prompt than ours."""
     out, sent = [], False
     for m in messages:
-        text = m["content"].replace(placeholder, "").strip()
+        text = m["content"].replace(placeholder + "\n", "").replace(placeholder, "")
         if m["role"] == "user" and image is not None and not sent:
-            out.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(image)}},
+            url = image if isinstance(image, str) else image_data_url(image)   # a str: a data URL made already
+            out.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                     {"type": "text", "text": text}]})
             sent = True
         else:
