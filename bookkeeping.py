@@ -34,6 +34,7 @@ from utils.checkpoint import (STAGE_SCRIPTS, resume_command, resume_point, run_n
 from utils.config import dump_json, print_config, redacted
 from utils.dist import DistInfo, barrier, cleanup as cleanup_dist, tell_launcher
 from utils.flops import mfu
+from utils.integrity import MANIFEST
 from utils.metrics import RunLogger, log_line, periodic_scalars, print_summary, run_totals
 from utils.skips import Skips, SkipTally
 from utils.trackers import parse_trackers
@@ -166,8 +167,9 @@ class Run:
         """A step folder: what trained (checkpoint_io.save_checkpoint) and the state that makes a
         resume exact (utils.checkpoint.save_training). Every rank takes part and gets its path."""
         cfg, run = self.cfg, self.folders.name
+        # "manifest": a step saved with one (save_step writes it last) and found without it is incomplete.
         meta = {"step": step, "total_steps": self.total_steps, "run": run, "stage": cfg.stage,
-                "init_from": cfg.stage1 or cfg.init, "train_config": redacted(cfg)}
+                "init_from": cfg.stage1 or cfg.init, "train_config": redacted(cfg), "manifest": MANIFEST}
         state = {"step": step, "total_steps": self.total_steps, "epoch": epoch, "losses": losses,
                  "nonfinite_steps": nonfinite,
                  "summary": {k: v for k, v in self.summary.items() if k.startswith(("eval", "image_"))}}

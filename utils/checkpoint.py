@@ -7,13 +7,18 @@ run folder.
                                                        (torch.distributed.checkpoint, as trained:
                                                        sharded under FSDP, one copy under DDP)
                                      trainer_state.pt  step, schedule, data position, RNG per rank
+                                     manifest.json     every file's size and CRC-32, written last
     checkpoints/<run>/latest         "step_000100", written only after that folder is complete
 
 A folder is written under a temporary name and renamed when complete, and the pointer is
 replaced after that, so `kill -9` at any moment (a save included) leaves the previous
-checkpoint intact and findable. trainer_state.pt holds only tensors and plain Python values
-and is read with weights_only=True: loading it runs no pickled code; resume/ is tensors and
-DCP's metadata. DCP reshards resume/ onto any process count and strategy when it loads.
+checkpoint intact and findable. What damages a folder later (a copy cut short, a full disk, a
+file saved over) is found by its manifest (utils.integrity): a resume skips a damaged newest step
+with a line naming the file and continues from the newest intact one.
+
+trainer_state.pt holds only tensors and plain Python values and is read with weights_only=True:
+loading it runs no pickled code; resume/ is tensors and DCP's metadata. DCP reshards resume/ onto
+any process count and strategy when it loads.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from utils import console
 from utils.atomic import atomic_write
 from utils.config import redacted
 from utils.dist import DistInfo, barrier, broadcast_object, gather_objects, rank_and_world
+from utils.integrity import (MANIFEST, SPEC_FILE, check_step, find_problem, reason, remember_intact,
+                             write_manifest)
 
 STATE_FILE = "trainer_state.pt"
 RESUME_DIR = "resume"
@@ -46,7 +53,17 @@ STAGE_SCRIPTS = {1: "train_stage1.py", 2: "train_stage2.py", 3: "train_stage3_lo
 
 
 def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, WEIGHTS_FILE)) and os.path.isfile(os.path.join(path, STATE_FILE))
+    """Whether a step folder looks whole at a glance: every file of its manifest there at its size
+    (a folder saved before manifests: its weights, spec and training state there). No checksums:
+    cheap enough for every listing; a resume and the readers check them (check_step)."""
+    return find_problem(path, "all", checksums=False) is None
+
+
+def looks_like_step(path: str) -> bool:
+    """A folder that is or was one checkpoint (named step_NNNNNN, or holding a checkpoint's files),
+    as opposed to a run folder of them."""
+    return os.path.isdir(path) and (bool(STEP_DIR.match(os.path.basename(os.path.normpath(path)))) or any(
+        os.path.lexists(os.path.join(path, f)) for f in (MANIFEST, WEIGHTS_FILE, STATE_FILE, SPEC_FILE)))
 
 
 def step_dirs(ckpt_dir: str) -> list[tuple[int, str]]:
@@ -73,31 +90,72 @@ def save_step(ckpt_dir: str, step: int, write: Callable[[str], None], keep_last:
     barrier()
     write(tmp)
     barrier()               # every rank's part is on disk
+    write_manifest(tmp)     # last, inside the commit: every rank hashes a share, rank 0 writes it
     if main:
         if os.path.isdir(final):  # the same step saved again (an interrupt right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write(os.path.join(ckpt_dir, "latest"), name + "\n")
-        if keep_last > 0:
-            for _, old in step_dirs(ckpt_dir)[:-keep_last]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+        for old in rotated(ckpt_dir, keep_last):
+            shutil.rmtree(old, ignore_errors=True)
     barrier()               # nobody reads `latest` before it names this step
     return final
 
 
-def find_latest(ckpt_dir: str) -> str | None:
-    """The checkpoint `latest` names if it is complete, else the newest complete step folder."""
+def rotated(ckpt_dir: str, keep_last: int) -> list[str]:
+    """The step folders --keep_last drops (0 keeps all): those older than the newest `keep_last`
+    intact ones. A damaged or incomplete folder never counts, so a newer one that is not intact
+    never pushes out the newest intact one, and is itself left for its owner to repair."""
+    if keep_last <= 0:
+        return []
+    dirs = step_dirs(ckpt_dir)
+    intact = [step for step, path in dirs if is_complete(path)]
+    if len(intact) <= keep_last:
+        return []
+    return [path for step, path in dirs if step < intact[-keep_last]]
+
+
+def in_resume_order(ckpt_dir: str) -> list[str]:
+    """A run's step folders in the order a resume tries them: the one `latest` names, then the
+    others, newest first."""
+    named = ""
     pointer = os.path.join(ckpt_dir, "latest")
     if os.path.isfile(pointer):
         with open(pointer, encoding="utf-8") as fh:
             named = os.path.join(ckpt_dir, fh.read().strip())
-        if is_complete(named):
-            return named
-    for _, path in reversed(step_dirs(ckpt_dir)):
-        if is_complete(path):
-            return path
-    return None
+    others = [path for _, path in reversed(step_dirs(ckpt_dir)) if path != named]
+    return ([named] if os.path.isdir(named) and STEP_DIR.match(os.path.basename(named)) else []) + others
+
+
+def find_latest(ckpt_dir: str) -> str | None:
+    """The checkpoint `latest` names if it is complete, else the newest complete step folder
+    (complete at a glance: is_complete)."""
+    return next((path for path in in_resume_order(ckpt_dir) if is_complete(path)), None)
+
+
+def agreed_check(path: str, parts: str = "all") -> str | None:
+    """check_step on every rank of the group, each hashing its share, and one verdict for all: a
+    damage that one rank alone sees (its share, or its node's copy) makes every rank skip the step;
+    ranks that decided apart would load different steps and hang in the first collective."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return check_step(path, parts)
+    found = [v for v in gather_objects(check_step(path, parts, share=(rank, world))) if v]
+    if not found:
+        remember_intact(path)
+    return found[0] if found else None
+
+
+def newest_intact(ckpt_dir: str, parts: str = "all", together: bool = False) -> tuple[str | None, list[str]]:
+    """(the newest intact step folder of a run, or None; a "damaged: <file>: <what>" line for each
+    one tried before it). `together`: every rank calls this and all reach the same answer."""
+    skipped = []
+    for path in broadcast_object(in_resume_order(ckpt_dir)) if together else in_resume_order(ckpt_dir):
+        verdict = agreed_check(path, parts) if together else check_step(path, parts)
+        if verdict is None:
+            return path, skipped
+        skipped.append(verdict)
+    return None, skipped
 
 
 def capture_rng() -> dict:
@@ -138,18 +196,27 @@ def load_state(folder: str) -> dict:
 # --------------------------------------------------------------------------- a run folder
 
 def resume_point(resume: str, overwrite: bool, run_name: str, ckpt_dir: str, run_dir: str) -> str | None:
-    """The checkpoint to resume from (--resume auto | PATH), if any; refuses to mix two runs in
-    one folder unless told to start over (--overwrite deletes the old run)."""
+    """The checkpoint to resume from (--resume auto | PATH), if any, checked first (every rank
+    calls this and all agree): a run folder gives its newest intact step, saying which newer ones
+    it skipped and why; a step folder named on purpose is refused when damaged, naming the newest
+    intact one. Refuses to mix two runs in one folder unless told to start over (--overwrite
+    deletes the old run)."""
     if resume and resume != "auto":
-        path = resume if is_complete(resume) else find_latest(resume)
-        if not path:
-            raise SystemExit(f"--resume {resume}: no complete checkpoint there")
-        return path
-    existing = find_latest(ckpt_dir)
+        if not looks_like_step(resume):
+            return newest_or_refuse(resume, f"--resume {resume}")
+        verdict = agreed_check(resume)
+        if verdict:
+            newest, _ = newest_intact(os.path.dirname(os.path.abspath(resume)), together=True)
+            raise SystemExit(f"--resume {resume}: {verdict}. Not loaded; " + (
+                f"the newest intact checkpoint of that run is {newest}: resume from it with --resume {newest}"
+                if newest else "no other step of that run is intact either"))
+        return resume
     if resume == "auto":
-        if not existing:
-            console.notice(f"--resume auto: no checkpoint in {ckpt_dir}; starting from scratch")
-        return existing
+        if step_dirs(ckpt_dir):
+            return newest_or_refuse(ckpt_dir, "--resume auto")
+        console.notice(f"--resume auto: no checkpoint in {ckpt_dir}; starting from scratch")
+        return None
+    existing = find_latest(ckpt_dir)
     if overwrite:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -160,10 +227,26 @@ def resume_point(resume: str, overwrite: bool, run_name: str, ckpt_dir: str, run
     return None
 
 
+def newest_or_refuse(ckpt_dir: str, flag: str) -> str:
+    """The newest intact step of a run folder, every rank agreeing, with a line for each newer one
+    skipped; refused, with what is wrong with each, when none is intact."""
+    newest, skipped = newest_intact(ckpt_dir, together=True)
+    for line in skipped:
+        console.notice(f"{line}; skipped")
+    if newest is None:
+        if not skipped:
+            raise SystemExit(f"{flag}: no checkpoint there")
+        raise SystemExit(f"{flag}: no intact checkpoint in {ckpt_dir}:\n" + "\n".join(f"  {s}" for s in skipped)
+                         + "\nCopy the run again from where it was saved, or start over with --overwrite.")
+    if skipped:
+        console.notice(f"continuing from {os.path.basename(newest)}, the newest intact checkpoint")
+    return newest
+
+
 def run_name_of(path: str) -> str:
     """The run name recorded in a checkpoint's model_spec.json ('' when there is none): --resume
     PATH without --run_name continues that run."""
-    folder = path if is_complete(path) else (find_latest(path) or path)
+    folder = path if looks_like_step(path) else (find_latest(path) or path)
     return read_spec(folder).get("run", "")
 
 
@@ -250,13 +333,21 @@ def load_resume(folder: str, model: torch.nn.Module, optimizer: torch.optim.Opti
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     state = _resume_state_dicts(model, optimizer)
     try:
         with one_process_is_fine():
             dcp.load(state, checkpoint_id=os.path.join(folder, RESUME_DIR))
-    except Exception as e:  # DCP wraps a missing key in a CheckpointException naming it per rank
-        raise SystemExit(f"--resume {folder}: its resume state does not fit this run ({str(e).splitlines()[0][:300]}); "
-                         "was it trained with other --tune_llm / --tune_projector / LoRA settings?") from None
+    except (Exception, CheckpointException) as e:  # every rank gets the CheckpointException of any one
+        causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+        first = (str(causes[0]).splitlines() or [""])[0][:300]
+        if any(isinstance(c, KeyError) or "Missing key" in str(c) or "mismatch" in str(c) for c in causes):
+            raise SystemExit(f"--resume {folder}: its resume state does not fit this run ({first}); was it trained "
+                             "with other --tune_llm / --tune_projector / LoRA settings?") from None
+        # Checked before loading (utils.integrity); reading can still fail (a file damaged since).
+        raise SystemExit(f"--resume {folder}: damaged: {os.path.join(folder, RESUME_DIR)}: cannot be loaded "
+                         f"({reason(causes[0], 300)})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
@@ -335,7 +426,11 @@ def restore_training(path: str, model: torch.nn.Module, optimizer, scheduler, in
     another count the epoch continues from the same sample (every rank had consumed the same
     number of micro-steps); at the same global batch the steps then read the same samples as an
     uninterrupted run (dataset.EpochSampler), up to float rounding and the RNG of dropout."""
-    state = load_state(path)
+    try:
+        state = load_state(path)
+    except Exception as e:  # checked before loading; a file damaged since is still one line
+        raise SystemExit(f"--resume {path}: damaged: {os.path.join(path, STATE_FILE)}: cannot be loaded "
+                         f"({reason(e)})") from None
     if os.path.isdir(os.path.join(path, RESUME_DIR)):
         load_resume(path, model, optimizer)
     else:  # written before resume/ existed: the optimizer inside trainer_state.pt, weights from the files
