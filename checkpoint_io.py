@@ -8,6 +8,7 @@ that a run can say it without loading anything and without importing a script.
     python checkpoint_io.py --list                                   # registry ids and presets
     python checkpoint_io.py --summary --model clip-zh-qwen3-0.6b     # tokens, widths, parameters (no download)
     python checkpoint_io.py --summary --vision_tower models/toy/vision --llm models/toy/llm
+    python checkpoint_io.py --verify checkpoints/<run>                # each step: intact, or what is damaged
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from prompts import ensure_image_token
 from tuning import LLM_DIR, Tuning, check_device, load_adapter, quantization_config, save_llm
 from utils import console
 from utils.atomic import atomic_path, atomic_write
-from utils.checkpoint import WEIGHTS_FILE, find_latest
+from utils.checkpoint import WEIGHTS_FILE, check_step, looks_like_step, newest_intact, step_dirs
 from utils.config import Parser
 from utils.dist import rank_and_world
+from utils.integrity import DamagedCheckpoint, read_manifest
 
 CHECKPOINT_FILE = WEIGHTS_FILE          # projector.safetensors
 # The safetensors metadata key a checkpoint describes itself under. Named when only stage 1
@@ -153,16 +155,37 @@ def checkpoint_weights(model: LlavaModel) -> dict[str, torch.Tensor]:
 
 def checkpoint_file(path: str) -> str:
     """The safetensors file of a checkpoint given as the file itself, its step folder, or a run
-    folder (checkpoints/<run>: the checkpoint its `latest` pointer names, else the newest)."""
-    found = path
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
-        found = find_latest(path) or path
-    if os.path.isdir(found):
-        found = os.path.join(found, CHECKPOINT_FILE)
+    folder (checkpoints/<run>: the checkpoint its `latest` pointer names, else the newest), after
+    checking what a reader loads (utils.integrity: sizes and checksums against the manifest, or
+    every file loaded in a step saved before manifests). A damaged step folder raises
+    DamagedCheckpoint naming the file; a run folder gives its newest intact step and says which
+    newer ones it passed over."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) and not looks_like_step(path):      # a run folder
+        folder, skipped = newest_intact(path, "model")
+        for line in skipped:
+            _say_once(f"{line}; skipped")
+        if folder is None and skipped:
+            raise DamagedCheckpoint(f"no intact checkpoint in {path}:\n" + "\n".join(f"  {s}" for s in skipped))
+        if folder and skipped:
+            _say_once(f"using {folder}, the newest intact checkpoint of {path}")
+    if folder and looks_like_step(folder) and (verdict := check_step(folder, "model")):
+        raise DamagedCheckpoint(verdict)
+    found = path if os.path.isfile(path) else os.path.join(folder or path, CHECKPOINT_FILE)
     if not os.path.isfile(found):
         raise FileNotFoundError(f"no checkpoint at {path}: give a run folder (checkpoints/<run>), one of its "
                                 f"step folders, or a {CHECKPOINT_FILE}")
     return found
+
+
+_said: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    """A skipped step is said once per process, however often its run folder is resolved."""
+    if line not in _said:
+        _said.add(line)
+        console.notice(line)
 
 
 class NotACheckpoint(FileNotFoundError):
@@ -357,8 +380,31 @@ def summary_from_configs(vision: str, llm: str, projector: str = "linear", model
             "bf16_weights_gib": round(sum(params.values()) * 2 / 2**30, 2)}
 
 
+def verify_checkpoints(path: str) -> int:
+    """`--verify PATH`: one line per step folder of a run folder, oldest first (or the one step
+    folder given): intact, or what is damaged. 1 when the newest step is damaged, 2 when PATH holds
+    no checkpoint; run it before copying a run to another machine, and after."""
+    steps = [path] if looks_like_step(path) else [p for _, p in step_dirs(path)]
+    if not steps:
+        console.error(f"--verify {path}: not a checkpoint (neither a step folder nor a run folder of them)")
+        return 2
+    verdict = None
+    for step in steps:
+        verdict = check_step(step, "all")
+        if verdict is None:
+            try:
+                how = f"{len(read_manifest(step))} files, sizes and CRC-32 as saved"
+            except (OSError, ValueError):
+                how = "saved before manifests: every file loaded"
+        print(f"{os.path.basename(os.path.normpath(step))}  " + (f"intact ({how})" if verdict is None else verdict),
+              flush=True)
+    return 1 if verdict else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__)
+    p.add_argument("--verify", metavar="PATH", help="check a run folder (each step) or one step folder against "
+                                                    "its manifest; exits 1 when the newest step is damaged")
     p.add_argument("--summary", action="store_true", help="print the summary from configs (what happens when "
                                                           "--list is not given)")
     p.add_argument("--list", action="store_true", help="list registry ids and presets")
@@ -368,6 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--projector", choices=Projector.TYPES, help="projector type (overrides the preset's)")
     p.add_argument("--models_dir", default="models", help="where registry ids live")
     args = p.parse_args(argv)
+    if args.verify:
+        raise SystemExit(verify_checkpoints(args.verify))
     if args.list:
         for k, info in REGISTRY.items():
             console.kv(k, f"{info.kind:<6} hf={info.hf}  modelscope={info.modelscope}  {info.note}", 18)

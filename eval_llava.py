@@ -286,7 +286,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[Bench | None, ChatApi | None
     the judge's settings. FileNotFoundError, InputError or BenchError, one line each. Returns the
     --bench benchmark, read (and checked whole: columns, answers, indexes) here once, and the judge."""
     if args.checkpoint:
-        read_checkpoint_meta(args.checkpoint)       # missing, or a file that is not one of ours
+        read_checkpoint_meta(args.checkpoint)       # missing, damaged, or a file that is not one of ours
     if args.api_base:
         try:                                        # its URL and key (nothing is sent yet)
             ChatApi(args.api_base, args.api_model, args.api_key_env, timeout=args.api_timeout)
