@@ -298,3 +298,29 @@ def test_under_torchrun_a_refusal_and_a_stop_are_said_once_and_reach_the_launche
     assert out.count("! stopped at step") == 1 and "[rank 1]" not in out, out
     assert "broadcast_buffers" not in out, out
     assert find_latest(str(tmp_path / "ck" / "stop"))
+
+
+def test_a_damaged_shard_of_rank_1_makes_every_rank_skip_the_step_alike(tiny, tmp_path):
+    """Step 12's resume shard of rank 1 changed after the save (one byte: same size), so only the
+    rank that hashes that file can see it. The verdicts are gathered: both ranks skip step 12 and
+    continue from step 8 together (ranks that decided apart would load different steps and hang in
+    the first collective: the launch's timeout fails the test), to the uninterrupted run's weights."""
+    def run(*extra: str) -> list[str]:
+        return ["train_stage1.py", *train_argv(tiny, tmp_path, "d", 12, "--feature_post_norm", *extra, save_interval=4,
+                                               keep_last=0, feature_layer=-1, feature_select="all", lr=3e-3,
+                                               train_strategy="fsdp-full-shard")]
+
+    launch([run()], tmp_path, "straight")
+    step = tmp_path / "ck" / "d" / "step_000012"
+    straight = trained_weights(step)
+    shard = step / RESUME_DIR / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    launch([run("--resume", "auto")], tmp_path, "resumed")
+    log = (tmp_path / "resumed.log").read_text()
+    assert log.count(f"! damaged: {shard}: changed since the save (same size, CRC-32 ") == 1, log[-3000:]
+    assert log.count("! continuing from step_000008, the newest intact checkpoint") == 1, log[-3000:]
+    assert f"resumed from {step.parent / 'step_000008'} at step 8" in log
+    resumed = trained_weights(step)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
