@@ -20,7 +20,8 @@ LAYERS = {
     "assistant": 5, "convert_vqa": 5, "toy_world": 5,   # answering | VQA -> chat.json | the offline world
     "heldout": 6, "toy_instructions": 6, "bench": 6,   # evaluation during training | stages 2/3's toy data beside
                                         # the world | benchmarks in VLMEvalKit's TSV layout
-    "bookkeeping": 7, "eval_llava": 7, "toy_demo": 7, "web_demo": 7,   # a run's logs and checkpoints | the CLIs
+    "bookkeeping": 7, "eval_llava": 7, "serve_api": 7, "toy_demo": 7, "web_demo": 7,   # a run's logs and
+                                        # checkpoints | the CLIs: chat and evaluation, the API server, demos, page
     "train_config": 8,                  # a run's configuration and where its models come from
     "train_stage1": 9,                  # the training loop
     "train_stage2": 10, "train_stage3_lora": 10,   # the later stages: the same loop with their defaults
