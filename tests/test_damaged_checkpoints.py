@@ -270,7 +270,7 @@ def test_loading_a_resume_state_damaged_since_its_check_is_one_line(tmp_path):
         return model, optimizer
 
     save_resume(str(tmp_path), *build(1))
-    with pytest.raises(SystemExit, match=r"does not fit this run \(Missing key in checkpoint state_dict: model\.1\.weight"):
+    with pytest.raises(SystemExit, match=r"does not fit this run \(Missing key in checkpoint state_dict: model\.1\."):
         load_resume(str(tmp_path), *build(2))
     cut_in_half(tmp_path / RESUME_DIR / "__0_0.distcp")
     with pytest.raises(SystemExit) as refused:

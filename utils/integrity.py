@@ -135,7 +135,8 @@ def _wanted(rel: str, parts: str) -> bool:
     return parts == "all" or any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in MODEL_PARTS)
 
 
-def find_problem(folder: str, parts: str = "all", checksums: bool = True, share: tuple[int, int] = (0, 1)) -> str | None:
+def find_problem(folder: str, parts: str = "all", checksums: bool = True,
+                 share: tuple[int, int] = (0, 1)) -> str | None:
     """What is wrong with a step folder, in one line ("damaged: <file>: <what>"), or None when it is
     intact. `parts`: "all" (a resume) or "model" (what a reader loads). Without `checksums`, sizes
     only (a folder without a manifest: its files there, none loaded): cheap enough for a listing.
@@ -167,7 +168,8 @@ def _against_manifest(folder: str, entries: dict[str, dict], checksums: bool, sh
     if not bad and checksums:
         for rel in share_of(folder, list(entries), *share):
             if (crc := crc32_of(os.path.join(folder, rel))) != entries[rel]["crc32"]:
-                bad.append((rel, f"changed since the save (same size, CRC-32 {crc}, {entries[rel]['crc32']} when saved)"))
+                saved = entries[rel]["crc32"]
+                bad.append((rel, f"changed since the save (same size, CRC-32 {crc}, {saved} when saved)"))
     return _describe(folder, bad)
 
 
@@ -183,7 +185,8 @@ def _describe(folder: str, bad: list[tuple[str, str]]) -> str | None:
         more = len(bad) - files
     else:
         more = len(bad) - 1
-    return f"damaged: {os.path.join(folder, rel)}: {what}" + (f" (and {more} more file{'s' * (more > 1)})" if more else "")
+    also = f" (and {more} more file{'s' * (more > 1)})" if more else ""
+    return f"damaged: {os.path.join(folder, rel)}: {what}{also}"
 
 
 # --------------------------------------------------------------------------- saved before manifests
@@ -201,7 +204,8 @@ def _required(folder: str, parts: str) -> list[str]:
         tuned = "none"
     if tuned == "full":
         index = os.path.join(folder, "llm", "model.safetensors.index.json")
-        need += ["llm/config.json", "llm/model.safetensors.index.json" if os.path.isfile(index) else "llm/model.safetensors"]
+        need += ["llm/config.json",
+                 "llm/model.safetensors.index.json" if os.path.isfile(index) else "llm/model.safetensors"]
         if os.path.isfile(index):
             try:
                 with open(index, encoding="utf-8") as fh:
@@ -288,8 +292,11 @@ def _signature(folder: str) -> tuple:
     """Every file's (path, size, mtime): a damage after a check changes it."""
     out = []
     for rel in folder_files(folder) + ([MANIFEST] if os.path.lexists(os.path.join(folder, MANIFEST)) else []):
-        st = os.stat(os.path.join(folder, rel))
-        out.append((rel, st.st_size, st.st_mtime_ns))
+        try:
+            st = os.stat(os.path.join(folder, rel))
+            out.append((rel, st.st_size, st.st_mtime_ns))
+        except OSError:                  # a link to nothing, or a file gone since the listing
+            out.append((rel, -1, 0))
     return tuple(out)
 
 
