@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--verify", metavar="PATH", help="check a run folder (each step) or one step folder against "
                                                     "its manifest; exits 1 when the newest step is damaged")
     p.add_argument("--summary", action="store_true", help="print the summary from configs (what happens when "
-                                                          "--list is not given)")
+                                                          "neither --list nor --verify is given)")
     p.add_argument("--list", action="store_true", help="list registry ids and presets")
     p.add_argument("--model", choices=list(PRESETS), help="a preset")
     p.add_argument("--vision_tower", help="registry id or local folder (overrides the preset's)")
