@@ -16,6 +16,7 @@ import toy_demo
 import train_config
 import train_stage1
 from tests.conftest import ROOT, train_argv
+from tests.test_docs import doc_texts
 from utils.checkpoint import resume_command
 
 SCRIPTS = ["train_stage1.py", "train_stage2.py", "train_stage3_lora.py", "eval_llava.py", "web_demo.py", "convert_vqa.py",
@@ -249,11 +250,11 @@ def test_a_mistyped_flag_is_one_line_naming_the_closest_flag(capsys):
     assert "(did you mean --checkpoint?)" in capsys.readouterr().err
 
 
-def test_checkpoint_paths_in_help_and_readme_are_folders_that_training_writes():
-    """Every checkpoints/<run>/X a user is shown: X is a step folder (or nothing: the run folder
-    follows `latest`). There is no `final` folder."""
+def test_checkpoint_paths_in_help_and_docs_are_folders_that_training_writes():
+    """Every checkpoints/<run>/X a user is shown (--help, README.md, docs/*.md): X is a step folder
+    (or nothing: the run folder follows `latest`). There is no `final` folder."""
     texts = {script: parser_of(script).format_help() for script in SCRIPTS}
-    texts["README.md"] = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    texts.update(doc_texts())
     for name, text in texts.items():
         for sub in re.findall(r"checkpoints/<[\w-]+>/([\w.]+)", text):
             assert re.fullmatch(r"step_\d{6}|latest", sub), f"{name}: checkpoints/<run>/{sub}"

@@ -21,6 +21,7 @@ from model import ModelSpec
 from prompts import IMAGE_PLACEHOLDER, PromptFormat, encode_prompt
 from scripts import export_hf
 from tests.conftest import DEVICE
+from tests.test_docs import doc_section
 
 QUESTION = "描述这张图片"
 ATOL = 1e-5 if DEVICE == "cpu" else 5e-3   # a GPU: TF32 convolutions in both models
@@ -331,33 +332,17 @@ def test_course_and_demo_recipes_cannot_be_exported(tiny, tmp_path):
     assert "registers" in blocker and "--feature_select all" in blocker
 
 
-def readme_section(heading: str) -> str:
-    """The README's section that starts with `heading`, up to the next heading of its level or above
-    (a `# comment` inside a code block is no heading)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md"), encoding="utf-8") as fh:
-        lines = fh.read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
-    level, in_code, section = len(heading.split(" ")[0]), False, [lines[start]]
-    for line in lines[start + 1:]:
-        in_code ^= line.startswith("```")
-        hashes = len(line) - len(line.lstrip("#"))
-        if not in_code and 0 < hashes <= level and line[hashes:hashes + 1] == " ":
-            break
-        section.append(line)
-    return "\n".join(section)
-
-
-def test_readme_says_which_exports_load_where():
-    """Where users read about exports, the course preset and stages 2/3: the course's recipe (and the
-    demos') cannot be exported, the exportable recipe in one line, and exactly what vLLM loads."""
-    export_section = readme_section("## 导出为 transformers LLaVA")
+def test_the_docs_say_which_exports_load_where():
+    """Where users read about exports, the course preset and stages 2/3 (docs/export.md, docs/training.md):
+    the course's recipe (and the demos') cannot be exported, the exportable recipe in one line, and
+    exactly what vLLM loads."""
+    export_section = doc_section("# 导出为 transformers LLaVA")
     heading = export_section.splitlines()[0]
     assert "可用于 vLLM" not in heading            # not every export: say which
     for needle in ("vLLM: yes", "vLLM: no", "`linear`", "Chinese-CLIP", "DINOv3", "--projector mlp2x_gelu",
                    "--no-feature_post_norm", "eval_llava.py", "get_act_fn", "init_vision_tower_for_llava"):
         assert needle in export_section, needle
-    for heading in ("## Stage 2 与 stage 3", "### 课程的命令行"):
-        section = readme_section(heading)
+    for heading in ("## Stage 2 与 stage 3", "## 课程的命令行"):
+        section = doc_section(heading)
         assert "--no-feature_post_norm" in section and "--projector mlp2x_gelu" in section, heading
-    assert "导不出" in readme_section("## Stage 2 与 stage 3")
+    assert "导不出" in doc_section("## Stage 2 与 stage 3")

@@ -1,4 +1,4 @@
-"""Imports go one way (the README's "目录结构（Layout）" section, whose table of floors must match
+"""Imports go one way (docs/layout.md's "目录结构（Layout）" section, whose table of floors must match
 LAYERS below): every project file is parsed with ast, imports inside functions included, and no
 module may import one of its own layer or above; no cycles at all."""
 
@@ -120,9 +120,9 @@ def test_training_imports_no_command_line_file():
     assert not seen & {"eval_llava", "web_demo", "convert_vqa"}, seen & {"eval_llava", "web_demo", "convert_vqa"}
 
 
-def test_the_readme_layout_table_is_the_one_in_the_code():
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = readme[readme.index("## 目录结构（Layout）"):]
+def test_the_documented_layout_table_is_the_one_in_the_code():
+    page = open(os.path.join(ROOT, "docs", "layout.md"), encoding="utf-8").read()
+    section = page[page.index("## 目录结构（Layout）"):]
     section = section[:section.index("\n## ", 1)]
     floors = {m: int(n) for n, mods in re.findall(r"^\| (\d+) \| (.+) \|$", section, re.M)
               for m in re.findall(r"`(\w+)`", mods)}
