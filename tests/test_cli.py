@@ -16,7 +16,7 @@ import toy_demo
 import train_config
 import train_stage1
 from tests.conftest import ROOT, train_argv
-from tests.test_docs import doc_texts
+from tests.docs_text import doc_texts
 from utils.checkpoint import resume_command
 
 SCRIPTS = ["train_stage1.py", "train_stage2.py", "train_stage3_lora.py", "eval_llava.py", "web_demo.py", "convert_vqa.py",
