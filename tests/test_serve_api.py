@@ -154,12 +154,16 @@ class Served:
             self.lines.append("<exit>")
             self.cond.notify_all()
 
-    def wait_for(self, text: str, timeout: float = 180) -> str:
+    def wait_for(self, text: str, timeout: float = 180, nth: int = 1) -> str:
+        """The nth line holding `text`, once the server has logged it (or an assertion, if it exits first)."""
+        def hits() -> list[str]:
+            return [ln for ln in self.lines if text in ln]
+
         with self.cond:
-            self.cond.wait_for(lambda: any(text in ln or ln == "<exit>" for ln in self.lines), timeout)
-            hit = [ln for ln in self.lines if text in ln]
-        assert hit, f"no line with {text!r} in the server's log:\n" + self.log[-3000:]
-        return hit[0]
+            self.cond.wait_for(lambda: len(hits()) >= nth or "<exit>" in self.lines, timeout)
+            found = hits()
+        assert len(found) >= nth, f"no line {nth} with {text!r} in the server's log:\n" + self.log[-3000:]
+        return found[nth - 1]
 
     @property
     def log(self) -> str:
@@ -247,8 +251,15 @@ def test_a_stage1_course_checkpoint_answers_as_eval_llava_plain_streamed_batched
         assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"    # 3 tokens: cut by max_tokens
 
-        stopped = client.chat.completions.create(model="x", messages=ask(data_url(images[1])), stop=["的"])
-        assert stopped.choices[0].message.content == expected[1].split("的")[0]
+        # A stop string is cut off, streamed or not; streamed text never runs past it (its start is held back
+        # until the next token shows whether the stop string follows).
+        for stop in (["的"], ["色的", "圆形"]):
+            cut = min((expected[1].find(x) for x in stop if x in expected[1]), default=len(expected[1]))
+            stopped = client.chat.completions.create(model="x", messages=ask(data_url(images[1])), stop=stop)
+            assert stopped.choices[0].message.content == expected[1][:cut] and cut < len(expected[1])
+            streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="x", messages=ask(data_url(images[1])), stop=stop, stream=True) if c.choices)
+            assert streamed == expected[1][:cut], (stop, streamed)
 
         # 8 clients at once: all answered, as each is alone, and batched
         got: dict[int, object] = {}
@@ -326,6 +337,16 @@ def test_a_stage3_lora_checkpoint_with_a_key_and_limits(chain, tiny, tmp_path, c
         r = httpx.get(server.base.replace("/v1", "/v2/nothing"))
         assert r.status_code == 404 and r.json()["error"]["message"].startswith("no such endpoint")
 
+        # A client that leaves mid-stream ends its generation (this model would go on to max_tokens).
+        with httpx.stream("POST", server.base + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "x", "messages": ask(data_url(image)), "stream": True, "max_tokens": 400},
+                          timeout=120) as r:
+            for line in r.iter_lines():                            # until the first text: generating, then gone
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break
+        left = int(re.search(r"batch of 1: (\d+) tokens", server.wait_for("batch of 1: ", nth=2)).group(1))
+        assert left < 400, server.log[-1000:]
+
         # 8 clients at once: one left-padded batch (the window waits for them), all answered alike
         got: dict[int, object] = {}
 
@@ -352,7 +373,7 @@ def test_a_stage3_lora_checkpoint_with_a_key_and_limits(chain, tiny, tmp_path, c
 def test_a_full_queue_is_429_and_sigterm_answers_what_is_in_flight_then_exits_0(chain):
     _, _, s1, _, _ = chain
     # The window holds the first requests in the queue (nothing else will come to batch with them).
-    server = Served("--checkpoint", s1, "--max_queue", "2", "--batch_window_ms", "60000")
+    server = Served("--checkpoint", s1, "--max_queue", "2", "--batch_window_ms", "600000")
     client = server.client()
     got: dict[int, object] = {}
 
@@ -382,6 +403,7 @@ def test_a_full_queue_is_429_and_sigterm_answers_what_is_in_flight_then_exits_0(
             assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
         except httpx.TransportError:
             pass
+        # Answered at once: nothing new can join their batch, so the 10-minute window is not waited out.
         for t in threads:
             t.join(120)
         assert server.proc.wait(120) == 0, server.log[-2000:]

@@ -158,9 +158,11 @@ class Batcher:
 
     def _work(self) -> None:
         while (batch := self._take()) is not None:
-            batch = [j for j in batch if not j.gone]
-            if batch:
-                self._generate(batch)
+            left = [j for j in batch if j.gone]
+            if left:
+                console.info(f"{len(left)} request(s) dropped: the client left before generation began")
+            if len(left) < len(batch):
+                self._generate([j for j in batch if not j.gone])
 
     def _generate(self, batch: list[Job]) -> None:
         started = time.monotonic()
