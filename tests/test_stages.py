@@ -256,19 +256,13 @@ def test_refusals_that_need_no_model_come_before_the_demo_builds_anything(monkey
 
 
 @pytest.mark.parametrize("stage, llm", [(2, "full"), (3, "lora")])
-def test_a_tuned_checkpoint_given_as_stage1_is_refused_naming_init(tmp_path, stage, llm):
+def test_a_tuned_checkpoint_given_as_stage1_is_refused_naming_init(chain, tmp_path, stage, llm):
     """--stage1 promises a projector-only start; a tuned checkpoint would silently start from its
     tuned LLM instead. The meaning of --init is what the user wanted."""
-    from safetensors.torch import save_file
-
-    from checkpoint_io import METADATA_KEY
-
-    meta = {"spec": {}, "tuning": {"llm": llm}, "stage": stage, "step": 10}
-    save_file({"proj.weight": torch.zeros(1)}, str(tmp_path / "projector.safetensors"),
-              metadata={METADATA_KEY: json.dumps(meta)})
+    tuned = chain[stage + 1]                      # (folder, data, s1, s2, s3)
     with pytest.raises(SystemExit, match=rf"a stage-{stage} checkpoint \(LLM tuned: {llm}\), not a stage-1 one\. "
-                                         rf"To continue from this tuned model use --init {tmp_path}"):
-        train_stage2.main(["--stage1", str(tmp_path), "--data_root", str(tmp_path), "--runs_dir", str(tmp_path / "r"),
+                                         rf"To continue from this tuned model use --init {tuned}"):
+        train_stage2.main(["--stage1", str(tuned), "--data_root", str(tmp_path), "--runs_dir", str(tmp_path / "r"),
                            "--checkpoints_dir", str(tmp_path / "c")])
 
 
