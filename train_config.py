@@ -38,7 +38,7 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     # ---- models
     model: str = _f("", "preset combination (flags you type override its parts)", choices=["", *PRESETS])
-    vision_tower: str = _f("", "vision tower: registry id (see README) or local directory")
+    vision_tower: str = _f("", "vision tower: registry id (docs/models-and-data.md) or local directory")
     llm: str = _f("", "LLM: registry id or local directory (weights, tokenizer, chat template)")
     models_dir: str = _f("models", "where registry ids live: <models_dir>/<id>")
     download: bool = _f(False, "download missing registry ids before training (scripts/download_models.py)")

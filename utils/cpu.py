@@ -7,7 +7,7 @@ shorter than the wait, slow down far more than twice: two threads on two busy co
 model's step 24x slower than one thread on an Intel Xeon (issue 31), 3.5x on an AMD EPYC. Large
 matrices keep every thread busy, so a course-size model gains from all cores. The policy:
 --threads N, else OMP_NUM_THREADS, else one thread for a small model, all cores for a large one
-(README: 性能, for the measurements behind the threshold).
+(docs/performance.md, "CPU：线程、bf16 与分块 loss", for the measurements behind it).
 
 bf16. CPUs with AMX or AVX512-BF16 multiply bf16 matrices several times faster than fp32; others
 emulate it, slower than fp32. `--precision auto` stays fp32 on a CPU (a demo's figures must not
