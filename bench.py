@@ -2,7 +2,7 @@
 POPE, HallusionBench), asked of our model or of an API model, and scored by VLMEvalKit's rules
 without a judge (utils/bench_scoring.py), so that the figures compare with published ones.
 
-    python eval_llava.py --checkpoint checkpoints/<run> --bench data/toy/bench/toy_MMBench_CN.tsv
+    python eval_llava.py --checkpoint checkpoints/<run> --bench data/toy/bench/toy_MMBench_EN.tsv
 
 A TSV row: `index`, `question`, optional `hint`, options `A`, `B`, ... (multiple choice), `answer`,
 `category` (`l2-category` when present), and `image` (base64, or, when 64 characters or fewer, the

@@ -231,10 +231,10 @@ def test_the_toy_benches_are_real_vlmevalkit_files_and_the_demo_scores_them(chai
     from assistant import Assistant
 
     _, data, _, s2, _ = chain
-    kinds = {n: bench.read_bench(f"{data.bench}/{n}.tsv") for n in ("toy_MMBench_CN", "toy_MME", "toy_POPE")}
+    kinds = {n: bench.read_bench(f"{data.bench}/{n}.tsv") for n in ("toy_MMBench_EN", "toy_MME", "toy_POPE")}
     assert [(b.family, b.kind, b.circular) for b in kinds.values()] == [
         ("mcq", "mmbench", True), ("yorn", "mme", False), ("yorn", "pope", False)]
-    mcq = kinds["toy_MMBench_CN"]
+    mcq = kinds["toy_MMBench_EN"]
     assert {it.category for it in mcq.items} == {"color", "shape", "position"}
     assert len(mcq.items) > len({int(it.index) % S.CIRCULAR_STRIDE for it in mcq.items})   # rotations present
     figures = toy_demo.toy_bench_figures(Assistant.from_checkpoint(s2), data.bench, str(tmp_path))
@@ -307,7 +307,7 @@ def test_an_api_model_on_the_toy_benches_is_scored_from_its_replies(chain, tmp_p
     fake.answer = answer
     got = {}
     try:
-        for name in ("toy_MMBench_CN", "toy_MME", "toy_POPE"):
+        for name in ("toy_MMBench_EN", "toy_MME", "toy_POPE"):
             eval_llava.main(["--api_base", fake.base, "--api_model", "ref-vl", "--api_key_env", "REF_KEY",
                              "--bench", f"{data.bench}/{name}.tsv", "--out_dir", str(tmp_path)])
             got[name] = json.loads((tmp_path / f"{name}_scores.json").read_text())["exact"]
@@ -315,15 +315,15 @@ def test_an_api_model_on_the_toy_benches_is_scored_from_its_replies(chain, tmp_p
         console.set_stream(None)
         fake.server.shutdown()
     rows = {n: list(csv.DictReader(open(f"{data.bench}/{n}.tsv", encoding="utf-8"), delimiter="\t"))
-            for n in ("toy_MMBench_CN", "toy_MME", "toy_POPE")}
-    mcq = rows["toy_MMBench_CN"]
+            for n in ("toy_MMBench_EN", "toy_MME", "toy_POPE")}
+    mcq = rows["toy_MMBench_EN"]
     right = {int(r["index"]): min("ABCD", key=lambda k: r[k] or "\uffff") == r["answer"] for r in mcq}
     groups: dict = {}
     for i, ok in right.items():
         groups.setdefault(i % S.CIRCULAR_STRIDE, []).append(ok)
-    assert got["toy_MMBench_CN"]["vanilla"] == pytest.approx(100 * sum(right[i] for i in groups) / len(groups))
-    assert got["toy_MMBench_CN"]["circular"] == pytest.approx(100 * sum(all(g) for g in groups.values()) / len(groups))
-    assert got["toy_MMBench_CN"]["unparsed"] == 0
+    assert got["toy_MMBench_EN"]["vanilla"] == pytest.approx(100 * sum(right[i] for i in groups) / len(groups))
+    assert got["toy_MMBench_EN"]["circular"] == pytest.approx(100 * sum(all(g) for g in groups.values()) / len(groups))
+    assert got["toy_MMBench_EN"]["unparsed"] == 0
     pope = rows["toy_POPE"]         # existence questions name a shape: always "No"
     assert got["toy_POPE"]["all_f1"] == 0.0 and got["toy_POPE"]["all_yes_ratio"] == 0.0
     assert got["toy_POPE"]["all_accuracy"] == pytest.approx(100 * sum(r["answer"] == "No" for r in pope) / len(pope))

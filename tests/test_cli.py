@@ -215,7 +215,7 @@ def test_the_stage2_demo_summary_carries_the_toy_benchmark_figures(tiny, chain, 
         assert 0 <= saved[f"{key}_before"] <= 2000 and 0 <= saved[f"{key}_after"] <= 2000, key
     bench_dir = os.path.join(summary["run_dir"], "bench")
     assert sorted(os.listdir(bench_dir)) == ["stage1_step4", "stage2_step4"]   # the start and the trained model
-    scores = json.loads(open(os.path.join(bench_dir, "stage2_step4", "toy_MMBench_CN_scores.json")).read())
+    scores = json.loads(open(os.path.join(bench_dir, "stage2_step4", "toy_MMBench_EN_scores.json")).read())
     assert scores["exact"]["circular"] == saved["toy_mmbench_circular_after"]
 
 

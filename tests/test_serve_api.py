@@ -282,7 +282,7 @@ def test_a_stage1_course_checkpoint_answers_as_eval_llava_plain_streamed_batched
         # The toy MMBench and POPE through our own server score as the local bench, answer for answer.
         data = ensure_instruction_data(toy, "test", log=lambda *a: None)
         replies: set = set()
-        for name in ("toy_MMBench_CN", "toy_POPE"):
+        for name in ("toy_MMBench_EN", "toy_POPE"):
             tsv = os.path.join(data.bench, f"{name}.tsv")
             eval_llava.main(["--api_base", server.base, "--api_model", "course_s1", "--api_key_env", "SERVE_TEST_KEY",
                              "--bench", tsv, "--out_dir", str(tmp_path / "api")])
