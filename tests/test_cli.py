@@ -19,7 +19,7 @@ from tests.conftest import ROOT, train_argv
 from tests.docs_text import doc_texts
 from utils.checkpoint import resume_command
 
-SCRIPTS = ["train_stage1.py", "train_stage2.py", "train_stage3_lora.py", "eval_llava.py", "web_demo.py", "convert_vqa.py",
+SCRIPTS = ["train_stage1.py", "train_stage2.py", "train_stage3_lora.py", "eval_llava.py", "web_demo.py", "serve_api.py", "convert_vqa.py",
            "checkpoint_io.py", "dataset.py", "toy_world.py",
            *sorted(f"scripts/{n}" for n in os.listdir(os.path.join(ROOT, "scripts"))
                    if n.endswith(".py") and n != "__init__.py")]
