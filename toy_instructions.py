@@ -40,12 +40,13 @@ QUESTIONS_EN = {"color": ["What color is the shape?", "Which color is the shape 
 YES_NO_BENCH = {"color": "图中的形状是{value}的吗？ Please answer yes or no.",
                 "position": "形状在{value}吗？ Please answer yes or no."}
 EXISTENCE = "图中有{value}吗？"
-# The kinds of turn in the toy SFT data, in shares. The benchmarks' formats get the larger shares:
-# at 2 of 10 each the stage-2 demo reached MMBench circular 72 and MME 286 of 400 in its 400 steps;
-# at 3 each, circular 94 but MME 106 (the yes/no comparison is learnt late, and not always in 400 steps)
-# (the one-word questions were right 95% of the time before stage 2 already).
+# The kinds of turn in the toy SFT data, in shares. The benchmarks' formats get the larger shares.
+# The yes/no comparison is learnt late and only from many examples (2-core AMD EPYC, the demo's
+# stage-1 checkpoint): yes/no data alone, 400 steps: MME 338 of 400, POPE F1 98; these shares with
+# existence at 2: 400 steps MME 256 / POPE 72.7, 800 steps 358 / 89.3; existence at 3, 800 steps:
+# 388 / 96, multiple choice 100. Larger yes/no shares at 400 steps scored lower (122-154).
 SFT_KINDS = {"color": 1, "shape": 1, "position": 1, "caption": 1, "mcq": 2, "yes_no": 1, "yes_no_bench": 3,
-             "existence": 2}
+             "existence": 3}
 MME_MAX = 200 * len(YES_NO_BENCH)   # MME scores acc + acc+ (in %) per category: 200 each
 BENCH_NAMES = {"mcq": "toy_MMBench_EN", "mme": "toy_MME", "pope": "toy_POPE"}
 STYLE_NOTE = "stage 3's style: every question is answered with the full caption sentence"

@@ -155,9 +155,10 @@ STAGE1_DEMO = dict(batch_size=32, max_steps=600, lr=2e-3, warmup_ratio=0.05, log
                    eval_samples=200, save_interval=300, instructions="zh", num_workers=1, data_format="sa1b",
                    projector="linear", feature_layer=-1, feature_select="all", feature_post_norm=True)
 # Stage 2: the toy LM is tiny (96 wide), so it takes a far larger lr than the course's 2e-5 for
-# Qwen3-0.6B; gradient checkpointing would only slow it down.
-STAGE2_DEMO = dict(batch_size=32, max_steps=400, lr=1e-3, projector_lr=1e-3, warmup_ratio=0.05, log_interval=25,
-                   eval_interval=200, eval_samples=200, save_interval=200, num_workers=1, max_text_len=160,
+# Qwen3-0.6B; gradient checkpointing would only slow it down. 800 steps: the yes/no comparisons
+# (toy MME, toy POPE) are learnt late, after the formats (toy_instructions.SFT_KINDS has the figures).
+STAGE2_DEMO = dict(batch_size=32, max_steps=800, lr=1e-3, projector_lr=1e-3, warmup_ratio=0.05, log_interval=25,
+                   eval_interval=400, eval_samples=200, save_interval=400, num_workers=1, max_text_len=160,
                    gradient_checkpointing=False, data_format="cogvlm_sft", eval_ratio=0.0)
 STAGE3_DEMO = dict(batch_size=32, max_steps=200, lr=3e-3, warmup_ratio=0.05, log_interval=25, eval_interval=100,
                    eval_samples=200, save_interval=100, num_workers=1, max_text_len=128, data_format="chat")
